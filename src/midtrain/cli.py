@@ -1,0 +1,109 @@
+"""``midtrain <stage> [--config FILE.yaml] [--run-dir DIR] [--force] [key=value ...]``.
+
+``midtrain run PIPELINE.yaml`` runs a list of stages into one run directory::
+
+    run_dir: runs/demo
+    stages:
+      - stage: catalog
+        config: {datasets: [...]}
+      - stage: featurize
+        config_file: configs/featurize.yaml   # optional, merged under `config`
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config, load_yaml
+from .runs import RunDir, SampleError, StageError
+from .stages import STAGES
+
+
+def _setup_console_logging(verbose: bool) -> None:
+    root = logging.getLogger("midtrain")
+    if not any(getattr(h, "_midtrain_console", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        h._midtrain_console = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def run_stage(name: str, run_dir: Path, config_file: Path | None, overrides: list[str], force: bool = False,
+              base: dict | None = None) -> Path:  # fmt: skip
+    """Resolve the stage's config and run it; the same call the CLI and pipelines make."""
+    spec = STAGES[name]
+    config_cls, fn = spec.load()
+    try:
+        config = load_config(config_cls, config_file, overrides, base=base)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return fn(config, RunDir(run_dir), force=force)
+
+
+def run_pipeline(pipeline_file: Path, run_dir: Path | None, overrides: list[str], force: bool) -> None:
+    spec = load_yaml(pipeline_file)
+    stages = spec.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError(f"{pipeline_file}: expected a non-empty `stages:` list")
+    root = Path(run_dir or spec.get("run_dir") or "runs/default")
+    for i, entry in enumerate(stages):
+        if not isinstance(entry, dict) or entry.get("stage") not in STAGES:
+            raise ConfigError(
+                f"{pipeline_file}: stages[{i}]: expected `stage:` one of {', '.join(STAGES)}, got {entry!r}"
+            )
+        name = entry["stage"]
+        base = {}
+        if entry.get("config_file"):
+            base.update(load_yaml(pipeline_file.parent / entry["config_file"]))
+        base.update(entry.get("config") or {})
+        stage_overrides = [o.split(".", 1)[1] for o in overrides if o.startswith(f"{name}.")]
+        logging.getLogger("midtrain").info("pipeline: stage %d/%d: %s", i + 1, len(stages), name)
+        run_stage(name, root, None, stage_overrides, force=force, base=base)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="midtrain",
+        description="Mid-training data engine for VLAs: catalog -> featurize -> gap -> fit -> score -> select -> export.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", metavar="<stage>")
+    for spec in STAGES.values():
+        p = sub.add_parser(spec.name, help=spec.help, description=spec.help)
+        p.add_argument("--config", type=Path, help="YAML file with the stage's config")
+        p.add_argument("--run-dir", type=Path, default=Path("runs/default"), help="run directory (default: runs/default)")
+        p.add_argument("--force", action="store_true", help="recompute even if the stage is complete")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys)")
+    p = sub.add_parser("run", help="run a pipeline YAML (a list of stages) into one run directory")
+    p.add_argument("pipeline", type=Path)
+    p.add_argument("--run-dir", type=Path)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="stage.key=value")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    _setup_console_logging(args.verbose)
+    try:
+        if args.command == "run":
+            run_pipeline(args.pipeline, args.run_dir, args.overrides, args.force)
+        else:
+            out = run_stage(args.command, args.run_dir, args.config, args.overrides, args.force)
+            print(out)
+    except (ConfigError, StageError, SampleError, FileNotFoundError) as exc:
+        print(f"midtrain: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

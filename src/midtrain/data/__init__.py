@@ -1,0 +1,1 @@
+"""Sample catalog: the schema, readers (LLaVA/ShareGPT, Parquet/HF, LeRobot) and writers."""
