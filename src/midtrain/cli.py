@@ -72,8 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", metavar="<stage>")
+    groups: dict[str, argparse._SubParsersAction] = {}
     for spec in STAGES.values():
-        p = sub.add_parser(spec.name, help=spec.help, description=spec.help)
+        if " " in spec.name:
+            group, leaf = spec.name.split(" ", 1)
+            if group not in groups:
+                gp = sub.add_parser(group, help=f"{group} stages: " + ", ".join(
+                    s.name.split(" ", 1)[1] for s in STAGES.values() if s.name.startswith(group + " ")))
+                groups[group] = gp.add_subparsers(dest="subcommand", metavar=f"<{group} stage>", required=True)
+            p = groups[group].add_parser(leaf, help=spec.help, description=spec.help)
+        else:
+            p = sub.add_parser(spec.name, help=spec.help, description=spec.help)
+        p.set_defaults(stage=spec.name)
         p.add_argument("--config", type=Path, help="YAML file with the stage's config")
         p.add_argument("--run-dir", type=Path, default=Path("runs/default"), help="run directory (default: runs/default)")
         p.add_argument("--force", action="store_true", help="recompute even if the stage is complete")
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             run_pipeline(args.pipeline, args.run_dir, args.overrides, args.force)
         else:
-            out = run_stage(args.command, args.run_dir, args.config, args.overrides, args.force)
+            out = run_stage(args.stage, args.run_dir, args.config, args.overrides, args.force)
             print(out)
     except (ConfigError, StageError, SampleError, FileNotFoundError) as exc:
         print(f"midtrain: error: {exc}", file=sys.stderr)

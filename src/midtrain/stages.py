@@ -2,7 +2,7 @@
 
 Modules are imported only when their stage runs, so ``midtrain --help`` stays fast and
 optional dependencies (Ray, simulators) are needed only by the stages that use them.
-Every stage function has the signature ``fn(config, run_dir: RunDir, force: bool) -> Path``
+Names with a space (``sim collect``) are nested subcommands. Every stage function has the signature ``fn(config, run_dir: RunDir, force: bool) -> Path``
 and returns its output directory.
 """
 
@@ -42,5 +42,13 @@ STAGES: dict[str, StageSpec] = {
                   "choose the top-K (or sampled) mixture from the scores, with a selection report"),
         StageSpec("export", "midtrain.select.export", "ExportConfig", "export_mixture",
                   "write the selected mixture as LLaVA/ShareGPT JSON (LLaMA-Factory) and Parquet"),
+        StageSpec("report", "midtrain.report.stage", "ReportConfig", "write_report",
+                  "one self-contained HTML report of every stage's figures, tables and counts"),
+        StageSpec("sim collect", "midtrain.sim.collect", "SimCollectConfig", "collect_robot_corpus",
+                  "record scripted-expert Meta-World episodes as a LeRobot v3.0 robot corpus"),
+        StageSpec("sim pool", "midtrain.sim.pool", "SimPoolConfig", "generate_vlm_pool",
+                  "generate a VLM pool of known character (spatial, captions, book covers, charts, counting)"),
+        StageSpec("demo", "midtrain.demo", "DemoConfig", "run_demo",
+                  "the whole engine end to end on the embedded Meta-World world, into one run directory"),
     ]
 }  # fmt: skip
