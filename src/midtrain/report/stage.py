@@ -265,7 +265,7 @@ table{border-collapse:collapse;margin:.5em 0;font-size:.85em} td,th{border:1px s
 th{background:#f0f0f0} .fig{margin:4px;border:1px solid #ddd} .row{display:flex;flex-wrap:wrap;gap:8px}
 .missing{color:#a00} .gallery{display:flex;flex-wrap:wrap;gap:10px}
 .card{width:220px;border:1px solid #ccc;border-radius:4px;padding:6px;font-size:.8em}
-.cardhead{font-weight:bold;margin-bottom:4px} .thumb{max-width:100%} pre{font-size:.75em;max-height:300px;overflow:auto}
+.cardhead{font-weight:bold;margin-bottom:4px} .thumb{width:100%;image-rendering:auto} pre{font-size:.75em;max-height:300px;overflow:auto}
 """
 
 # Marks the document once every image has loaded (or failed), so a headless browser

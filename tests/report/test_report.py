@@ -1,0 +1,100 @@
+"""The report renders whatever stages completed, embeds every figure, and a real browser decodes them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from midtrain.config import StageConfig
+from midtrain.data.catalog import rows_to_table
+from midtrain.data.images import encode_image, ref_from_bytes
+from midtrain.report.browser import check_report_in_browser
+from midtrain.report.stage import ReportConfig, write_report
+from midtrain.runs import RunDir, stage_run, write_parquet_atomic
+
+
+def _png(path, color):
+    Image.fromarray(np.full((40, 60, 3), color, dtype=np.uint8)).save(path)
+
+
+def _fake_run(tmp_path):
+    """A run directory with completed catalog, gap, fit and select stages (synthetic artefacts)."""
+    run = RunDir(tmp_path / "run")
+    rows = [
+        {"id": f"a/{i}", "source": "a", "kind": "vlm",
+         "image_refs": [ref_from_bytes(encode_image(np.full((16, 16, 3), 40 * i, dtype=np.uint8)))],
+         "messages": [{"role": "user", "content": "<image>\nWhat is the title?"}, {"role": "assistant", "content": f"Book {i}"}]}
+        for i in range(4)
+    ]  # fmt: skip
+    with stage_run(run, "catalog", StageConfig()) as st:
+        write_parquet_atomic(st.dir / "a" / "part-00000.parquet", rows_to_table(rows))
+    with stage_run(run, "gap", StageConfig()) as st:
+        _png(st.dir / "mmd_heatmap.png", (200, 0, 0))
+        _png(st.dir / "tsne.png", (0, 200, 0))
+        (st.dir / "summary.json").write_text(json.dumps(
+            {"mean_within_vlm": 0.1, "mean_within_vla": 0.05, "mean_cross": 0.4,
+             "vlm_ranking": [{"source": "a", "mmd_to_vla": 0.3}]}))  # fmt: skip
+    with stage_run(run, "fit", StageConfig()) as st:
+        st.extra.update({"val_auc": 0.93, "curve": [{"epoch": 0, "train_loss": 0.7, "val_loss": 0.69},
+                                                    {"epoch": 1, "train_loss": 0.5, "val_loss": 0.52}]})  # fmt: skip
+    with stage_run(run, "select", StageConfig()) as st:
+        (st.dir / "report").mkdir()
+        _png(st.dir / "report" / "score_distributions.png", (0, 0, 200))
+        _png(st.dir / "report" / "pool_vs_selection.png", (200, 200, 0))
+        (st.dir / "selection_metrics.json").write_text(json.dumps({"mmd_selection_vla": 0.1, "mmd_random_vla": 0.2}))
+        (st.dir / "report" / "gallery.json").write_text(json.dumps(
+            {"top": [{"id": "a/3", "source": "a", "score": 0.9}], "bottom": [{"id": "a/0", "source": "a", "score": 0.1}]}))
+    return run
+
+
+def test_report_embeds_figures_and_gallery(tmp_path):
+    run = _fake_run(tmp_path)
+    out = write_report(ReportConfig(), run)
+    page = (out / "report.html").read_text()
+    assert "src=\"file:" not in page and "src=\"/" not in page  # self-contained
+    assert page.count("data:image/png;base64,") == 7  # 4 stage figures + loss curve + 2 gallery thumbnails
+    assert "Book 3" in page and "What is the title?" in page
+    assert "The export stage has not run." in page  # missing stages are named, not silently dropped
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_report_is_rerendered_when_an_upstream_stage_changes(tmp_path):
+    run = _fake_run(tmp_path)
+    write_report(ReportConfig(), run)
+    first = run.manifest("report")["fingerprint"]
+    write_report(ReportConfig(), run)
+    assert run.manifest("report")["fingerprint"] == first
+    with stage_run(run, "gap", StageConfig(seed=1)) as st:
+        _png(st.dir / "mmd_heatmap.png", (1, 2, 3))
+        (st.dir / "summary.json").write_text("{}")
+    write_report(ReportConfig(), run)
+    assert run.manifest("report")["fingerprint"] != first
+
+
+def test_figures_load_in_headless_chromium(tmp_path):
+    run = _fake_run(tmp_path)
+    out = write_report(ReportConfig(), run)
+    shot = tmp_path / "report.png"
+    result = check_report_in_browser(out / "report.html", screenshot=shot)
+    assert result["images_total"] == 7
+    assert result["images_ok"] == result["images_total"]
+    assert shot.exists() and Image.open(shot).size[0] == 1280
+
+
+def test_browser_check_detects_a_broken_figure(tmp_path):
+    page = tmp_path / "broken.html"
+    from midtrain.report.stage import CHECK_SCRIPT
+
+    page.write_text(f"<html><head><script>{CHECK_SCRIPT}</script></head><body>"
+                    "<img src='data:image/png;base64,bm90IGEgcG5n'><img src='missing.png'></body></html>")  # fmt: skip
+    result = check_report_in_browser(page)
+    assert result == {"images_ok": 0, "images_total": 2, "title": ""}
+
+
+def test_browser_check_names_missing_chromium(monkeypatch, tmp_path):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="apt-get install chromium"):
+        check_report_in_browser(tmp_path / "x.html")
