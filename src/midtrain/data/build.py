@@ -1,0 +1,238 @@
+"""The ``catalog`` stage: read every configured dataset source into the sample catalog.
+
+Output: ``<run>/catalog/<source>/part-NNNNN.parquet`` (``CATALOG_SCHEMA``), parts of
+``rows_per_part`` rows written in row groups of ``row_group_size`` rows, so memory is
+bounded by one row group whatever the dataset size. Each part is written atomically and
+marked done (shard ``<source>.part-NNNNN``, recording where in the source stream it
+ended); an interrupted run resumes after the last done part, and a finished source
+(shard ``<source>.complete``) is not read again.
+
+Ids are ``<source>/<local id>``: the record's own id (``id_field``) or its index; for
+LeRobot frames ``<episode>/<frame>``. Duplicate ids within a source are an error naming
+both records. Bad samples follow ``on_error``; a source with no samples at all is an
+"empty dataset" error (or a recorded skip). Manifest ``sources`` holds, per source,
+``kind``, ``format``, ``path``, ``read``, ``written``, ``skipped`` and ``parts``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..config import ConfigError, StageConfig
+from ..runs import RunDir, SampleError, StageError, StageRun, atomic_path, stage_run
+from .catalog import CATALOG_SCHEMA, rows_to_table
+from .sources import DatasetSource, SampleReader
+
+STAGE = "catalog"
+
+
+@dataclass
+class CatalogConfig(StageConfig):
+    """Config of ``midtrain catalog``: the dataset sources and the part layout."""
+
+    datasets: list[DatasetSource] = field(default_factory=list)
+    rows_per_part: int = 50_000
+    row_group_size: int = 512
+
+    def validate(self) -> None:
+        if not self.datasets:
+            raise ConfigError("datasets: at least one dataset source is required")
+        if self.rows_per_part < 1:
+            raise ConfigError(f"rows_per_part: must be >= 1, got {self.rows_per_part}")
+        if self.row_group_size < 1:
+            raise ConfigError(f"row_group_size: must be >= 1, got {self.row_group_size}")
+        seen: dict[str, int] = {}
+        for i, src in enumerate(self.datasets):
+            for key, message in src.problems():
+                raise ConfigError(f"datasets[{i}].{key}: {message}")
+            if src.name in seen:
+                raise ConfigError(f"datasets[{i}].name: duplicate source name {src.name!r} (also datasets[{seen[src.name]}])")
+            seen[src.name] = i
+
+
+def open_reader(source: DatasetSource, seed: int) -> SampleReader:
+    """The reader for ``source.format`` (imported lazily: only the formats in use are loaded)."""
+    if source.format == "llava_json":
+        from .llava import LlavaJsonReader as reader_cls
+    elif source.format == "llava_jsonl":
+        from .llava import LlavaJsonlReader as reader_cls
+    elif source.format == "parquet":
+        from .tabular import ParquetReader as reader_cls
+    elif source.format == "hf_disk":
+        from .tabular import HFDiskReader as reader_cls
+    elif source.format == "lerobot":
+        from .lerobot import LeRobotReader as reader_cls
+    else:  # the config type check rejects this first; kept for direct callers
+        raise StageError(f"{source.name}: unknown format {source.format!r}")
+    return reader_cls(source, seed)
+
+
+def _part_name(source: str, part: int) -> str:
+    return f"{source}.part-{part:05d}"
+
+
+@dataclass
+class SourceTally:
+    read: int = 0
+    written: int = 0
+    skipped: int = 0
+    parts: int = 0
+
+    def add(self, info: dict) -> None:
+        self.read += info.get("read", 0)
+        self.written += info.get("rows", 0)
+        self.skipped += info.get("skipped", 0)
+        self.parts += 1 if info.get("rows", 0) else 0
+
+
+def _write_part(
+    st: StageRun, cfg: CatalogConfig, src: DatasetSource, items: Iterator, part: int, bar
+) -> tuple[dict, bool]:
+    """Consume ``items`` until ``rows_per_part`` rows are written or the source ends.
+
+    Returns (``.done`` info, source exhausted). The part file appears only if it has rows.
+    """
+    path = st.dir / src.name / f"part-{part:05d}.parquet"
+    info = {"rows": 0, "read": 0, "skipped": 0, "next_position": None}
+    exhausted = True
+    buffer: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        writer: Optional[pq.ParquetWriter] = None
+
+        def flush() -> None:
+            nonlocal writer
+            if writer is None:
+                tmp = stack.enter_context(atomic_path(path))
+                writer = pq.ParquetWriter(tmp, CATALOG_SCHEMA)
+                stack.callback(writer.close)
+            writer.write_table(rows_to_table(buffer), row_group_size=cfg.row_group_size)
+            buffer.clear()
+
+        for position, item in items:
+            info["read"] += 1
+            info["next_position"] = position + 1
+            bar.update(1)
+            if isinstance(item, SampleError):
+                if item.sample_id is not None:
+                    item.sample_id = f"{src.name}/{item.sample_id}"
+                st.handle(item)
+                info["skipped"] += 1
+                continue
+            item["id"] = f"{src.name}/{item['id']}"
+            item["source"], item["kind"] = src.name, src.kind
+            buffer.append(item)
+            info["rows"] += 1
+            if len(buffer) >= cfg.row_group_size:
+                flush()
+            if info["rows"] >= cfg.rows_per_part:
+                exhausted = False
+                break
+        if buffer:
+            flush()
+    return info, exhausted
+
+
+def _check_unique_ids(out_dir: Path, src: DatasetSource, index: int) -> None:
+    """Ids must be unique in a source; a duplicate names both records and the fix."""
+    parts = sorted(out_dir.glob("part-*.parquet"))
+    if not parts:
+        return
+    ids = pa.concat_tables([pq.read_table(p, columns=["id"]) for p in parts]).column("id")
+    counts = pc.value_counts(ids)
+    dup = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(dup) == 0:
+        return
+    first = dup[0]["values"].as_py()
+    origins = []
+    for p in parts:
+        t = pq.read_table(p, columns=["id", "origin"], filters=[("id", "=", first)])
+        origins += t.column("origin").to_pylist()
+    raise StageError(
+        f"{src.path}: duplicate sample id {first!r} ({len(dup)} duplicated id(s)) at {origins[0]} and {origins[1]}; "
+        f"ids must be unique within a source - set datasets[{index}].id_field: null to number records instead"
+    )
+
+
+def _build_source(st: StageRun, cfg: CatalogConfig, src: DatasetSource, index: int) -> dict:
+    """Read one source into its parts (resuming after done parts); returns its manifest entry."""
+    complete = f"{src.name}.complete"
+    summary = {"kind": src.kind, "format": src.format, "path": str(src.path)}
+    if st.shard_done(complete):
+        info = st.shard_info(complete)
+        st.counts["read"] += info["read"]
+        st.counts["written"] += info["written"]
+        st.log.info("source %s: already complete (%d rows)", src.name, info["written"])
+        return {**summary, **info}
+
+    tally = SourceTally()
+    part, start = 0, 0
+    while st.shard_done(_part_name(src.name, part)):
+        info = st.shard_info(_part_name(src.name, part))
+        tally.add(info)
+        start = info["next_position"] if info["next_position"] is not None else start
+        part += 1
+    if part:
+        st.log.info("source %s: resuming after %d done part(s) at position %d", src.name, part, start)
+
+    seed = src.seed if src.seed is not None else cfg.seed
+    st.current_shard = _part_name(src.name, part)
+    try:
+        reader = open_reader(src, seed)
+        selection, total = reader.selection(start)
+    except SampleError as err:
+        st.handle(err)
+        reader, selection, total = None, None, None
+    if reader is not None:
+        items = ((selection.position(r), item) for r, item in reader.records(selection))
+        with st.timed(f"read:{src.name}"), st.progress(
+            total=selection.expected(total), desc=f"catalog {src.name}", unit="sample"
+        ) as bar:
+            while True:
+                name = _part_name(src.name, part)
+                st.current_shard = name
+                info, exhausted = _write_part(st, cfg, src, items, part, bar)
+                if info["rows"] or info["read"]:
+                    st.mark_shard_done(name, info)
+                    tally.add(info)
+                if exhausted:
+                    break
+                part += 1
+
+    st.current_shard = complete
+    if tally.read == 0:
+        st.skip("empty dataset", str(src.path), f"source {src.name!r} ({src.format}) has no samples")
+    if src.format != "lerobot":
+        _check_unique_ids(st.dir / src.name, src, index)
+    info = {"read": tally.read, "written": tally.written, "skipped": tally.skipped, "parts": tally.parts}
+    st.mark_shard_done(complete, info)
+    st.counts["read"] += tally.read
+    st.counts["written"] += tally.written
+    st.log.info("source %s: %d read, %d written, %d skipped", src.name, tally.read, tally.written, tally.skipped)
+    return {**summary, **info}
+
+
+def build_catalog(config: CatalogConfig, run_dir: RunDir, force: bool = False) -> Path:
+    """Run the catalog stage; returns ``<run>/catalog``."""
+    for i, src in enumerate(config.datasets):
+        if not Path(src.path).exists():
+            raise StageError(f"datasets[{i}].path: {src.path} not found (source {src.name!r})")
+    inputs = {str(Path(src.path).resolve()): src.path for src in config.datasets}
+    with stage_run(run_dir, STAGE, config, inputs=inputs, force=force) as st:
+        if st.skipped_as_complete:
+            return st.dir
+        sources = {}
+        for i, src in enumerate(config.datasets):
+            sources[src.name] = _build_source(st, config, src, i)
+            st.extra["sources"] = sources
+            st.write_manifest("running")
+        st.extra["num_rows"] = sum(s["written"] for s in sources.values())
+        if st.extra["num_rows"] == 0:
+            raise StageError(f"{st.dir}: no samples were written from any source; see {st.dir / 'errors.jsonl'}")
+    return st.dir
