@@ -1,0 +1,84 @@
+"""The command line: help lists every stage; a stage and a pipeline run from YAML; errors are one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from midtrain.cli import main
+from midtrain.stages import STAGES
+
+
+def write_llava(tmp_path: Path, n: int = 5) -> Path:
+    path = tmp_path / "pool.jsonl"
+    rec = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    path.write_text("".join(json.dumps({**rec, "id": f"r{i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_help_lists_every_stage():
+    env = {**os.environ, "MIDTRAIN_PROGRESS": "off"}
+    out = subprocess.run([sys.executable, "-m", "midtrain.cli", "--help"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0
+    for name in STAGES:
+        assert name.split(" ")[0] in out.stdout
+    assert "catalog" in out.stdout and "run" in out.stdout
+    sub = subprocess.run([sys.executable, "-m", "midtrain.cli", "catalog", "--help"], capture_output=True, text=True, env=env)
+    assert sub.returncode == 0 and "--run-dir" in sub.stdout and "key=value" in sub.stdout
+
+
+def test_stage_from_yaml_with_overrides(tmp_path, capsys):
+    src = write_llava(tmp_path)
+    cfg = tmp_path / "catalog.yaml"
+    cfg.write_text(yaml.safe_dump({"datasets": [{"name": "pool", "kind": "vlm", "format": "llava_jsonl", "path": str(src)}]}))
+    run = tmp_path / "run"
+    assert main(["catalog", "--config", str(cfg), "--run-dir", str(run), "rows_per_part=2"]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "catalog")
+    m = json.loads((run / "catalog/manifest.json").read_text())
+    assert m["config"]["rows_per_part"] == 2 and m["sources"]["pool"]["parts"] == 3
+
+
+def test_pipeline_runs_stages_into_one_run_dir(tmp_path):
+    src = write_llava(tmp_path)
+    (tmp_path / "cat.yaml").write_text(yaml.safe_dump({"rows_per_part": 4}))
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "runs/p"),
+        "stages": [{"stage": "catalog", "config_file": "cat.yaml",
+                    "config": {"datasets": [{"name": "pool", "kind": "vlm", "format": "llava_jsonl", "path": str(src)}]}}],
+    }))
+    assert main(["run", str(pipeline), "catalog.datasets=[{name: small, kind: vlm, format: llava_jsonl, "
+                                       f"path: {src}, max_samples: 3}}]"]) == 0
+    m = json.loads((tmp_path / "runs/p/catalog/manifest.json").read_text())
+    assert m["status"] == "complete" and m["config"]["rows_per_part"] == 4
+    assert m["sources"]["small"]["written"] == 3
+    # the run directory given on the command line wins over the pipeline's
+    assert main(["run", str(pipeline), "--run-dir", str(tmp_path / "other")]) == 0
+    assert (tmp_path / "other/catalog/pool/part-00001.parquet").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["catalog", "rows_per_part=many"], "catalog: rows_per_part: expected int, got 'many'"),
+        (["catalog", "datasets=[{name: x, kind: vlm, format: parquet, path: /nonexistent/x.parquet}]"],
+         "datasets[0].path: /nonexistent/x.parquet not found (source 'x')"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys, args, message):
+    assert main([*args[:1], "--run-dir", str(tmp_path / "run"), *args[1:]]) == 2
+    err = capsys.readouterr().err
+    assert f"midtrain: error: {message}" in err and "Traceback" not in err
+
+
+def test_bad_pipeline_names_the_entry(tmp_path, capsys):
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({"stages": [{"stage": "catalogue"}]}))
+    assert main(["run", str(pipeline)]) == 2
+    assert "stages[0]: expected `stage:` one of" in capsys.readouterr().err

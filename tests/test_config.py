@@ -1,0 +1,105 @@
+"""Typed stage configs: every bad value is reported with its dotted key; YAML + overrides resolve in order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import pytest
+
+from midtrain.config import ConfigError, StageConfig, apply_overrides, load_config, parse_override, to_plain
+
+
+@dataclass
+class Inner:
+    size: int = 4
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclass
+class DemoConfig(StageConfig):
+    name: str = "demo"
+    rate: float = 0.5
+    steps: int = 10
+    enabled: bool = True
+    out: Path = Path("out")
+    cap: Optional[int] = None
+    tags: list[str] = field(default_factory=list)
+    weights: dict[str, float] = field(default_factory=dict)
+    inner: Inner = field(default_factory=Inner)
+    items: list[Inner] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.cap is not None and self.cap > self.steps:
+            raise ConfigError(f"cap: must be <= steps ({self.steps}), got {self.cap}")
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"steps": "ten"}, "steps: expected int, got 'ten'"),
+        ({"steps": True}, "steps: expected int, got True"),
+        ({"enabled": "yes"}, "enabled: expected bool, got 'yes'"),
+        ({"rate": "fast"}, "rate: expected float, got 'fast'"),
+        ({"cap": 1.5}, "cap: expected int | null, got 1.5"),
+        ({"tags": "x"}, "tags: expected list[str], got 'x'"),
+        ({"tags": ["a", 3]}, "tags[1]: expected str, got 3"),
+        ({"weights": {"a": "heavy"}}, "weights.a: expected float, got 'heavy'"),
+        ({"inner": {"size": "big"}}, "inner.size: expected int, got 'big'"),
+        ({"inner": {"mode": "c"}}, "inner.mode: expected 'a' | 'b', got 'c'"),
+        ({"items": [{"size": 1}, {"mode": "z"}]}, "items[1].mode: expected 'a' | 'b', got 'z'"),
+        ({"items": [{"colour": 1}]}, "items[0].colour: unknown key for Inner"),
+        ({"stepz": 3}, "stepz: unknown key for DemoConfig; known keys:"),
+        ({"on_error": "ignore"}, "on_error: expected 'raise' | 'skip', got 'ignore'"),
+        ({"cap": 20}, "cap: must be <= steps (10), got 20"),
+    ],
+)
+def test_type_errors_name_the_key(data, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config(DemoConfig, base=data)
+    assert message in str(exc.value)
+
+
+def test_values_are_coerced_where_unambiguous():
+    cfg = load_config(DemoConfig, base={"rate": 1, "out": "runs/x", "items": [{"size": 2}], "cap": None})
+    assert cfg.rate == 1.0 and isinstance(cfg.rate, float)
+    assert cfg.out == Path("runs/x") and cfg.items == [Inner(size=2)] and cfg.cap is None
+    assert to_plain(cfg)["out"] == "runs/x" and to_plain(cfg)["items"] == [{"size": 2, "mode": "a"}]
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 20\nrate: 0.1\ninner:\n  size: 8\ntags: [a]\n")
+    cfg = load_config(DemoConfig, path, ["rate=0.25", "inner.mode=b", "tags=[x, y]", "name=hello world"],
+                      base={"steps": 5, "name": "base"})
+    assert (cfg.steps, cfg.rate, cfg.inner, cfg.tags, cfg.name) == (20, 0.25, Inner(8, "b"), ["x", "y"], "hello world")
+
+
+def test_errors_from_a_file_name_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: lots\n")
+    with pytest.raises(ConfigError, match=r"steps: expected int, got 'lots' \(from .*c.yaml\)"):
+        load_config(DemoConfig, path)
+    path.write_text("steps: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(DemoConfig, path)
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(DemoConfig, path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(DemoConfig, tmp_path / "missing.yaml")
+
+
+def test_override_parsing():
+    assert parse_override("a.b=1") == (["a", "b"], 1)
+    assert parse_override("x=") == (["x"], "")
+    assert parse_override("x=[1, 2]") == (["x"], [1, 2])
+    assert parse_override("x=null") == (["x"], None)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("novalue")
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_override("=3")
+    data = {"inner": {"size": 1, "mode": "a"}}
+    out = apply_overrides(data, ["inner.size=3"])
+    assert out == {"inner": {"size": 3, "mode": "a"}} and data == {"inner": {"size": 1, "mode": "a"}}  # input untouched

@@ -1,0 +1,183 @@
+"""Run directories: atomic writes, skip-if-complete, force, input change, shard resume, recorded skips."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from midtrain.config import StageConfig
+from midtrain.runs import (
+    RunDir,
+    SampleError,
+    StageError,
+    atomic_path,
+    save_npy_atomic,
+    stage_run,
+    write_json_atomic,
+    write_parquet_atomic,
+    write_text_atomic,
+)
+
+
+@dataclass
+class ToyConfig(StageConfig):
+    shards: int = 3
+    bad_every: int = 0
+
+
+def toy_stage(run_dir: Path, cfg: ToyConfig, src: Path, force: bool = False, crash_at: int | None = None,
+              log: list | None = None) -> Path:
+    """Sums numbers of ``src`` per shard; ``bad_every`` makes every k-th number a bad sample."""
+    numbers = [int(x) for x in src.read_text().split()]
+    with stage_run(run_dir, "toy", cfg, inputs=[src], force=force) as st:
+        if st.skipped_as_complete:
+            return st.dir
+        for s in range(cfg.shards):
+            name = f"shard-{s}"
+            if st.shard_done(name):
+                st.counts["written"] += st.shard_info(name)["rows"]
+                continue
+            if crash_at == s:
+                raise KeyboardInterrupt
+            st.current_shard = name
+            rows = 0
+            for i, x in enumerate(numbers[s::cfg.shards]):
+                st.counts["read"] += 1
+                if cfg.bad_every and x % cfg.bad_every == 0:
+                    st.skip("bad number", f"{src}:{x}", "divisible", sample_id=str(x))
+                    continue
+                rows += 1
+            write_text_atomic(st.dir / f"{name}.txt", str(rows))
+            st.mark_shard_done(name, {"rows": rows})
+            st.counts["written"] += rows
+            if log is not None:
+                log.append(name)
+        st.extra["total"] = st.counts["written"]
+    return st.dir
+
+
+@pytest.fixture
+def src(tmp_path) -> Path:
+    path = tmp_path / "numbers.txt"
+    path.write_text(" ".join(str(i) for i in range(1, 13)))
+    return path
+
+
+def manifest(run: Path) -> dict:
+    return json.loads((run / "toy" / "manifest.json").read_text())
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "out.json"
+    write_json_atomic(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"v": 2, "trunc')
+            raise RuntimeError("killed mid-write")
+    assert json.loads(target.read_text()) == {"v": 1}  # the old version, whole
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "new.bin") as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no new file, no temporaries
+
+
+def test_atomic_writers_round_trip(tmp_path):
+    import pyarrow.parquet as pq
+
+    save_npy_atomic(tmp_path / "a.npy", np.arange(6, dtype=np.float16).reshape(2, 3))
+    assert np.load(tmp_path / "a.npy").tolist() == [[0, 1, 2], [3, 4, 5]]
+    write_parquet_atomic(tmp_path / "t.parquet", pa.table({"x": [1, 2]}))
+    assert pq.read_table(tmp_path / "t.parquet").column("x").to_pylist() == [1, 2]
+
+
+def test_complete_stage_is_skipped_and_says_so(tmp_path, src):
+    run = tmp_path / "run"
+    log: list = []
+    toy_stage(run, ToyConfig(), src, log=log)
+    first = manifest(run)
+    assert first["status"] == "complete" and first["counts"]["written"] == 12 and first["total"] == 12
+    assert first["inputs"][0]["path"] == str(src) and first["config"]["shards"] == 3
+    assert "numpy" in first["versions"] and "wall_s" in first["timings"]
+    toy_stage(run, ToyConfig(), src, log=log)
+    assert log == ["shard-0", "shard-1", "shard-2"]  # nothing recomputed
+    assert "nothing to do (use --force to recompute)" in (run / "toy/log.txt").read_text()
+    assert manifest(run)["fingerprint"] == first["fingerprint"]
+
+
+def test_force_recomputes(tmp_path, src):
+    run = tmp_path / "run"
+    log: list = []
+    toy_stage(run, ToyConfig(), src, log=log)
+    toy_stage(run, ToyConfig(), src, force=True, log=log)
+    assert log == ["shard-0", "shard-1", "shard-2"] * 2
+
+
+def test_changed_input_or_config_reruns(tmp_path, src):
+    run = tmp_path / "run"
+    log: list = []
+    toy_stage(run, ToyConfig(), src, log=log)
+    src.write_text("1 2 3")
+    toy_stage(run, ToyConfig(), src, log=log)
+    assert len(log) == 6 and manifest(run)["counts"]["written"] == 3
+    toy_stage(run, ToyConfig(shards=1), src, log=log)
+    assert len(log) == 7 and not (run / "toy/shard-2.txt").exists()  # stale artefacts cleared
+
+
+def test_shard_resume_keeps_done_shards(tmp_path, src):
+    run = tmp_path / "run"
+    log: list = []
+    with pytest.raises(KeyboardInterrupt):
+        toy_stage(run, ToyConfig(), src, crash_at=2, log=log)
+    assert manifest(run)["status"] == "failed" and "KeyboardInterrupt" in manifest(run)["error"]
+    stamp = (run / "toy/shard-0.txt").stat().st_mtime_ns
+    toy_stage(run, ToyConfig(), src, log=log)
+    assert log == ["shard-0", "shard-1", "shard-2"]  # shards 0 and 1 were not redone
+    assert (run / "toy/shard-0.txt").stat().st_mtime_ns == stamp
+    assert manifest(run)["status"] == "complete" and manifest(run)["counts"]["written"] == 12
+    assert "resuming stage 'toy': 2 shard(s) already complete" in (run / "toy/log.txt").read_text()
+
+
+def test_skips_go_to_errors_jsonl_and_counts(tmp_path, src):
+    run = tmp_path / "run"
+    cfg = ToyConfig(bad_every=4, on_error="skip")
+    toy_stage(run, cfg, src)
+    errors = [json.loads(line) for line in (run / "toy/errors.jsonl").read_text().splitlines()]
+    assert sorted(e["id"] for e in errors) == ["12", "4", "8"]
+    assert errors[0] == {"id": errors[0]["id"], "reason": "bad number", "where": f"{src}:{errors[0]['id']}",
+                         "detail": "divisible", "shard": errors[0]["shard"]}
+    m = manifest(run)
+    assert m["counts"]["skipped"] == {"bad number": 3} and m["counts"]["skipped_total"] == 3
+    assert m["counts"]["written"] == 9
+
+
+def test_resume_keeps_skips_of_done_shards_only(tmp_path, src):
+    run = tmp_path / "run"
+    cfg = ToyConfig(bad_every=4, on_error="skip")
+    with pytest.raises(KeyboardInterrupt):
+        toy_stage(run, cfg, src, crash_at=2)
+    toy_stage(run, cfg, src)
+    errors = [json.loads(line) for line in (run / "toy/errors.jsonl").read_text().splitlines()]
+    assert sorted(e["id"] for e in errors) == ["12", "4", "8"]  # no duplicates from the first attempt
+    assert manifest(run)["counts"]["skipped"] == {"bad number": 3}
+
+
+def test_on_error_raise_stops_at_the_first_bad_sample(tmp_path, src):
+    with pytest.raises(SampleError, match=r"numbers.txt:4: bad number \(divisible\)"):
+        toy_stage(tmp_path / "run", ToyConfig(bad_every=4), src)
+
+
+def test_require_names_the_missing_stage(tmp_path, src):
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(StageError, match="stage 'toy' has not completed .* run `midtrain toy --run-dir"):
+        run.require("toy")
+    toy_stage(tmp_path / "run", ToyConfig(), src)
+    assert run.require("toy") == tmp_path / "run" / "toy"
+    with pytest.raises(StageError, match="input not found"):
+        with stage_run(run, "toy", ToyConfig(), inputs=[tmp_path / "absent.txt"]):
+            pass
