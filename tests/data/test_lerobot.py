@@ -148,3 +148,36 @@ def test_writer_validates_inputs_and_aborts_cleanly(tmp_path):
     assert not list(root.rglob(".*.tmp"))
     with pytest.raises(FileExistsError):
         LeRobotDatasetWriter(root, fps=FPS, robot_type=None, cameras={}, state_dim=2, action_dim=2)
+
+
+def test_video_frames_seek_backward_and_across_gaps(tmp_path):
+    """Nearest-frame lookup stays right when requests jump back or far ahead (keyframe seeks)."""
+    from conftest import encode_video
+
+    from midtrain.data.lerobot import VideoFrames
+
+    T = 80  # 8 s at 10 fps; the grey level encodes the frame index
+    frames = np.repeat((np.arange(T, dtype=np.uint8) * 3)[:, None, None, None], 16, axis=1)
+    frames = np.ascontiguousarray(np.broadcast_to(frames, (T, 16, 16, 3)))
+    encode_video(tmp_path / "v.mp4", frames)
+    video = VideoFrames(tmp_path / "v.mp4", tolerance_s=0.05)
+    for request in ([0, 1, 2], [70, 71], [5, 6], [40], [79], [3]):
+        got = video.frames_at(np.asarray(request) / FPS + 0.01)  # slightly off-grid: nearest frame wins
+        assert [int(round(g.mean() / 3)) for g in got] == request
+    with pytest.raises(LookupError, match="no frame within"):
+        video.frames_at(np.array([T / FPS + 1.0]))
+    video.close()
+
+
+def test_capped_read_decodes_the_right_frames(lerobot_v3):
+    root, episodes = lerobot_v3
+    rows = read_all(root, max_samples=4, seed=3, image_format="png")
+    assert len(rows) == 4
+    assert_frames_match(rows, episodes, list(CAMERAS))
+
+
+def test_wrong_state_key_is_an_error(lerobot_v3):
+    from midtrain.runs import StageError
+
+    with pytest.raises(StageError, match="state_key: feature 'observation.joints' not in"):
+        read_all(lerobot_v3[0], state_key="observation.joints")

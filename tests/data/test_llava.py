@@ -90,6 +90,8 @@ def test_truncated_json_array_reports_where_reading_stopped(tmp_path):
     assert all(isinstance(i, dict) for i in items[:-1])
     assert isinstance(items[-1], SampleError) and items[-1].reason == "malformed JSON"
     assert items[-1].where == f"{tmp_path / 't.json'}[{len(items) - 1}]"
+    capped = read_all("llava_json", tmp_path / "t.json", max_samples=2, seed=0)  # the count includes the bad record
+    assert len(capped) == 2 and all(c in items or isinstance(c, SampleError) for c in capped)
 
 
 @pytest.mark.parametrize("suffix,mode", [(".json", "copy"), (".jsonl", "link"), (".json", "reference")])

@@ -218,7 +218,12 @@ class LeRobotReader(SampleReader):
             raise StageError(f"{self.root}: cameras: {missing} not found; camera features are {cams}")
         if source.action_key not in self.features:
             raise StageError(f"{self.root}: action_key: feature {source.action_key!r} not in meta/info.json features")
-        self.state_key = source.state_key if source.state_key in self.features else None
+        if source.state_key in self.features:
+            self.state_key: Optional[str] = source.state_key
+        elif source.state_key == "observation.state":
+            self.state_key = None  # datasets without proprioception: rows get state = null
+        else:
+            raise StageError(f"{self.root}: state_key: feature {source.state_key!r} not in meta/info.json features")
         stride = source.frame_stride
         self.kept = np.array([math.ceil(e.length / stride) for e in episodes], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.kept)]).astype(np.int64)

@@ -186,7 +186,7 @@ class LlavaJsonlReader(_ConversationReader):
             yield index, self._row(record, index, where)
 
 
-_ITEM_START = ("start_map", "start_array", "string", "number", "boolean", "null")
+_ITEM_END = ("end_map", "end_array", "string", "number", "boolean", "null")  # events that complete an item
 
 
 class LlavaJsonReader(_ConversationReader):
@@ -208,12 +208,15 @@ class LlavaJsonReader(_ConversationReader):
             return None
         import ijson
 
+        count = 0
         with open(self.path, "rb") as fh:
             self._check_array(fh)
             try:
-                return sum(1 for prefix, event, _ in ijson.parse(fh) if prefix == "item" and event in _ITEM_START)
+                for prefix, event, _ in ijson.parse(fh):
+                    count += prefix == "item" and event in _ITEM_END
             except ijson.JSONError:
-                return None  # reported with its position when the records are read
+                count += 1  # the record that fails to parse is a (bad) record too; records() reports it
+        return count
 
     def records(self, selection: Selection) -> Iterator[tuple[int, Item]]:
         import ijson
