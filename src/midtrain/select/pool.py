@@ -1,0 +1,161 @@
+"""Which feature rows are the VLM pool and which the VLA target set; streaming feature reads.
+
+Shared by fit, score and select (all in this package). Rows are *global* indices into
+the concatenation of a feature run's shards, in shard order. ``RowLocator`` turns a
+global row back into ``shard file + row`` for error messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ..data.features import FeatureSet, open_features
+from ..runs import RunDir, StageError
+
+POOL_KIND, VLA_KIND = "vlm", "vla"
+
+
+@dataclass
+class FeatureRun:
+    """An opened feature run plus what identifies it (``fingerprint``) and what to hash as
+    a stage input (``input_path``: its manifest when there is one, else its shards)."""
+
+    features: FeatureSet
+    fingerprint: str
+    input_path: Path
+
+    @property
+    def root(self) -> Path:
+        return self.features.root
+
+
+def resolve_features(features: Path | None, run_dir: RunDir) -> FeatureRun:
+    """Open ``features`` or, by default, the run's completed ``featurize`` stage."""
+    root = Path(features) if features is not None else run_dir.require("featurize")
+    try:
+        fs = open_features(root)
+    except FileNotFoundError as exc:
+        raise StageError(f"{exc}; point `features:` at the output of `midtrain featurize`") from None
+    manifest_path = root / "manifest.json"
+    fingerprint = fs.manifest.get("fingerprint")
+    if not fingerprint:  # a features directory written outside a midtrain run: hash what identifies it
+        h = hashlib.blake2b(digest_size=16)
+        for name in fs.names:
+            h.update(name.encode())
+            h.update((fs.shards_dir / f"{name}.done").read_bytes())
+            h.update((fs.shards_dir / f"{name}.ids.parquet").read_bytes())
+        fingerprint = "shards:" + h.hexdigest()
+    return FeatureRun(fs, fingerprint, manifest_path if manifest_path.exists() else fs.shards_dir)
+
+
+def shard_offsets(fs: FeatureSet) -> np.ndarray:
+    """``offsets[i]`` = global row of shard i's first row; ``offsets[-1]`` = total rows."""
+    sizes = [int(pq.ParquetFile(fs.shards_dir / f"{n}.ids.parquet").metadata.num_rows) for n in fs.names]
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+class RowLocator:
+    """Global feature row -> ``(shard name, local row)`` and a human-readable location."""
+
+    def __init__(self, fs: FeatureSet):
+        self.fs = fs
+        self.offsets = shard_offsets(fs)
+
+    def locate(self, row: int) -> tuple[str, int]:
+        s = int(np.searchsorted(self.offsets, row, side="right") - 1)
+        return self.fs.names[s], int(row - self.offsets[s])
+
+    def where(self, row: int) -> str:
+        name, local = self.locate(row)
+        return f"{self.fs.shards_dir / (name + '.npy')} row {local}"
+
+    def id_of(self, row: int) -> str:
+        name, local = self.locate(row)
+        return str(self.fs.ids(name).column("id")[local])
+
+
+def select_rows(fs: FeatureSet, kind: str, sources: list[str] | tuple[str, ...] = ()) -> np.ndarray:
+    """Global rows of ``kind`` (``vlm`` pool or ``vla`` target), restricted to ``sources`` if given.
+
+    Raises StageError naming the known sources when a requested source is absent or of
+    the other kind, and when no row matches.
+    """
+    known = fs.sources()
+    for src in sources:
+        if src not in known:
+            raise StageError(
+                f"{fs.root}: source {src!r} is not in the feature run; known {kind} sources: "
+                f"{', '.join(sorted(s for s, k in known.items() if k == kind)) or '(none)'}"
+            )
+        if known[src] != kind:
+            raise StageError(f"{fs.root}: source {src!r} has kind {known[src]!r}, not {kind!r}")
+    offsets = shard_offsets(fs)
+    out = []
+    wanted = set(sources)
+    for i, name in enumerate(fs.names):
+        t = pq.read_table(fs.shards_dir / f"{name}.ids.parquet", columns=["source", "kind"])
+        mask = np.asarray(t.column("kind").to_numpy(zero_copy_only=False) == kind)
+        if wanted:
+            mask &= np.isin(t.column("source").to_numpy(zero_copy_only=False), list(wanted))
+        out.append(np.flatnonzero(mask) + offsets[i])
+    rows = np.concatenate(out) if out else np.empty(0, np.int64)
+    if len(rows) == 0:
+        what = "VLA (kind 'vla')" if kind == VLA_KIND else "VLM pool (kind 'vlm')"
+        restrict = f" among sources {sorted(wanted)}" if wanted else ""
+        raise StageError(
+            f"{fs.root}: the {what} set is empty{restrict}; sources in this feature run: "
+            f"{', '.join(f'{s} ({k})' for s, k in sorted(known.items())) or '(none)'}"
+        )
+    return rows.astype(np.int64)
+
+
+def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and byte offset of the data in a ``.npy`` file (C order required)."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(fh)
+        offset = fh.tell()
+    if fortran:
+        raise StageError(f"{path}: Fortran-ordered array; feature shards must be C-ordered")
+    return shape, dtype, offset
+
+
+def stream_feature_chunks(path: Path, chunk_rows: int = 1024, release_every: int = 64 << 20) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(first_row, chunk)`` views ``[<=chunk_rows, d]`` of a ``.npy`` feature shard.
+
+    The file is memory-mapped copy-on-write (never written back: the views are writable
+    only so torch can wrap them without a copy); every ``release_every`` bytes the pages
+    already consumed are dropped from this process (``MADV_DONTNEED``; the OS page cache
+    keeps them), so resident memory stays bounded by the window, not the shard or pool
+    size. A yielded view is only valid until the next iteration.
+    """
+    shape, dtype, offset = npy_layout(path)
+    if len(shape) != 2:
+        raise StageError(f"{path}: expected a 2-D feature array, got shape {shape}")
+    n, d = shape
+    if n == 0:
+        return
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    arr = np.frombuffer(mm, dtype=dtype, count=n * d, offset=offset).reshape(n, d)
+    row_bytes = d * dtype.itemsize
+    released = 0
+    can_release = hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED")
+    try:
+        for start in range(0, n, chunk_rows):
+            yield start, arr[start : start + chunk_rows]
+            end = offset + min(start + chunk_rows, n) * row_bytes
+            if can_release and end - released >= release_every:
+                upto = end // mmap.PAGESIZE * mmap.PAGESIZE
+                mm.madvise(mmap.MADV_DONTNEED, released, upto - released)
+                released = upto
+    finally:
+        del arr  # the mapping is closed when the last view is gone

@@ -1,0 +1,241 @@
+"""``midtrain score``: score every VLM pool sample; higher = closer to the VLA data.
+
+Feature scorers (``proximity`` - the trained estimator, ``random``, ``mean_distance``)
+stream the feature run shard by shard in fixed-size chunks, so memory is bounded by
+the shard and chunk size, not the pool. Catalog scorers (``vla_perplexity``,
+``delta_perplexity``) stream the catalog through VLMs in batches.
+
+Outputs::
+
+    score/shards/<shard>.parquet       per input shard (resume at shard granularity)
+    score/proximity_scores.parquet     id, source, score (+ logit for ``proximity``,
+                                       + nll columns for the perplexity scorers)
+    score/manifest.json                + scorer, order_column, feature_fingerprint
+                                       (or catalog_fingerprint), pool_rows
+
+``order_column`` is what ``select`` ranks by and uses as a log-weight; the feature (or
+catalog) fingerprint lets ``select`` and ``export`` reject scores from another run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import ConfigError, StageConfig
+from ..runs import RunDir, SampleError, StageError, StageRun, atomic_path, stage_run, write_parquet_atomic
+from .estimator import load_estimator, read_estimator_config, torch_threads
+from .pool import POOL_KIND, VLA_KIND, FeatureRun, RowLocator, resolve_features, select_rows, shard_offsets, stream_feature_chunks
+from .scorers import FeatureScorer, MeanDistanceScorer, ProximityScorer, RandomScorer
+
+SCORES_FILE = "proximity_scores.parquet"
+FEATURE_SCORERS = ("proximity", "random", "mean_distance")
+CATALOG_SCORERS = ("vla_perplexity", "delta_perplexity")
+
+
+@dataclass
+class ScoreConfig(StageConfig):
+    """Pool scoring.
+
+    ``scorer``: ``proximity`` (estimator from ``estimator:`` or ``<run>/fit/estimator``),
+    ``random`` (seeded), ``mean_distance`` (mean L2 distance to up to ``max_reference``
+    VLA rows, or to the ``knn`` nearest; negated so higher = closer), ``vla_perplexity``
+    (``-log ppl`` of the answer tokens under ``vla_model``) or ``delta_perplexity``
+    (``-(log ppl_vla - log ppl_base)``, or the plain perplexity difference with
+    ``delta: ppl``). ``allow_foreign_estimator`` accepts an estimator fitted on another
+    feature run of the same dimension (e.g. the same VLM on a new pool).
+    """
+
+    scorer: Literal["proximity", "random", "mean_distance", "vla_perplexity", "delta_perplexity"] = "proximity"
+    features: Optional[Path] = None
+    estimator: Optional[Path] = None
+    allow_foreign_estimator: bool = False
+    pool_sources: list[str] = field(default_factory=list)
+    vla_sources: list[str] = field(default_factory=list)
+    chunk_rows: int = 1024
+    num_threads: Optional[int] = None
+    knn: Optional[int] = None
+    max_reference: int = 4096
+    # perplexity scorers
+    vla_model: Optional[Path] = None
+    base_model: Optional[Path] = None
+    batch_size: int = 8
+    max_length: int = 2048
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    delta: Literal["log", "ppl"] = "log"
+
+    def validate(self) -> None:
+        if self.chunk_rows < 1 or self.batch_size < 1 or self.max_reference < 1:
+            raise ConfigError("chunk_rows / batch_size / max_reference: must be >= 1")
+        if self.knn is not None and self.knn < 1:
+            raise ConfigError(f"knn: must be >= 1 or null, got {self.knn}")
+        if self.scorer in CATALOG_SCORERS and self.vla_model is None:
+            raise ConfigError(f"vla_model: scorer {self.scorer!r} needs the path of the VLA-fine-tuned VLM")
+        if self.scorer == "delta_perplexity" and self.base_model is None:
+            raise ConfigError("base_model: scorer 'delta_perplexity' needs the path of the base VLM")
+
+
+# --------------------------------------------------------------------------- feature scorers
+
+
+def build_feature_scorer(config: ScoreConfig, run_dir: RunDir, fr: FeatureRun, st_log) -> tuple[FeatureScorer, dict]:
+    """The configured feature scorer and its provenance for the manifest."""
+    if config.scorer == "random":
+        return RandomScorer(config.seed), {}
+    if config.scorer == "mean_distance":
+        rows = select_rows(fr.features, VLA_KIND, config.vla_sources)
+        if len(rows) > config.max_reference:
+            rows = np.sort(np.random.default_rng(config.seed).choice(rows, config.max_reference, replace=False))
+        ref = fr.features.take(rows)
+        finite = np.isfinite(ref).all(axis=1)
+        if not finite.all():
+            loc = RowLocator(fr.features)
+            bad = int(rows[np.flatnonzero(~finite)[0]])
+            raise StageError(f"{loc.where(bad)}: VLA reference feature has NaN/inf values (id {loc.id_of(bad)}); re-run featurize")
+        return MeanDistanceScorer(ref, config.knn), {"reference_rows": int(len(rows))}
+    est_dir = Path(config.estimator) if config.estimator is not None else run_dir.require("fit") / "estimator"
+    try:
+        est_cfg = read_estimator_config(est_dir)
+        model = load_estimator(est_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise StageError(f"{exc}; run `midtrain fit` or set `estimator:`") from None
+    if est_cfg["dim"] != fr.features.dim:
+        raise StageError(
+            f"{est_dir}: the estimator expects {est_cfg['dim']}-dim features but the feature run {fr.root} has "
+            f"dim {fr.features.dim}; fit the estimator on features from the same VLM and pooling"
+        )
+    trained_on = est_cfg.get("feature_fingerprint")
+    if trained_on != fr.fingerprint:
+        msg = (f"{est_dir}: the estimator was fitted on feature run {trained_on} ({est_cfg.get('feature_dir')}) but the "
+               f"pool features are from {fr.fingerprint} ({fr.root})")  # fmt: skip
+        if not config.allow_foreign_estimator:
+            raise StageError(msg + "; re-fit, or set allow_foreign_estimator: true if both come from the same VLM and pooling")
+        st_log.warning("%s (allowed by allow_foreign_estimator)", msg)
+    return ProximityScorer(model, config.chunk_rows), {"estimator": str(est_dir), "estimator_feature_fingerprint": trained_on}
+
+
+def score_feature_shard(scorer: FeatureScorer, npy_path: Path, ids: list[str], chunk_rows: int) -> dict[str, np.ndarray]:
+    """Score every row of one shard, streaming it in ``chunk_rows`` chunks."""
+    n = len(ids)
+    out = {c: np.empty(n, dtype=np.float32 if c == "logit" else np.float64) for c in scorer.columns}
+    seen = 0
+    for start, chunk in stream_feature_chunks(npy_path, chunk_rows):
+        cols = scorer.score_chunk(chunk, ids[start : start + len(chunk)])
+        for c, v in cols.items():
+            out[c][start : start + len(chunk)] = v
+        seen = start + len(chunk)
+    if seen != n:
+        raise StageError(f"{npy_path}: has {seen} rows but its ids file lists {n}; the shard is corrupt, re-run featurize")
+    return out
+
+
+def _score_features(st: StageRun, config: ScoreConfig, run_dir: RunDir, fr: FeatureRun) -> None:
+    fs = fr.features
+    pool_rows = select_rows(fs, POOL_KIND, config.pool_sources)
+    offsets = shard_offsets(fs)
+    scorer, provenance = build_feature_scorer(config, run_dir, fr, st.log)
+    st.extra.update({**scorer.describe(), **provenance, "feature_fingerprint": fr.fingerprint,
+                     "feature_dir": str(fr.root), "dim": fs.dim})  # fmt: skip
+    with torch_threads(config.num_threads):
+        for i, name in enumerate(st.progress(fs.names, desc="score", unit="shard")):
+            if st.shard_done(name):
+                continue
+            st.current_shard = name
+            lo, hi = np.searchsorted(pool_rows, [offsets[i], offsets[i + 1]])
+            local = pool_rows[lo:hi] - offsets[i]
+            ids_table = fs.ids(name)
+            if len(local):
+                ids = ids_table.column("id").to_pylist()
+                with st.timed("score"):
+                    cols = score_feature_shard(scorer, fs.shards_dir / f"{name}.npy", ids, config.chunk_rows)
+                cols = {c: v[local] for c, v in cols.items()}
+                finite = np.isfinite(cols[scorer.order_column]) & np.isfinite(cols["score"])
+                for j in np.flatnonzero(~finite):
+                    row = int(local[j])
+                    st.handle(SampleError("non-finite feature values", f"{fs.shards_dir / (name + '.npy')} row {row}",
+                                          "NaN or inf in the feature vector; re-run featurize for this sample", ids[row]))  # fmt: skip
+                keep = local[finite]
+                table = pa.table({"id": ids_table.column("id").take(keep), "source": ids_table.column("source").take(keep),
+                                  **{c: v[finite] for c, v in cols.items()}})  # fmt: skip
+            else:
+                table = None
+            _write_part(st, name, table, read=len(local))
+    st.current_shard = None
+
+
+# --------------------------------------------------------------------------- catalog scorers
+
+
+def _score_catalog(st: StageRun, config: ScoreConfig, catalog_dir: Path) -> None:
+    from .perplexity import score_catalog_with_perplexity
+
+    score_catalog_with_perplexity(st, config, catalog_dir, _write_part)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _write_part(st: StageRun, name: str, table: pa.Table | None, read: int) -> None:
+    """Write one shard's scores (or an empty marker) and mark the shard done."""
+    rows = 0
+    if table is not None and table.num_rows:
+        write_parquet_atomic(st.dir / "shards" / f"{name}.parquet", table)
+        rows = table.num_rows
+    st.mark_shard_done(name, {"read": int(read), "written": int(rows)})
+
+
+def _merge_parts(st: StageRun) -> int:
+    """Concatenate the per-shard parts (in shard order) into ``proximity_scores.parquet``, streaming."""
+    parts = sorted((st.dir / "shards").glob("*.parquet"))
+    total = 0
+    with atomic_path(st.dir / SCORES_FILE) as tmp:
+        writer = None
+        try:
+            for part in parts:
+                table = pq.read_table(part)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+                total += table.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise StageError(f"{st.dir}: no pool sample could be scored (see {st.dir / 'errors.jsonl'})")
+    return total
+
+
+def score_pool(config: ScoreConfig, run_dir: RunDir, force: bool = False) -> Path:
+    if config.scorer in FEATURE_SCORERS:
+        fr = resolve_features(config.features, run_dir)
+        inputs = [fr.input_path]
+        if config.scorer == "proximity":
+            est_dir = Path(config.estimator) if config.estimator is not None else run_dir.require("fit") / "estimator"
+            inputs.append(est_dir)
+    else:
+        catalog_dir = run_dir.require("catalog")
+        models = [config.vla_model] + ([config.base_model] if config.scorer == "delta_perplexity" else [])
+        # local model directories are hashed (weights included, cached by size and mtime);
+        # a hub id is identified by its name in the config
+        inputs = [catalog_dir / "manifest.json"] + [Path(m) for m in models if Path(m).exists()]
+    with stage_run(run_dir, "score", config, inputs=inputs, force=force) as st:
+        if st.skipped_as_complete:
+            return st.dir
+        if config.scorer in FEATURE_SCORERS:
+            _score_features(st, config, run_dir, fr)
+        else:
+            _score_catalog(st, config, catalog_dir)
+        done = [st.shard_info(p.name[: -len(".done")]) for p in sorted((st.dir / "shards").glob("*.done"))]
+        st.counts["read"] = sum(d.get("read", 0) for d in done)
+        with st.timed("merge"):
+            st.counts["written"] = _merge_parts(st)
+        st.extra.update({"scores_file": str(st.dir / SCORES_FILE), "pool_rows": st.counts["written"]})
+        st.log.info("scored %d pool samples with %s", st.counts["written"], config.scorer)
+    return st.dir
