@@ -38,6 +38,18 @@ def test_reader_normalises_roles_placeholders_and_paths(llava_dir, fmt, name):
     assert where == (f"{llava_dir / name}[3]" if fmt == "llava_json" else f"{llava_dir / name}:4")
 
 
+def test_alpaca_records():
+    rec = {"instruction": "<image>Name it.", "input": "Be short.", "output": "A cup.", "images": ["c.png"],
+           "history": [["hi", "hello"]], "system": "You are a robot."}
+    messages, images = normalize_conversation(rec, "a.json[0]", "0")
+    assert images == ["c.png"]
+    assert messages == [
+        {"role": "system", "content": "You are a robot."}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "<image>Name it.\nBe short."},
+        {"role": "assistant", "content": "A cup."},
+    ]
+
+
 def test_content_parts_and_llamafactory_roles():
     rec = {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "hi"}]},
                         {"role": "function_call", "content": "x"}, {"role": "observation", "content": "y"}]}

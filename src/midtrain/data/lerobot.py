@@ -412,9 +412,14 @@ def _episode_stats(values: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _image_stats(frames: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-channel stats of uint8 ``[T, H, W, 3]`` frames scaled to [0, 1], shaped ``[3, 1, 1]`` like LeRobot."""
-    step = max(1, len(frames) // 100)  # subsample long episodes; stats need not see every frame
-    v = frames[::step].reshape(-1, 3).astype(np.float64) / 255.0
+    """Per-channel stats of uint8 ``[T, H, W, 3]`` frames scaled to [0, 1], shaped ``[3, 1, 1]`` like LeRobot.
+
+    Like LeRobot's ``compute_stats``, a sample suffices: at most 16 evenly spaced frames,
+    spatially strided to about 150 px on the long side.
+    """
+    idx = np.unique(np.linspace(0, len(frames) - 1, num=min(16, len(frames))).round().astype(int))
+    step = max(1, max(frames.shape[1:3]) // 150)
+    v = frames[idx, ::step, ::step].reshape(-1, 3).astype(np.float32) / 255.0
     shape = (3, 1, 1)
     return {
         "min": v.min(0).reshape(shape), "max": v.max(0).reshape(shape), "mean": v.mean(0).reshape(shape),

@@ -7,6 +7,7 @@ fine-tuning scripts)::
      "conversations": [{"from": "human", "value": "<image>\\nWhat is on the table?"},
                        {"from": "gpt", "value": "A red block."}]}
     {"messages": [{"role": "user", "content": "..."}, ...], "images": [...], "system": "..."}
+    {"instruction": "...", "input": "...", "output": "...", "images": [...]}   # LLaMA-Factory alpaca
 
 - Roles ``human``/``user`` -> ``user``, ``gpt``/``assistant``/``bot``/``model`` ->
   ``assistant``, ``system`` -> ``system`` (LLaMA-Factory's ``observation``/``tool`` ->
@@ -71,6 +72,18 @@ def _content_text(content: Any, images_in_parts: list, where: str, field: str, s
     raise SampleError("malformed record", where, f"{field}: expected text, got {content!r:.80}", sample_id)
 
 
+def _alpaca_turns(record: dict) -> list[dict]:
+    """LLaMA-Factory's alpaca format: ``history`` pairs, then ``instruction`` (+ ``input``) -> ``output``."""
+    turns = []
+    for pair in record.get("history") or []:
+        if isinstance(pair, (list, tuple)) and len(pair) == 2:
+            turns += [{"from": "human", "value": pair[0]}, {"from": "gpt", "value": pair[1]}]
+    prompt = record["instruction"]
+    if isinstance(prompt, str) and record.get("input"):
+        prompt = f"{prompt}\n{record['input']}"
+    return turns + [{"from": "human", "value": prompt}, {"from": "gpt", "value": record["output"]}]
+
+
 def normalize_conversation(record: dict, where: str, sample_id: str) -> tuple[list[dict], list]:
     """A LLaVA/ShareGPT/messages record -> (catalog messages, raw image values).
 
@@ -81,6 +94,8 @@ def normalize_conversation(record: dict, where: str, sample_id: str) -> tuple[li
         turns, field = record["conversations"], "conversations"
     elif "messages" in record:
         turns, field = record["messages"], "messages"
+    elif "instruction" in record and "output" in record:
+        turns, field = _alpaca_turns(record), "instruction"
     else:
         raise SampleError("missing required field", where, "'conversations' (or 'messages')", sample_id)
     if not isinstance(turns, list) or not turns:
