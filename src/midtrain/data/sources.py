@@ -123,13 +123,6 @@ class Selection:
         chosen = np.sort(rng.choice(total, size=max_samples, replace=False)).astype(np.int64)
         return cls(chosen, start)
 
-    @property
-    def first_record(self) -> int:
-        """Records before this index are never wanted (resume skips them cheaply)."""
-        if self.chosen is None:
-            return self.start
-        return int(self.chosen[self.start]) if self.start < len(self.chosen) else np.iinfo(np.int64).max
-
     def wants(self, record: int) -> bool:
         if self.chosen is None:
             return record >= self.start

@@ -160,37 +160,42 @@ class ParquetReader(_TabularReader):
         self.files = sorted(root.rglob("*.parquet")) if root.is_dir() else [root]
         if not self.files:
             raise StageError(f"{root}: no .parquet files found")
-        try:
-            self.metas = [pq.ParquetFile(f) for f in self.files]
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise StageError(f"{root}: not a readable Parquet file: {exc}") from None
-        schema = self.metas[0].schema_arrow
-        self.cmap = detect_columns(schema, source, str(self.files[0]))
+        self.rows = []
+        for f in self.files:  # footers only; files are opened one at a time when read
+            try:
+                self.rows.append(pq.read_metadata(f).num_rows)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise StageError(f"{f}: not a readable Parquet file: {exc}") from None
+        self.cmap = detect_columns(pq.read_schema(self.files[0]), source, str(self.files[0]))
 
     def count_records(self, need: bool) -> Optional[int]:
-        return sum(m.metadata.num_rows for m in self.metas)
+        return sum(self.rows)
 
     def records(self, selection: Selection) -> Iterator[tuple[int, Item]]:
         offset = 0
-        for file, pf in zip(self.files, self.metas):
+        for file, rows in zip(self.files, self.rows):
+            if not selection.mask(offset, offset + rows).any():
+                offset += rows
+                continue
             image_root = Path(self.source.image_root) if self.source.image_root else file.parent
             file_offset = offset
-            cols = self.cmap.columns(pf.schema_arrow.names)
 
             def where_of(index: int, file=file, base=file_offset) -> str:
                 return f"{file}:row {index - base}"
 
-            for rg in range(pf.num_row_groups):
-                n = pf.metadata.row_group(rg).num_rows
-                mask = selection.mask(offset, offset + n)
-                if mask.any():
-                    lo = offset
-                    for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[rg], columns=cols):
-                        m = mask[lo - offset : lo - offset + batch.num_rows]
-                        if m.any():
-                            yield from self._emit(batch, lo, m, where_of, image_root)
-                        lo += batch.num_rows
-                offset += n
+            with pq.ParquetFile(file) as pf:
+                cols = self.cmap.columns(pf.schema_arrow.names)
+                for rg in range(pf.num_row_groups):
+                    n = pf.metadata.row_group(rg).num_rows
+                    mask = selection.mask(offset, offset + n)
+                    if mask.any():
+                        lo = offset
+                        for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[rg], columns=cols):
+                            m = mask[lo - offset : lo - offset + batch.num_rows]
+                            if m.any():
+                                yield from self._emit(batch, lo, m, where_of, image_root)
+                            lo += batch.num_rows
+                    offset += n
 
 
 class HFDiskReader(_TabularReader):
