@@ -1,0 +1,494 @@
+"""``midtrain gap``: how far each VLM source is from the robot data, in the frozen VLM's feature space.
+
+Reads the feature shards of ``featurize`` (or ``features:``, another run's features
+directory), subsamples every dataset (``source``) to ``subsample`` points with the run's
+seed, and writes into ``<run>/gap/``:
+
+- ``mmd.parquet``: one row per unordered pair of sources: ``source_a``, ``source_b``,
+  ``kind_a``, ``kind_b``, ``mmd2_unbiased``, ``mmd2_biased``, ``mmd`` (``sqrt(max(MMD^2, 0))``
+  of the configured ``estimator``), ``p_value`` (permutation test; null if
+  ``permutations: 0``), ``n_a``, ``n_b``.
+- ``mmd.json``: the same as ``[D, D]`` matrices (``mmd2_unbiased``, ``mmd2_biased``,
+  ``mmd``, ``normalised_mmd``, ``p_values``) with ``sources``, ``kinds``, ``n``, ``sigma``,
+  ``sigmas``, ``estimator``, ``method``, ``permutations`` and the ``normalisation`` used.
+- ``summary.json``: mean MMD (and MMD^2) within the VLM group, within the VLA group and
+  across groups, significant pairs, and ``vlm_ranking``: every VLM source with its mean
+  MMD to the VLA sources, closest first.
+- ``mmd_heatmap.png``: the normalised matrix (MMD / largest off-diagonal MMD), VLM sources
+  first, group boundary marked.
+- ``tsne.parquet`` (``id``, ``source``, ``kind``, ``x``, ``y``) and ``tsne.png``: openTSNE map
+  of a stratified subsample after PCA; ``umap.parquet`` / ``umap.png`` with ``umap: true``.
+
+The kernel is a Gaussian RBF with one global bandwidth for all pairs (the median
+heuristic over the pooled subsample unless ``sigma`` is set), optionally summed over
+``bandwidth_factors``; the sigma used is recorded in every output and the manifest.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import ConfigError, StageConfig
+from ..data.features import FeatureSet, open_features
+from ..runs import RunDir, SampleError, StageError, StageRun, stage_run, write_json_atomic, write_parquet_atomic
+from .mmd import GapInputError, MMDMatrix, bandwidths, median_heuristic, mmd_matrix, mmd_matrix_rff
+from .plots import plot_feature_map, plot_mmd_heatmap
+from .tsne import UMAP_INSTALL_HINT, pca_reduce, stratified_quota, tsne_map, umap_available, umap_map
+
+KIND_ORDER = {"vlm": 0, "vla": 1}
+
+
+@dataclass
+class GapConfig(StageConfig):
+    """Config of ``midtrain gap``.
+
+    ``subsample``: points per dataset for MMD (all of a smaller dataset). ``sigma``: fixed
+    RBF bandwidth (default: median heuristic over ``median_sample_size`` pooled points).
+    ``bandwidth_factors``: the kernel is ``sum_f k_{sigma f}``. ``estimator``: which MMD^2
+    estimator the ``mmd`` column, heatmap, summary and permutation tests use (both are
+    always written). ``method: rff`` uses ``rff_features`` random Fourier features per
+    bandwidth (linear time) instead of the exact kernel. ``block_budget_mb`` bounds each
+    kernel buffer. ``tsne_max_points``: stratified subsample size of the map; ``tsne_iterations``
+    openTSNE's ``n_iter``. ``n_jobs``: t-SNE threads (0 = all cores).
+    """
+
+    features: Optional[Path] = None
+    sources: Optional[list[str]] = None
+    subsample: int = 2000
+    sigma: Optional[float] = None
+    bandwidth_factors: list[float] = field(default_factory=lambda: [1.0])
+    median_sample_size: int = 2000
+    estimator: Literal["unbiased", "biased"] = "unbiased"
+    permutations: int = 200
+    alpha: float = 0.05
+    method: Literal["exact", "rff"] = "exact"
+    rff_features: int = 2048
+    block_budget_mb: float = 512.0
+    device: str = "auto"
+    tsne: bool = True
+    tsne_max_points: int = 20000
+    pca_dim: int = 50
+    perplexity: float = 30.0
+    tsne_iterations: int = 500
+    umap: bool = False
+    n_jobs: int = 0
+
+    def validate(self) -> None:
+        if self.subsample < 2:
+            raise ConfigError(f"subsample: MMD needs at least 2 points per dataset, got {self.subsample}")
+        if self.sigma is not None and not self.sigma > 0:
+            raise ConfigError(f"sigma: must be > 0 (or null for the median heuristic), got {self.sigma}")
+        if not self.bandwidth_factors or any(not f > 0 for f in self.bandwidth_factors):
+            raise ConfigError(
+                f"bandwidth_factors: expected a non-empty list of positive numbers, got {self.bandwidth_factors}"
+            )
+        if self.median_sample_size < 2:
+            raise ConfigError(f"median_sample_size: must be >= 2, got {self.median_sample_size}")
+        if self.permutations < 0:
+            raise ConfigError(f"permutations: must be >= 0, got {self.permutations}")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"alpha: must be in (0, 1), got {self.alpha}")
+        if self.rff_features < 1:
+            raise ConfigError(f"rff_features: must be >= 1, got {self.rff_features}")
+        if not self.block_budget_mb > 0:
+            raise ConfigError(f"block_budget_mb: must be > 0, got {self.block_budget_mb}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
+        if self.tsne_max_points < 2 or self.pca_dim < 2 or not self.perplexity > 0 or self.tsne_iterations < 1:
+            raise ConfigError(
+                f"tsne_max_points / pca_dim / perplexity / tsne_iterations: expected >= 2, >= 2, > 0, >= 1, got "
+                f"{self.tsne_max_points}, {self.pca_dim}, {self.perplexity}, {self.tsne_iterations}"
+            )
+        if self.umap and not self.tsne:
+            raise ConfigError("umap: true draws a map next to the t-SNE map; set tsne: true as well")
+
+
+# --------------------------------------------------------------------------- reading features
+
+
+@dataclass
+class _Pool:
+    """The features directory, indexed by source: global rows per source, kinds, shard offsets."""
+
+    fs: FeatureSet
+    kinds: dict[str, str]  # source -> kind, in display order (VLM first, then VLA)
+    rows: dict[str, np.ndarray]  # source -> sorted global row indices
+    offsets: np.ndarray  # [shards + 1] global row offset of each shard
+
+    def locate(self, row: int) -> tuple[str, int]:
+        shard = int(np.searchsorted(self.offsets, row, side="right") - 1)
+        return self.fs.names[shard], int(row - self.offsets[shard])
+
+    def ids_of(self, rows: np.ndarray) -> list[str]:
+        """Sample ids of (sorted) global rows, reading only the ``id`` column of shards involved."""
+        out: list[str] = []
+        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        for s in np.unique(shard_of):
+            local = rows[shard_of == s] - self.offsets[s]
+            ids = pq.read_table(self.fs.shards_dir / f"{self.fs.names[s]}.ids.parquet", columns=["id"]).column("id")
+            out.extend(ids.take(pa.array(local)).to_pylist())
+        return out
+
+
+def _open_pool(features_dir: Path, config: GapConfig) -> _Pool:
+    try:
+        fs = open_features(features_dir)
+    except FileNotFoundError as exc:
+        raise StageError(
+            f"{exc}; run `midtrain featurize` first or point `features:` at a features directory"
+        ) from None
+    shapes = {name: fs.array(name).shape for name in fs.names}
+    first = fs.names[0]
+    codes, kinds_seen, sources_seen = [], {}, {}
+    for name in fs.names:
+        table = pq.read_table(fs.shards_dir / f"{name}.ids.parquet", columns=["source", "kind"])
+        if shapes[name][1] != shapes[first][1]:
+            bad = sorted(set(table.column("source").to_pylist()))
+            raise StageError(
+                f"{fs.shards_dir / name}.npy: feature dimension {shapes[name][1]} differs from "
+                f"{shapes[first][1]} in {first}.npy (datasets in the mismatched shard: {', '.join(bad)}); "
+                "all datasets must be featurized with the same model and pooling"
+            )
+        encoded = table.column("source").combine_chunks().dictionary_encode()
+        local_names = encoded.dictionary.to_pylist()
+        remap = np.array([sources_seen.setdefault(s, len(sources_seen)) for s in local_names], dtype=np.int64)
+        codes.append(
+            remap[encoded.indices.to_numpy(zero_copy_only=False)] if len(local_names) else np.zeros(0, np.int64)
+        )
+        for s, k in zip(table.column("source").to_pylist(), table.column("kind").to_pylist()):
+            kinds_seen.setdefault(s, k)
+    all_codes = np.concatenate(codes)
+    order = np.argsort(all_codes, kind="stable")
+    counts = np.bincount(all_codes, minlength=len(sources_seen))
+    rows = dict(zip(sources_seen, np.split(order, np.cumsum(counts)[:-1])))
+
+    wanted = list(sources_seen)
+    if config.sources is not None:
+        unknown = [s for s in config.sources if s not in sources_seen]
+        if unknown:
+            raise StageError(
+                f"sources: {', '.join(unknown)} not in {features_dir} (available: {', '.join(sorted(sources_seen))})"
+            )
+        wanted = list(dict.fromkeys(config.sources))
+    wanted.sort(key=lambda s: (KIND_ORDER.get(kinds_seen[s], 2), s))
+    sizes = [shapes[name][0] for name in fs.names]
+    return _Pool(
+        fs,
+        {s: kinds_seen[s] for s in wanted},
+        {s: np.sort(rows[s]) for s in wanted},
+        np.concatenate([[0], np.cumsum(sizes)]),
+    )
+
+
+def _seeded_sample(rows: np.ndarray, k: int, seed: int, source: str, purpose: str) -> np.ndarray:
+    """``k`` of ``rows`` without replacement, seeded by (run seed, source, purpose): a source's
+    subsample does not change when other sources are added or removed."""
+    if k >= len(rows):
+        return rows
+    rng = np.random.default_rng([seed, zlib.crc32(source.encode()), zlib.crc32(purpose.encode())])
+    return np.sort(rng.choice(rows, size=k, replace=False))
+
+
+def _load_finite(
+    pool: _Pool, st: StageRun, source: str, rows: np.ndarray, reported: set[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features of ``rows`` (float32) with non-finite rows handled per ``on_error``; returns (features, kept rows)."""
+    feats = pool.fs.take(rows)
+    finite = np.isfinite(feats).all(axis=1)
+    if not finite.all():
+        bad_rows = rows[~finite]
+        for row, sample_id in zip(bad_rows, pool.ids_of(bad_rows)):
+            if int(row) in reported:
+                continue
+            reported.add(int(row))
+            shard, local = pool.locate(int(row))
+            st.current_shard = shard
+            st.handle(
+                SampleError(
+                    "non-finite features",
+                    f"{pool.fs.shards_dir / shard}.npy row {local}",
+                    f"dataset {source!r}, sample {sample_id!r}: NaN/inf in the feature vector; re-run featurize on it",
+                    sample_id,
+                )
+            )
+        st.current_shard = None
+        feats, rows = feats[finite], rows[finite]
+    return feats, rows
+
+
+def _load_subsamples(pool: _Pool, config: GapConfig, st: StageRun, reported: set[int]) -> dict[str, np.ndarray]:
+    datasets = {}
+    for source, rows in pool.rows.items():
+        if len(rows) < 2:
+            raise StageError(
+                f"dataset {source!r} has {len(rows)} sample(s) in {pool.fs.root}; MMD needs at least 2 per dataset "
+                "(featurize more of it, or leave it out with `sources: [...]`)"
+            )
+        picked = _seeded_sample(rows, config.subsample, config.seed, source, "mmd")
+        feats, kept = _load_finite(pool, st, source, picked, reported)
+        if len(kept) < 2:
+            raise StageError(
+                f"dataset {source!r}: fewer than 2 samples with finite features; see {st.dir}/errors.jsonl"
+            )
+        datasets[source] = feats
+        st.counts["read"] += len(kept)
+    return datasets
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _normalise(mmd: np.ndarray) -> tuple[np.ndarray, str]:
+    off = mmd[~np.eye(len(mmd), dtype=bool)]
+    top = float(off.max()) if off.size else 0.0
+    return (mmd / top if top > 0 else mmd.copy()), "normalised = MMD / max off-diagonal MMD (MMD = sqrt(max(MMD², 0)))"
+
+
+def _pair_means(result: MMDMatrix, kinds: list[str], first: str, second: str) -> tuple[float | None, float | None, int]:
+    """Mean MMD and MMD^2 over unordered pairs with one source of kind ``first`` and one of ``second``."""
+    mmd, mmd2 = result.mmd, result.mmd2
+    vals, vals2 = [], []
+    for a in range(len(kinds)):
+        for b in range(a + 1, len(kinds)):
+            if {kinds[a], kinds[b]} == {first, second} and (first != second or kinds[a] == first):
+                vals.append(mmd[a, b])
+                vals2.append(mmd2[a, b])
+    if not vals:
+        return None, None, 0
+    return float(np.mean(vals)), float(np.mean(vals2)), len(vals)
+
+
+def _summary(result: MMDMatrix, kinds: list[str], config: GapConfig, sigma: float) -> dict:
+    names = result.names
+    out: dict = {}
+    for label, (k1, k2) in {
+        "within_vlm": ("vlm", "vlm"),
+        "within_vla": ("vla", "vla"),
+        "cross": ("vlm", "vla"),
+    }.items():
+        m, m2, count = _pair_means(result, kinds, k1, k2)
+        out[f"mean_mmd_{label}"] = m
+        out[f"mean_mmd2_{label}"] = m2
+        out[f"pairs_{label}"] = count
+    within = [v for v in (out["mean_mmd_within_vlm"], out["mean_mmd_within_vla"]) if v is not None]
+    out["cross_over_within"] = (
+        out["mean_mmd_cross"] / float(np.mean(within))
+        if out["mean_mmd_cross"] is not None and within and np.mean(within) > 0
+        else None
+    )
+    if result.p_values is not None:
+        iu = np.triu_indices(len(names), 1)
+        out["significant_pairs"] = (
+            f"{int((result.p_values[iu] <= config.alpha).sum())} of {len(iu[0])} at alpha={config.alpha:g}"
+        )
+    out["sigma"] = sigma
+    out["estimator"] = result.statistic
+    vla = [i for i, k in enumerate(kinds) if k == "vla"]
+    ranking = []
+    for a, kind in enumerate(kinds):
+        if kind != "vlm" or not vla:
+            continue
+        to_vla = result.mmd[a, vla]
+        closest = vla[int(np.argmin(to_vla))]
+        ranking.append(
+            {
+                "source": names[a],
+                "mean_mmd_to_vla": float(to_vla.mean()),
+                "mean_mmd2_to_vla": float(result.mmd2[a, vla].mean()),
+                "closest_vla_source": names[closest],
+                "mmd_to_closest_vla": float(result.mmd[a, closest]),
+            }
+        )
+    ranking.sort(key=lambda r: r["mean_mmd_to_vla"])
+    for rank, row in enumerate(ranking, 1):
+        row["rank"] = rank
+    out["vlm_ranking"] = ranking
+    out["groups"] = {
+        "vlm": [n for n, k in zip(names, kinds) if k == "vlm"],
+        "vla": [n for n, k in zip(names, kinds) if k == "vla"],
+    }
+    return out
+
+
+def _write_mmd(st: StageRun, result: MMDMatrix, kinds: list[str], config: GapConfig, sigma: float) -> None:
+    names, n = result.names, result.sizes
+    normalised, normalisation = _normalise(result.mmd)
+    pairs = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names))]
+    p = result.p_values
+    table = pa.table(
+        {
+            "source_a": [names[a] for a, _ in pairs],
+            "source_b": [names[b] for _, b in pairs],
+            "kind_a": [kinds[a] for a, _ in pairs],
+            "kind_b": [kinds[b] for _, b in pairs],
+            "mmd2_unbiased": pa.array([result.mmd2_unbiased[a, b] for a, b in pairs], pa.float64()),
+            "mmd2_biased": pa.array([result.mmd2_biased[a, b] for a, b in pairs], pa.float64()),
+            "mmd": pa.array([result.mmd[a, b] for a, b in pairs], pa.float64()),
+            "p_value": pa.array([None if p is None else p[a, b] for a, b in pairs], pa.float64()),
+            "n_a": pa.array([n[a] for a, _ in pairs], pa.int64()),
+            "n_b": pa.array([n[b] for _, b in pairs], pa.int64()),
+        }
+    )
+    write_parquet_atomic(st.dir / "mmd.parquet", table)
+    write_json_atomic(
+        st.dir / "mmd.json",
+        {
+            "sources": names,
+            "kinds": kinds,
+            "n": n,
+            "sigma": sigma,
+            "sigmas": list(result.sigmas),
+            "bandwidth_factors": config.bandwidth_factors,
+            "estimator": result.statistic,
+            "method": result.method,
+            "permutations": result.permutations,
+            "alpha": config.alpha,
+            "normalisation": normalisation,
+            "mmd2_unbiased": result.mmd2_unbiased.tolist(),
+            "mmd2_biased": result.mmd2_biased.tolist(),
+            "mmd": result.mmd.tolist(),
+            "normalised_mmd": normalised.tolist(),
+            "p_values": None if p is None else p.tolist(),
+        },
+    )
+    write_json_atomic(st.dir / "summary.json", _summary(result, kinds, config, sigma))
+    title = f"Pairwise MMD between datasets ({result.method}, {result.statistic} MMD², σ = {sigma:.4g})"
+    plot_mmd_heatmap(normalised, names, kinds, st.dir / "mmd_heatmap.png", title, normalisation, p, config.alpha)
+    st.counts["written"] = len(pairs)
+
+
+def _write_maps(st: StageRun, pool: _Pool, config: GapConfig, reported: set[int]) -> None:
+    sources = list(pool.rows)
+    quota = stratified_quota([len(pool.rows[s]) for s in sources], config.tsne_max_points)
+    feats, rows, labels = [], [], []
+    with st.timed("map_load"):
+        for source, k in zip(sources, quota):
+            f, r = _load_finite(
+                pool, st, source, _seeded_sample(pool.rows[source], k, config.seed, source, "map"), reported
+            )
+            feats.append(f)
+            rows.append(r)
+            labels.extend([source] * len(r))
+    x = np.concatenate(feats)
+    all_rows = np.concatenate(rows)
+    if len(x) < 5:
+        st.log.warning("map skipped: only %d points with finite features", len(x))
+        st.extra["map"] = f"skipped: {len(x)} points"
+        return
+    with st.timed("pca"):
+        reduced = pca_reduce(x, config.pca_dim, config.seed)
+    order = np.argsort(all_rows, kind="stable")  # ids_of wants sorted rows
+    ids = np.empty(len(all_rows), dtype=object)
+    ids[order] = pool.ids_of(all_rows[order])
+    kinds = [pool.kinds[s] for s in labels]
+    maps = {"tsne": "t-SNE"} | ({"umap": "UMAP"} if config.umap else {})
+    for name, title in maps.items():
+        with st.timed(name):
+            if name == "tsne":
+                coords, perplexity = tsne_map(
+                    reduced, config.perplexity, config.seed, config.n_jobs, config.tsne_iterations
+                )
+                st.extra["tsne"] = {"points": len(coords), "perplexity": perplexity, "pca_dim": reduced.shape[1]}
+                detail = f"perplexity {perplexity:g}"
+            else:
+                coords = umap_map(reduced, config.seed)
+                st.extra["umap"] = {"points": len(coords), "pca_dim": reduced.shape[1]}
+                detail = "umap-learn"
+        table = pa.table(
+            {
+                "id": pa.array(ids.tolist(), pa.string()),
+                "source": labels,
+                "kind": kinds,
+                "x": coords[:, 0],
+                "y": coords[:, 1],
+            }
+        )
+        write_parquet_atomic(st.dir / f"{name}.parquet", table)
+        plot_feature_map(
+            coords,
+            labels,
+            pool.kinds,
+            st.dir / f"{name}.png",
+            f"{title} of frozen-VLM features ({len(coords)} points, stratified by source; "
+            f"PCA to {reduced.shape[1]}, {detail})",
+        )
+    st.counts["map_points"] = len(x)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def measure_gap(config: GapConfig, run_dir: RunDir, force: bool = False) -> Path:
+    """Pairwise MMD (with permutation p-values), the heatmap, the summary and the t-SNE map."""
+    features_dir = Path(config.features) if config.features is not None else run_dir.require("featurize")
+    if config.umap and not umap_available():
+        raise StageError(UMAP_INSTALL_HINT)
+    with stage_run(run_dir, "gap", config, inputs=[features_dir], force=force) as st:
+        if st.skipped_as_complete:
+            return st.dir
+        reported: set[int] = set()
+        with st.timed("load"):
+            pool = _open_pool(features_dir, config)
+            datasets = _load_subsamples(pool, config, st, reported)
+        kinds = [pool.kinds[s] for s in datasets]
+        try:
+            with st.timed("bandwidth"):
+                if config.sigma is not None:
+                    sigma, how = float(config.sigma), "fixed"
+                else:
+                    pooled = np.concatenate(list(datasets.values()))
+                    sigma = median_heuristic(pooled, config.median_sample_size, config.seed)
+                    how = f"median heuristic over {min(len(pooled), config.median_sample_size)} pooled points"
+                sigmas = bandwidths(sigma, config.bandwidth_factors)
+            st.log.info(
+                "%d datasets, sigma %.5g (%s), %s estimator, %d permutations per pair",
+                len(datasets),
+                sigma,
+                how,
+                config.estimator,
+                config.permutations,
+            )
+            D = len(datasets)
+            with st.timed("mmd"), st.progress(total=D * (D + 1) // 2, desc="gap: MMD tiles", unit="tile") as bar:
+                common = dict(
+                    permutations=config.permutations,
+                    statistic=config.estimator,
+                    seed=config.seed,
+                    block_budget_mb=config.block_budget_mb,
+                    device=config.device,
+                    progress=bar.update,
+                )
+                if config.method == "exact":
+                    result = mmd_matrix(datasets, sigmas, **common)
+                else:
+                    result = mmd_matrix_rff(datasets, sigmas, num_features=config.rff_features, **common)
+        except GapInputError as exc:
+            raise StageError(f"{features_dir}: {exc}") from None
+        st.extra.update(
+            {
+                "sigma": sigma,
+                "sigmas": list(sigmas),
+                "bandwidth": how,
+                "estimator": config.estimator,
+                "method": result.method,
+                "permutations": config.permutations,
+                "datasets": len(datasets),
+                "n_per_dataset": dict(zip(result.names, result.sizes)),
+                "mmd_compute": {
+                    "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+                    "gflop": {k: round(v / 1e9, 3) for k, v in result.flops.items()},
+                },
+            }
+        )
+        with st.timed("write"):
+            _write_mmd(st, result, kinds, config, sigma)
+        if config.tsne:
+            _write_maps(st, pool, config, reported)
+    return st.dir
