@@ -1,0 +1,112 @@
+"""``sim collect``: a readable LeRobot dataset of successful expert episodes, success filtering."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from midtrain.config import ConfigError, load_config
+from midtrain.runs import RunDir, StageError
+from midtrain.sim.collect import EpisodeJob, SimCollectConfig, collect_robot_corpus, record_episode
+from midtrain.sim.metaworld_env import TASK_INSTRUCTIONS, episode_seed
+
+TASKS = ["reach-v3", "button-press-topdown-v3"]
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    """Two tasks, one episode each, rendered by two worker processes."""
+    run = RunDir(tmp_path_factory.mktemp("collect"))
+    config = SimCollectConfig(tasks=TASKS, episodes_per_task=1, max_steps=150, width=64, height=64, workers=2)
+    out = collect_robot_corpus(config, run)
+    return run, config, out
+
+
+def _reference_episode(config: SimCollectConfig, task: str, index: int):
+    """The same episode recorded in this process, for comparison with the workers' output."""
+    job = EpisodeJob(task, index, episode_seed(config.seed, task, index), config.camera, config.width,
+                     config.height, config.policy, config.max_steps)  # fmt: skip
+    return record_episode(job)
+
+
+def test_collect_writes_a_lerobot_v3_dataset_with_success_rates(collected):
+    run, config, out = collected
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["success_rate"] == 1.0
+    assert {t: s["succeeded"] for t, s in manifest["success"].items()} == {t: 1 for t in TASKS}
+    assert manifest["render"]["frames"] > 0 and manifest["render"]["fps_per_process"] > 0
+    info = json.loads((out / "lerobot" / "meta" / "info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["robot_type"] == "sawyer" and info["fps"] == 80
+    assert info["total_episodes"] == 2 and info["total_tasks"] == 2
+    assert info["features"]["observation.images.corner"]["shape"] == [64, 64, 3]
+    assert info["features"]["observation.state"]["names"] == ["hand_x", "hand_y", "hand_z", "gripper_opening"]
+    assert info["total_frames"] == manifest["counts"]["written"]
+
+
+def test_dataset_matches_episodes_recorded_in_process(collected):
+    """Workers and this process record the same episodes: states and actions exactly."""
+    run, config, out = collected
+    data = pq.read_table(sorted((out / "lerobot" / "data").rglob("*.parquet"))[0]).to_pydict()
+    episode_index = np.array(data["episode_index"])
+    for k, task in enumerate(TASKS):
+        reference = _reference_episode(config, task, 0)
+        rows = episode_index == k
+        np.testing.assert_array_equal(np.array(data["observation.state"], dtype=np.float32)[rows], reference.state)
+        np.testing.assert_array_equal(np.array(data["action"], dtype=np.float32)[rows], reference.action)
+
+
+def test_dataset_reads_back_through_the_catalog(collected):
+    """The catalog's LeRobot reader decodes the videos: frames close to the rendered ones,
+    instructions per task."""
+    from midtrain.data.build import CatalogConfig, build_catalog
+    from midtrain.data.catalog import iter_catalog
+    from midtrain.data.images import load_image
+    from midtrain.data.sources import DatasetSource
+
+    run, config, out = collected
+    source = DatasetSource(name="metaworld", kind="vla", format="lerobot", path=out / "lerobot", image_format="png")
+    catalog = build_catalog(CatalogConfig(datasets=[source]), run)
+    rows = [row for batch in iter_catalog(catalog) for row in batch.to_pylist()]
+    reference = _reference_episode(config, TASKS[0], 0)
+    first = [r for r in rows if r["episode"] == 0]
+    assert len(first) == len(reference.frames)
+    assert {r["instruction"] for r in rows} == {TASK_INSTRUCTIONS[t] for t in TASKS}
+    decoded = np.stack([np.asarray(load_image(r["image_refs"][0])) for r in sorted(first, key=lambda r: r["frame"])])
+    error = np.abs(decoded.astype(np.int16) - reference.frames.astype(np.int16)).mean()
+    assert error < 8.0, error  # lossy video, but the same images
+
+
+def test_failed_episodes_are_dropped_and_counted(tmp_path):
+    """reach-v3 with 48 steps: the seeded episodes 1 and 2 finish in time, 0 and 3 do not."""
+    config = SimCollectConfig(tasks=["reach-v3"], episodes_per_task=4, max_steps=48, width=32, height=32, workers=1)
+    out = collect_robot_corpus(config, RunDir(tmp_path))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["success"]["reach-v3"]["succeeded"] == 2 and manifest["success"]["reach-v3"]["rate"] == 0.5
+    assert manifest["counts"]["episodes_failed"] == 2 and manifest["counts"]["episodes_kept"] == 2
+    episodes = pq.read_table(sorted((out / "lerobot" / "meta" / "episodes").rglob("*.parquet"))[0]).to_pydict()
+    assert len(episodes["episode_index"]) == 2 and max(episodes["length"]) <= 48
+
+
+def test_no_successful_episode_fails_the_stage_and_reports_rates(tmp_path):
+    config = SimCollectConfig(tasks=["reach-v3", "push-v3"], episodes_per_task=1, max_steps=10, width=32,
+                              height=32, policy="zero", workers=1)  # fmt: skip
+    with pytest.raises(StageError, match="no episode succeeded.*reach-v3 0/1"):
+        collect_robot_corpus(config, RunDir(tmp_path))
+    manifest = json.loads((tmp_path / "sim_collect" / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert manifest["success_rate"] == 0.0 and manifest["success"]["push-v3"]["rate"] == 0.0
+    assert not (tmp_path / "sim_collect" / "lerobot" / "meta" / "info.json").exists()
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("tasks=[pick-place-v2]", "tasks"), ("width=63", "width"), ("camera=front", "camera"),
+     ("max_steps=501", "max_steps"), ("episodes_per_task=0", "episodes_per_task")],
+)  # fmt: skip
+def test_bad_config_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(SimCollectConfig, overrides=[override])

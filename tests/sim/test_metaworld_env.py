@@ -1,0 +1,112 @@
+"""Meta-World environments, upright rendering, camera projection and seeded episodes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from midtrain.runs import StageError
+from midtrain.sim.metaworld_env import (
+    TASK_INSTRUCTIONS, CameraView, episode_seed, make_env, make_policy, run_episode,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pick_place():
+    env = make_env("pick-place-v3")
+    env.seed(3)
+    env.reset()
+    return env
+
+
+@pytest.mark.parametrize("camera", ["corner", "corner2", "behindGripper"])
+def test_projection_lands_on_the_puck_in_the_upright_image(pick_place, camera):
+    """The projected puck centre is on the puck in the segmentation render and red in the RGB
+    render; for the upside-down corner cameras this holds only if images and projection are
+    both turned upright."""
+    env = pick_place
+    view = CameraView(env.model, camera, 96, 96)
+    try:
+        puck = env.model.geom("objGeom").id
+        pixels, depth = view.project(env.data, env.data.geom_xpos[puck])
+        x, y = pixels[0]
+        seg = view.segmentation(env.data)
+        rgb = view.rgb(env.data)
+    finally:
+        view.close()
+    assert depth[0] > 0
+    row, col = int(y), int(x)
+    assert seg[row, col] == puck
+    ys, xs = np.nonzero(seg == puck)
+    assert np.hypot(xs.mean() + 0.5 - x, ys.mean() + 0.5 - y) < 1.5  # projected centre = mask centre
+    r, g, b = rgb[row, col].astype(int)
+    assert r > g + 40 and r > b + 40, rgb[row, col]
+
+
+def test_corner_camera_is_upright(pick_place):
+    """A point above the table projects higher in the image than the table point below it."""
+    view = CameraView(pick_place.model, "corner", 64, 64)
+    try:
+        pixels, _ = view.project(pick_place.data, np.array([[0.0, 0.7, 0.0], [0.0, 0.7, 0.4]]))
+        seg = view.segmentation(pick_place.data)
+    finally:
+        view.close()
+    assert pixels[1, 1] < pixels[0, 1] - 5
+    floor_rows = np.nonzero((seg == pick_place.model.geom("floor").id).any(axis=1))[0]
+    if len(floor_rows):  # the floor, when visible, is in the lower half
+        assert floor_rows.mean() > 32
+
+
+def test_unknown_camera_names_the_choices(pick_place):
+    with pytest.raises(StageError, match="corner2"):
+        CameraView(pick_place.model, "nope", 32, 32)
+
+
+def test_episodes_are_a_function_of_their_seed():
+    """Same seed -> identical frames, states and actions, in a fresh env or a reused one."""
+    task = "reach-v3"
+    seed = episode_seed(0, task, 1)
+    env = make_env(task)
+    view = CameraView(env.model, "corner", 32, 32)
+    try:
+        first = run_episode(env, view, make_policy(task, "expert", seed), seed, 15, task)
+        run_episode(env, view, make_policy(task, "expert", 7), 7, 10, task)  # another episode in between
+        again = run_episode(env, view, make_policy(task, "expert", seed), seed, 15, task)
+        other = run_episode(env, view, make_policy(task, "expert", 8), 8, 15, task)
+    finally:
+        view.close()
+    fresh_env = make_env(task)
+    fresh_view = CameraView(fresh_env.model, "corner", 32, 32)
+    try:
+        fresh = run_episode(fresh_env, fresh_view, make_policy(task, "expert", seed), seed, 15, task)
+    finally:
+        fresh_view.close()
+    for ep in (again, fresh):
+        np.testing.assert_array_equal(ep.frames, first.frames)
+        np.testing.assert_array_equal(ep.state, first.state)
+        np.testing.assert_array_equal(ep.action, first.action)
+    assert not np.array_equal(other.state[0], first.state[0]) or not np.array_equal(other.frames[0], first.frames[0])
+    assert first.frames.shape == (15, 32, 32, 3) and first.state.shape == (15, 4) and first.action.shape == (15, 4)
+    assert first.fps == 80
+
+
+def test_expert_succeeds_and_standing_still_does_not():
+    task = "reach-v3"
+    env = make_env(task)
+    view = CameraView(env.model, "corner", 32, 32)
+    try:
+        expert = run_episode(env, view, make_policy(task, "expert", 0), 11, 200, task)
+        zero = run_episode(env, view, make_policy(task, "zero", 0), 11, 30, task)
+    finally:
+        view.close()
+    assert expert.success and len(expert.frames) < 200  # stops at success
+    assert not zero.success and len(zero.frames) == 30
+    assert np.all(np.abs(expert.action) <= 1.0)
+
+
+def test_every_v3_task_has_an_instruction_and_an_expert():
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+    from metaworld.policies import ENV_POLICY_MAP
+
+    assert set(TASK_INSTRUCTIONS) == set(ALL_V3_ENVIRONMENTS)
+    assert set(TASK_INSTRUCTIONS) <= set(ENV_POLICY_MAP)
