@@ -153,3 +153,9 @@ def test_config_errors_name_the_key(datasets, message):
     with pytest.raises(ConfigError) as exc:
         load_config(CatalogConfig, base={"datasets": datasets})
     assert message in str(exc.value)
+
+
+def test_example_config_is_valid():
+    cfg = load_config(CatalogConfig, Path(__file__).parents[2] / "configs" / "catalog.yaml")
+    assert [s.format for s in cfg.datasets] == ["llava_json", "llava_jsonl", "hf_disk", "parquet", "lerobot"]
+    assert cfg.datasets[3].id_field is None and cfg.datasets[4].chunk_size == 16
