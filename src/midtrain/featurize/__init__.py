@@ -1,0 +1,1 @@
+"""Frozen-VLM features of every catalog sample (the ``featurize`` stage): local and Ray backends."""

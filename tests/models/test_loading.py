@@ -1,0 +1,55 @@
+"""Clear one-line errors for models that do not exist or are not VLMs."""
+
+import subprocess
+import sys
+
+import pytest
+
+from midtrain.models import ModelLoadError, load_vlm
+
+
+def test_missing_local_path(tmp_path):
+    with pytest.raises(ModelLoadError) as exc:
+        load_vlm(tmp_path / "no-such-model")
+    assert "no such directory" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a model directory"):
+        load_vlm(tmp_path)
+
+
+def test_unknown_hub_id_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as exc:
+        load_vlm("midtrain-test/definitely-not-a-model")
+    msg = str(exc.value)
+    assert "not found" in msg and "HF_HUB_OFFLINE" in msg and "\n" not in msg
+
+
+def test_text_only_model_is_not_a_vlm(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=32)).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError) as exc:
+        load_vlm(tmp_path)
+    msg = str(exc.value)
+    assert "'gpt2' model, not a vision-language model" in msg and "\n" not in msg
+
+
+def test_bad_settings_are_named(tiny_vlm):
+    with pytest.raises(ModelLoadError, match="attn_implementation 'fast'"):
+        load_vlm(tiny_vlm("qwen2_vl"), attn_implementation="fast")
+    with pytest.raises(ModelLoadError, match="dtype 'float8'"):
+        load_vlm(tiny_vlm("qwen2_vl"), dtype="float8", device="cpu")
+
+
+def test_cli_prints_one_line_for_a_missing_model(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "midtrain.cli", "featurize", "--run-dir", str(tmp_path), "model=/nonexistent/vlm",
+         f"catalog={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("midtrain: error")]
+    assert lines == ["midtrain: error: model '/nonexistent/vlm': no such directory"], proc.stderr
