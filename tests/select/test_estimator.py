@@ -55,7 +55,7 @@ def test_mlp_captures_a_nonlinear_ratio_that_a_linear_model_cannot():
     neg = rng.standard_normal((3000, 4)).astype(np.float32)
     test = rng.standard_normal((2000, 4)).astype(np.float32)
     truth = -(test**2).sum(1)
-    mlp, _ = train_estimator(pos, neg, TrainSettings(kind="mlp", hidden=[32, 32], lr=3e-3, max_epochs=40, seed=0))
+    mlp, _ = train_estimator(pos, neg, TrainSettings(model="mlp", hidden=[32, 32], lr=3e-3, max_epochs=40, seed=0))
     lin, _ = train_estimator(pos, neg, TrainSettings(max_epochs=10, seed=0))
     assert spearmanr(mlp.score(test), truth).statistic >= 0.9
     assert abs(spearmanr(lin.score(test), truth).statistic) < 0.5
@@ -63,10 +63,10 @@ def test_mlp_captures_a_nonlinear_ratio_that_a_linear_model_cannot():
 
 def test_training_is_deterministic_for_a_seed():
     pos, neg, _, _ = shifted_gaussians(300, 600)
-    settings = TrainSettings(kind="mlp", hidden=[16], dropout=0.1, max_epochs=5, seed=7)
+    settings = TrainSettings(model="mlp", hidden=[16], dropout=0.1, max_epochs=5, seed=7)
     a, ma = train_estimator(pos, neg, settings)
     b, mb = train_estimator(pos, neg, settings)
-    c, _ = train_estimator(pos, neg, TrainSettings(kind="mlp", hidden=[16], dropout=0.1, max_epochs=5, seed=8))
+    c, _ = train_estimator(pos, neg, TrainSettings(model="mlp", hidden=[16], dropout=0.1, max_epochs=5, seed=8))
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
     assert ma["curve"] == mb["curve"]
@@ -102,7 +102,7 @@ def test_balanced_batches_are_half_and_half_and_cover_the_larger_class():
 def test_save_load_round_trip_and_folded_scoring(tmp_path):
     pos, neg, test, _ = shifted_gaussians(200, 400)
     for kind in ("linear", "mlp"):
-        model, metrics = train_estimator(pos, neg, TrainSettings(kind=kind, hidden=[8, 4], max_epochs=2, seed=0))
+        model, metrics = train_estimator(pos, neg, TrainSettings(model=kind, hidden=[8, 4], max_epochs=2, seed=0))
         out = save_estimator(model, tmp_path / kind, {"feature_fingerprint": "abc", "metrics": metrics})
         cfg = json.loads((out / "config.json").read_text())
         assert cfg["kind"] == kind and cfg["dim"] == 8 and cfg["feature_fingerprint"] == "abc"

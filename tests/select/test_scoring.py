@@ -14,11 +14,11 @@ from conftest import FakeFeaturizeConfig, build_run, gaussian_features, write_fe
 from midtrain.config import ConfigError, load_config
 from midtrain.data.features import open_features
 from midtrain.runs import RunDir, SampleError, StageError
-from midtrain.select.estimator import load_estimator
+from midtrain.select.estimator import ProximityEstimator, load_estimator
 from midtrain.select.fit import FitConfig, fit_estimator
 from midtrain.select.pool import stream_feature_chunks
 from midtrain.select.score import ScoreConfig, score_feature_shard, score_pool
-from midtrain.select.scorers import MeanDistanceScorer, RandomScorer
+from midtrain.select.scorers import MeanDistanceScorer, ProximityScorer, RandomScorer
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +125,12 @@ def test_nan_pool_features_are_named_or_recorded(fitted_run, tmp_path):
 
 def test_random_scorer_is_seeded_per_id_not_per_layout():
     ids = [f"s/{i}" for i in range(2000)]
-    a = RandomScorer(0).score_chunk(np.zeros((2000, 1), np.float16), ids)["score"]
-    b = RandomScorer(0).score_chunk(np.zeros((500, 1), np.float16), ids[1500:])["score"]
-    c = RandomScorer(1).score_chunk(np.zeros((2000, 1), np.float16), ids)["score"]
+    def scores(seed, chunk_ids):
+        out = {"score": np.empty(len(chunk_ids))}
+        RandomScorer(seed).score_chunk(np.zeros((len(chunk_ids), 1), np.float16), chunk_ids, out)
+        return out["score"]
+
+    a, b, c = scores(0, ids), scores(0, ids[1500:]), scores(1, ids)
     np.testing.assert_array_equal(a[1500:], b)
     assert not np.array_equal(a, c)
     assert 0 <= a.min() and a.max() < 1 and abs(a.mean() - 0.5) < 0.03
@@ -138,9 +141,11 @@ def test_mean_distance_scorer_matches_brute_force():
     ref = rng.standard_normal((50, 6)).astype(np.float32)
     x = rng.standard_normal((30, 6)).astype(np.float16)
     d = np.linalg.norm(x.astype(np.float64)[:, None, :] - ref[None].astype(np.float64), axis=2)
-    got = MeanDistanceScorer(ref, block_rows=7).score_chunk(x, [""] * 30)["score"]
+    got, got_knn = {"score": np.empty(30)}, {"score": np.empty(30)}
+    MeanDistanceScorer(ref, block_rows=7).score_chunk(x, [""] * 30, got)
+    MeanDistanceScorer(ref, knn=5).score_chunk(x, [""] * 30, got_knn)
+    got, got_knn = got["score"], got_knn["score"]
     np.testing.assert_allclose(got, -d.mean(1), rtol=1e-4)
-    got_knn = MeanDistanceScorer(ref, knn=5).score_chunk(x, [""] * 30)["score"]
     np.testing.assert_allclose(got_knn, -np.sort(d, axis=1)[:, :5].mean(1), rtol=1e-4)
 
 
@@ -158,10 +163,12 @@ def test_baseline_scorers_run_as_stages(fitted_run, tmp_path):
     assert t.num_rows == 150 and set(t.column("source").to_pylist()) == {"near"}
 
 
-def test_score_feature_shard_detects_a_short_array(tmp_path):
+def test_score_feature_shard_detects_a_corrupt_shard(tmp_path):
     np.save(tmp_path / "s.npy", np.zeros((3, 4), np.float16))
     with pytest.raises(StageError, match="has 3 rows but its ids file lists 4"):
         score_feature_shard(RandomScorer(0), tmp_path / "s.npy", ["a", "b", "c", "d"], 2)
+    with pytest.raises(StageError, match=r"s.npy: features have dimension 4 but the proximity scorer expects 8"):
+        score_feature_shard(ProximityScorer(ProximityEstimator(8)), tmp_path / "s.npy", ["a", "b", "c"], 2)
 
 
 def test_perplexity_scorers_require_their_models():

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import FakeFeaturizeConfig, build_run, gaussian_features, vlm_row, write_catalog, write_features
 
+from midtrain.cli import main as cli_main
 from midtrain.config import ConfigError, load_config
 from midtrain.data.images import encode_image, ref_from_bytes
 from midtrain.runs import RunDir, StageError
@@ -193,7 +194,7 @@ def test_selection_report_moves_towards_the_vla_data(run_copy):
 def test_reselection_reuses_the_scores(run_copy):
     scores = run_copy.stage_dir("score") / "proximity_scores.parquet"
     before = (scores.stat().st_mtime_ns, run_copy.manifest("score")["timings"]["started"])
-    select_mixture(SelectConfig(k=50, report=False), run_copy)
+    assert cli_main(["select", "--run-dir", str(run_copy.root), "k=50", "report=false"]) == 0
     assert len(selected_ids(run_copy)) == 50
     select_mixture(SelectConfig(k=80, method="gumbel", report=False), run_copy)
     assert len(selected_ids(run_copy)) == 80

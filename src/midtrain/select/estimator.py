@@ -17,14 +17,15 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..runs import atomic_path, write_json_atomic
 
 WEIGHTS_FILE = "model.safetensors"
@@ -151,9 +152,15 @@ def load_estimator(path: Path) -> ProximityEstimator:
 
 @dataclass
 class TrainSettings:
-    """Hyper-parameters of ``train_estimator`` (the fit stage's config maps onto these)."""
+    """Hyper-parameters of ``train_estimator``; the fit stage's config extends this class.
 
-    kind: str = "linear"
+    ``model``: ``linear`` (the paper's choice) or ``mlp`` with ``hidden`` widths.
+    ``batch_size``: class-balanced (half VLA, half pool). Early stopping: ``patience``
+    epochs without a ``min_delta`` improvement of the validation loss, or the validation
+    balanced accuracy reaching ``target_val_accuracy``.
+    """
+
+    model: Literal["linear", "mlp"] = "linear"
     hidden: list[int] = field(default_factory=lambda: [256])
     dropout: float = 0.0
     batch_size: int = 128
@@ -162,10 +169,32 @@ class TrainSettings:
     max_epochs: int = 50
     patience: int = 5
     min_delta: float = 1e-4
-    target_val_accuracy: float | None = None
+    target_val_accuracy: Optional[float] = None
     val_fraction: float = 0.1
     seed: int = 0
     num_threads: int = 1
+
+    def check(self) -> None:
+        """Reject bad values (ConfigError naming the key)."""
+        if self.batch_size < 2:
+            raise ConfigError(f"batch_size: must be >= 2 (half VLA, half pool), got {self.batch_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
+        if self.max_epochs < 1 or self.patience < 1:
+            raise ConfigError(f"max_epochs / patience: must be >= 1, got {self.max_epochs} / {self.patience}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.target_val_accuracy is not None and not 0.0 < self.target_val_accuracy <= 1.0:
+            raise ConfigError(f"target_val_accuracy: must be in (0, 1], got {self.target_val_accuracy}")
+        if self.model == "mlp" and (not self.hidden or min(self.hidden) < 1):
+            raise ConfigError(f"hidden: model 'mlp' needs positive layer widths, got {self.hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.num_threads < 1:
+            raise ConfigError(f"num_threads: must be >= 1, got {self.num_threads}")
+
+    def training_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(TrainSettings)}
 
 
 @contextlib.contextmanager
@@ -214,6 +243,21 @@ def balanced_batches(n_pos: int, n_neg: int, batch_size: int, rng: np.random.Gen
         yield pos[s * half : (s + 1) * half], neg[s * half : (s + 1) * half]
 
 
+def mean_std(parts: list[tuple[np.ndarray, np.ndarray]], block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and (population) std of the rows ``rows`` of each ``array``, accumulated
+    in float64 over row blocks (no full-size temporary)."""
+    dim = parts[0][0].shape[1]
+    total, sq, n = np.zeros(dim), np.zeros(dim), 0
+    for array, rows in parts:
+        for s in range(0, len(rows), block):
+            x = array[rows[s : s + block]].astype(np.float64)
+            total += x.sum(0)
+            sq += np.square(x).sum(0)
+            n += len(x)
+    mean = total / n
+    return mean, np.sqrt(np.maximum(sq / n - mean**2, 0.0))
+
+
 def _balanced_eval(model: ProximityEstimator, pos: torch.Tensor, neg: torch.Tensor) -> dict:
     """Class-balanced BCE (the training objective), balanced accuracy at s=0.5, and ROC AUC."""
     from sklearn.metrics import roc_auc_score
@@ -259,12 +303,10 @@ def train_estimator(
         P, N = torch.from_numpy(np.ascontiguousarray(positives, dtype=np.float32)), torch.from_numpy(
             np.ascontiguousarray(negatives, dtype=np.float32)
         )
-        Ptr, Pval, Ntr, Nval = P[pos_tr], P[pos_val], N[neg_tr], N[neg_val]
-        train_all = torch.cat([Ptr, Ntr]).double()
-        mean, std = train_all.mean(0), train_all.std(0, unbiased=False)
-        del train_all
-        model = ProximityEstimator(dim, s.kind, s.hidden, s.dropout)
-        model.set_standardiser(mean.numpy(), std.numpy())
+        Pval, Nval = P[pos_val], N[neg_val]  # the training rows are indexed per batch, never copied
+        mean, std = mean_std([(positives, pos_tr), (negatives, neg_tr)])
+        model = ProximityEstimator(dim, s.model, s.hidden, s.dropout)
+        model.set_standardiser(mean, std)
         opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         bce = nn.functional.binary_cross_entropy_with_logits
         curve: list[dict] = []
@@ -273,8 +315,8 @@ def train_estimator(
         for epoch in range(s.max_epochs):
             model.train()
             total, steps = 0.0, 0
-            for bp, bn in balanced_batches(len(Ptr), len(Ntr), s.batch_size, rng):
-                x = torch.cat([Ptr[bp], Ntr[bn]])
+            for bp, bn in balanced_batches(len(pos_tr), len(neg_tr), s.batch_size, rng):
+                x = torch.cat([P[pos_tr[bp]], N[neg_tr[bn]]])
                 y = torch.cat([torch.ones(len(bp)), torch.zeros(len(bn))])
                 loss = bce(model(x), y)
                 opt.zero_grad(set_to_none=True)

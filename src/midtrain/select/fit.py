@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -26,56 +26,27 @@ ESTIMATOR_DIR = "estimator"
 
 
 @dataclass
-class FitConfig(StageConfig):
-    """Proximity-estimator training.
+class FitConfig(StageConfig, TrainSettings):
+    """Proximity-estimator training: the ``TrainSettings`` hyper-parameters (model, hidden,
+    dropout, batch_size, lr, weight_decay, max_epochs, patience, min_delta,
+    target_val_accuracy, val_fraction, num_threads) plus which rows to train on.
 
-    ``model``: ``linear`` (the paper's choice) or ``mlp`` with ``hidden`` widths.
-    ``batch_size``: class-balanced (half VLA, half pool). Early stopping: ``patience``
-    epochs without a ``min_delta`` improvement of the validation loss, or the validation
-    balanced accuracy reaching ``target_val_accuracy``. ``max_positives`` /
-    ``max_negatives``: seeded subsample caps (None = all rows; negatives are capped by
-    default because the pool is usually much larger than memory).
+    ``max_positives`` / ``max_negatives``: seeded subsample caps (None = all rows;
+    negatives are capped by default because the pool is usually much larger than memory).
     """
 
     features: Optional[Path] = None
     vla_sources: list[str] = field(default_factory=list)
     pool_sources: list[str] = field(default_factory=list)
-    model: Literal["linear", "mlp"] = "linear"
-    hidden: list[int] = field(default_factory=lambda: [256])
-    dropout: float = 0.0
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    max_epochs: int = 50
-    patience: int = 5
-    min_delta: float = 1e-4
-    target_val_accuracy: Optional[float] = None
-    val_fraction: float = 0.1
     max_positives: Optional[int] = None
     max_negatives: Optional[int] = 200_000
-    num_threads: int = 1
 
     def validate(self) -> None:
-        if self.batch_size < 2:
-            raise ConfigError(f"batch_size: must be >= 2 (half VLA, half pool), got {self.batch_size}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
-        if self.max_epochs < 1 or self.patience < 1:
-            raise ConfigError(f"max_epochs / patience: must be >= 1, got {self.max_epochs} / {self.patience}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        if self.target_val_accuracy is not None and not 0.0 < self.target_val_accuracy <= 1.0:
-            raise ConfigError(f"target_val_accuracy: must be in (0, 1], got {self.target_val_accuracy}")
-        if self.model == "mlp" and (not self.hidden or min(self.hidden) < 1):
-            raise ConfigError(f"hidden: model 'mlp' needs positive layer widths, got {self.hidden}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        self.check()
         for key in ("max_positives", "max_negatives"):
             v = getattr(self, key)
             if v is not None and v < 2:
                 raise ConfigError(f"{key}: must be >= 2 or null, got {v}")
-        if self.num_threads < 1:
-            raise ConfigError(f"num_threads: must be >= 1, got {self.num_threads}")
 
 
 def _subsample(rows: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -116,14 +87,8 @@ def fit_estimator(config: FitConfig, run_dir: RunDir, force: bool = False) -> Pa
                 f"got {len(positives)} and {len(negatives)}"
             )
         st.log.info("fitting %s estimator on %d VLA and %d pool rows (dim %d)", config.model, len(positives), len(negatives), fs.dim)
-        settings = TrainSettings(
-            kind=config.model, hidden=list(config.hidden), dropout=config.dropout, batch_size=config.batch_size,
-            lr=config.lr, weight_decay=config.weight_decay, max_epochs=config.max_epochs, patience=config.patience,
-            min_delta=config.min_delta, target_val_accuracy=config.target_val_accuracy,
-            val_fraction=config.val_fraction, seed=config.seed, num_threads=config.num_threads,
-        )  # fmt: skip
         with st.timed("train"):
-            model, metrics = train_estimator(positives, negatives, settings, log=st.log.info)
+            model, metrics = train_estimator(positives, negatives, config, log=st.log.info)
         provenance = {
             "feature_fingerprint": fr.fingerprint,
             "feature_dir": str(fr.root),
@@ -132,7 +97,7 @@ def fit_estimator(config: FitConfig, run_dir: RunDir, force: bool = False) -> Pa
             "vla_sources": sorted({s for s, k in fs.sources().items() if k == VLA_KIND} & set(config.vla_sources or fs.sources())),
             "pool_sources": sorted({s for s, k in fs.sources().items() if k == POOL_KIND} & set(config.pool_sources or fs.sources())),
         }
-        save_estimator(model, st.dir / ESTIMATOR_DIR, {**provenance, "metrics": metrics, "training": settings.__dict__})
+        save_estimator(model, st.dir / ESTIMATOR_DIR, {**provenance, "metrics": metrics, "training": config.training_dict()})
         st.counts["written"] = 1
         st.extra.update({"model": config.model, "dim": fs.dim, **provenance,
                          "estimator": str(st.dir / ESTIMATOR_DIR), **metrics})  # fmt: skip

@@ -128,7 +128,7 @@ def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     return shape, dtype, offset
 
 
-def stream_feature_chunks(path: Path, chunk_rows: int = 1024, release_every: int = 64 << 20) -> Iterator[tuple[int, np.ndarray]]:
+def stream_feature_chunks(path: Path, chunk_rows: int = 1024, release_every: int = 32 << 20) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(first_row, chunk)`` views ``[<=chunk_rows, d]`` of a ``.npy`` feature shard.
 
     The file is memory-mapped copy-on-write (never written back: the views are writable

@@ -30,7 +30,10 @@ import pyarrow.parquet as pq
 from ..config import ConfigError, StageConfig
 from ..runs import RunDir, SampleError, StageError, StageRun, atomic_path, stage_run, write_parquet_atomic
 from .estimator import load_estimator, read_estimator_config, torch_threads
-from .pool import POOL_KIND, VLA_KIND, FeatureRun, RowLocator, resolve_features, select_rows, shard_offsets, stream_feature_chunks
+from .pool import (
+    POOL_KIND, VLA_KIND, FeatureRun, RowLocator, npy_layout, resolve_features, select_rows, shard_offsets,
+    stream_feature_chunks,
+)  # fmt: skip
 from .scorers import FeatureScorer, MeanDistanceScorer, ProximityScorer, RandomScorer
 
 SCORES_FILE = "proximity_scores.parquet"
@@ -124,16 +127,17 @@ def build_feature_scorer(config: ScoreConfig, run_dir: RunDir, fr: FeatureRun, s
 def score_feature_shard(scorer: FeatureScorer, npy_path: Path, ids: list[str], chunk_rows: int) -> dict[str, np.ndarray]:
     """Score every row of one shard, streaming it in ``chunk_rows`` chunks."""
     n = len(ids)
-    out = {c: np.empty(n, dtype=np.float32 if c == "logit" else np.float64) for c in scorer.columns}
-    seen = 0
+    (rows, dim), _, _ = npy_layout(npy_path)
+    if rows != n:
+        raise StageError(f"{npy_path}: has {rows} rows but its ids file lists {n}; the shard is corrupt, re-run featurize")
+    expected = getattr(scorer, "dim", None)
+    if expected is not None and dim != expected:
+        raise StageError(f"{npy_path}: features have dimension {dim} but the {scorer.name} scorer expects {expected}")
+    cols = {c: np.empty(n, dtype=np.float32 if c == "logit" else np.float64) for c in scorer.columns}
     for start, chunk in stream_feature_chunks(npy_path, chunk_rows):
-        cols = scorer.score_chunk(chunk, ids[start : start + len(chunk)])
-        for c, v in cols.items():
-            out[c][start : start + len(chunk)] = v
-        seen = start + len(chunk)
-    if seen != n:
-        raise StageError(f"{npy_path}: has {seen} rows but its ids file lists {n}; the shard is corrupt, re-run featurize")
-    return out
+        end = start + len(chunk)
+        scorer.score_chunk(chunk, ids[start:end], {c: v[start:end] for c, v in cols.items()})
+    return scorer.finalize(cols)
 
 
 def _score_features(st: StageRun, config: ScoreConfig, run_dir: RunDir, fr: FeatureRun) -> None:
@@ -143,7 +147,7 @@ def _score_features(st: StageRun, config: ScoreConfig, run_dir: RunDir, fr: Feat
     scorer, provenance = build_feature_scorer(config, run_dir, fr, st.log)
     st.extra.update({**scorer.describe(), **provenance, "feature_fingerprint": fr.fingerprint,
                      "feature_dir": str(fr.root), "dim": fs.dim})  # fmt: skip
-    with torch_threads(config.num_threads):
+    with torch_threads(config.num_threads or 1):
         for i, name in enumerate(st.progress(fs.names, desc="score", unit="shard")):
             if st.shard_done(name):
                 continue
