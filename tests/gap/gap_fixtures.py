@@ -1,6 +1,8 @@
-"""Synthetic feature directories for the gap tests: Gaussian clouds per source, written as real shards.
+"""Synthetic feature directories for the gap tests (Gaussian clouds per source, written as real shards)
+and the fixtures the gap test modules import.
 
-(A uniquely named module rather than ``conftest`` so test files can import it unambiguously.)
+A uniquely named module rather than a ``conftest.py``: test modules elsewhere do
+``from conftest import ...``, which resolves to whichever ``conftest`` was imported last.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from midtrain.data.features import shard_name, write_feature_shard
 
@@ -48,3 +51,14 @@ def write_features(
         table = pa.table({"id": ids[sl], "source": srcs[sl], "kind": kinds[sl]})
         write_feature_shard(shards, shard_name(k), x[sl], table)
     return root
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    """The gap tests use small matrices: one thread avoids OpenMP spin-waiting on a shared, busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gap_fixtures import single_torch_thread  # noqa: F401 (autouse fixture)
 from scipy.spatial.distance import cdist, pdist
 
 from midtrain.gap.mmd import (

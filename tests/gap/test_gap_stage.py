@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from gap_fixtures import DIM, SOURCES, write_features
+from gap_fixtures import DIM, SOURCES, single_torch_thread, write_features  # noqa: F401 (autouse fixture)
 from PIL import Image
 from scipy.spatial.distance import pdist
 
@@ -22,6 +22,11 @@ from midtrain.runs import RunDir, SampleError, StageError
 FAST = dict(
     subsample=100, permutations=50, tsne_max_points=300, tsne_iterations=60, n_jobs=1, bandwidth_factors=[0.5, 1.0, 2.0]
 )
+
+
+@pytest.fixture(scope="module")
+def features_dir(tmp_path_factory):
+    return write_features(tmp_path_factory.mktemp("features"))
 
 
 @pytest.fixture(scope="module")
