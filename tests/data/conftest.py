@@ -67,7 +67,7 @@ def episode_arrays(e: int, T: int, cameras: dict, rng: np.random.Generator):
 CAMERAS = {"observation.images.corner": (32, 48), "observation.images.wrist": (16, 16)}
 
 
-def make_lerobot_v3(root: Path, lengths=(9, 5, 7), codec: str | None = None, crf: int = 20):
+def make_lerobot_v3(root: Path, lengths=(9, 5, 7), codec: str | None = None, crf: int = 10):
     """A v3.0 dataset written by our writer; returns the episodes' (frames, state, action, task)."""
     from midtrain.data.lerobot import LeRobotDatasetWriter
 

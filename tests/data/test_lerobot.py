@@ -55,6 +55,7 @@ def test_v30_metadata_is_lerobot_layout(lerobot_v3):
     root, episodes = lerobot_v3
     info = json.loads((root / "meta/info.json").read_text())
     assert info["codebase_version"] == "v3.0" and info["total_episodes"] == 3
+    assert info["features"]["observation.images.corner"]["info"]["video.codec"] == "h264"  # the default
     assert info["total_frames"] == 21 and info["total_tasks"] == 2 and info["splits"] == {"train": "0:3"}
     assert info["features"]["observation.images.corner"]["dtype"] == "video"
     assert info["features"]["action"]["shape"] == [3]
@@ -76,11 +77,11 @@ def test_v30_metadata_is_lerobot_layout(lerobot_v3):
     assert not list(root.rglob(".*.tmp"))
 
 
-def test_h264_videos_decode_too(tmp_path):
-    episodes = make_lerobot_v3(tmp_path / "h264", lengths=(6, 4), codec="libx264", crf=18)
-    info = json.loads((tmp_path / "h264/meta/info.json").read_text())
-    assert info["features"]["observation.images.wrist"]["info"]["video.codec"] == "h264"
-    rows = read_all(tmp_path / "h264", image_format="png")
+def test_av1_videos_decode_too(tmp_path):
+    episodes = make_lerobot_v3(tmp_path / "av1", lengths=(6, 4), codec="libsvtav1", crf=20)
+    info = json.loads((tmp_path / "av1/meta/info.json").read_text())
+    assert info["features"]["observation.images.wrist"]["info"]["video.codec"] == "av1"
+    rows = read_all(tmp_path / "av1", image_format="png")
     assert len(rows) == 10
     assert_frames_match(rows, episodes, list(CAMERAS))
 

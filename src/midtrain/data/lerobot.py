@@ -55,6 +55,7 @@ VIDEO_FILES_SIZE_MB = 500
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
 EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+DEFAULT_CRF = {"libx264": 23, "libsvtav1": 30, "libx265": 28}  # x264/x265 defaults; LeRobot's AV1 setting
 INDEX_FEATURES = {
     "timestamp": {"dtype": "float32", "shape": [1], "names": None},
     "frame_index": {"dtype": "int64", "shape": [1], "names": None},
@@ -513,10 +514,9 @@ class _VideoStream:
 
     def discard(self) -> None:
         if self.file is not None:
-            with contextlib.suppress(Exception):  # flush so the encoder shuts down cleanly
-                for packet in self.stream.encode():
-                    self.container.mux(packet)
-            self.container.close()
+            # no encoder flush here: after a failed mux SVT-AV1 can block forever in its flush
+            with contextlib.suppress(Exception):
+                self.container.close()
             self.file.discard()
             self.file = None
 
@@ -533,9 +533,12 @@ class LeRobotDatasetWriter:
                           state=state, action=action,                     # float32 [T, S], [T, A]
                           task="pick up the red block")
 
-    Frames are encoded to MP4 (default AV1 via libsvtav1 as LeRobot does, else H.264;
-    ``gop`` 2 and ``crf`` as in LeRobot's encoder for fast random access), many episodes
-    per file. ``meta/info.json``, ``tasks.parquet``, episode metadata with per-episode
+    Frames are encoded to MP4, many episodes per file, with ``gop`` 2 as LeRobot's encoder
+    does for fast random access. The default codec is H.264 (``libx264``, crf 23): every
+    decoder (torchcodec, torchvision, PyAV) reads it, and here it encodes faster than AV1.
+    ``video_codec="libsvtav1"`` gives LeRobot's own default, AV1 at crf 30 (smaller files;
+    in a stress run SVT-AV1 once failed a mux under heavy CPU contention, so it is opt-in).
+    ``meta/info.json``, ``tasks.parquet``, episode metadata with per-episode
     stats, and ``meta/stats.json`` are written when the ``with`` block ends; data and
     video files are renamed into place when complete. If the block raises, temporary
     files are removed and no ``info.json`` is written, so a half-written dataset is never
@@ -553,7 +556,7 @@ class LeRobotDatasetWriter:
         state_names: Optional[list[str]] = None,
         action_names: Optional[list[str]] = None,
         video_codec: Optional[str] = None,
-        crf: int = 30,
+        crf: Optional[int] = None,
         gop: int = 2,
         data_file_mb: int = DATA_FILES_SIZE_MB,
         video_file_mb: int = VIDEO_FILES_SIZE_MB,
@@ -569,8 +572,8 @@ class LeRobotDatasetWriter:
         for name, names, dim in (("state_names", state_names, state_dim), ("action_names", action_names, action_dim)):
             if names is not None and len(names) != dim:
                 raise ValueError(f"{name}: {len(names)} names for dimension {dim}")
-        if video_codec is None:
-            video_codec = "libsvtav1" if "libsvtav1" in av.codecs_available else "libx264"
+        video_codec = video_codec or "libx264"
+        crf = crf if crf is not None else DEFAULT_CRF.get(video_codec, 23)
         try:
             av.codec.Codec(video_codec, "w")
         except Exception:
