@@ -92,6 +92,7 @@ def test_empty_dataset(tmp_path, fmt, content):
     assert [(e["reason"], e["where"]) for e in errors] == [("empty dataset", str(path))]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["skipped"] == {"empty dataset": 1} and manifest["num_rows"] == 6
+    assert manifest["sources"]["empty"] | {"read": 0, "written": 0, "skipped": 1, "parts": 0} == manifest["sources"]["empty"]
     # nothing at all to write is an error even when skipping
     shutil.rmtree(tmp_path / "run")
     with pytest.raises(StageError, match="no samples were written"):

@@ -183,31 +183,27 @@ def _build_source(st: StageRun, cfg: CatalogConfig, src: DatasetSource, index: i
 
     seed = src.seed if src.seed is not None else cfg.seed
     st.current_shard = _part_name(src.name, part)
-    try:
-        reader = open_reader(src, seed)
-        selection, total = reader.selection(start)
-    except SampleError as err:
-        st.handle(err)
-        reader, selection, total = None, None, None
-    if reader is not None:
-        items = ((selection.position(r), item) for r, item in reader.records(selection))
-        with st.timed(f"read:{src.name}"), st.progress(
-            total=selection.expected(total), desc=f"catalog {src.name}", unit="sample"
-        ) as bar:
-            while True:
-                name = _part_name(src.name, part)
-                st.current_shard = name
-                info, exhausted = _write_part(st, cfg, src, items, part, bar)
-                if info["rows"] or info["read"]:
-                    st.mark_shard_done(name, info)
-                    tally.add(info)
-                if exhausted:
-                    break
-                part += 1
+    reader = open_reader(src, seed)
+    selection, total = reader.selection(start)
+    items = ((selection.position(r), item) for r, item in reader.records(selection))
+    with st.timed(f"read:{src.name}"), st.progress(
+        total=selection.expected(total), desc=f"catalog {src.name}", unit="sample"
+    ) as bar:
+        while True:
+            name = _part_name(src.name, part)
+            st.current_shard = name
+            info, exhausted = _write_part(st, cfg, src, items, part, bar)
+            if info["rows"] or info["read"]:
+                st.mark_shard_done(name, info)
+                tally.add(info)
+            if exhausted:
+                break
+            part += 1
 
     st.current_shard = complete
     if tally.read == 0:
         st.skip("empty dataset", str(src.path), f"source {src.name!r} ({src.format}) has no samples")
+        tally.skipped += 1
     if src.format != "lerobot":
         _check_unique_ids(st.dir / src.name, src, index)
     info = {"read": tally.read, "written": tally.written, "skipped": tally.skipped, "parts": tally.parts}
