@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import llava_records, write_png
+from catalog_fixtures import llava_records, write_png
 
 from midtrain.cli import run_stage
 from midtrain.config import ConfigError

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import llava_records
+from catalog_fixtures import llava_records
 
 import midtrain.data.build as build
 from midtrain.cli import run_stage

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import CAMERAS, FPS, make_lerobot_v3, make_lerobot_v21
+from catalog_fixtures import CAMERAS, FPS, make_lerobot_v3, make_lerobot_v21
 
 from midtrain.data.images import load_image
 from midtrain.data.lerobot import LeRobotDatasetWriter, LeRobotReader, action_chunks
@@ -153,7 +153,7 @@ def test_writer_validates_inputs_and_aborts_cleanly(tmp_path):
 
 def test_video_frames_seek_backward_and_across_gaps(tmp_path):
     """Nearest-frame lookup stays right when requests jump back or far ahead (keyframe seeks)."""
-    from conftest import encode_video
+    from catalog_fixtures import encode_video
 
     from midtrain.data.lerobot import VideoFrames
 

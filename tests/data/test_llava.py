@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_png
+from catalog_fixtures import write_png
 
 from midtrain.data.images import load_image
 from midtrain.data.llava import LlavaJsonlReader, LlavaJsonReader, normalize_conversation, write_llava_json

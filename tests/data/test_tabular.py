@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_png
+from catalog_fixtures import write_png
 from PIL import Image
 
 from midtrain.data.images import load_image
