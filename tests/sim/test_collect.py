@@ -110,3 +110,18 @@ def test_no_successful_episode_fails_the_stage_and_reports_rates(tmp_path):
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(SimCollectConfig, overrides=[override])
+
+
+def test_an_interrupted_collection_starts_the_dataset_over(tmp_path):
+    config = SimCollectConfig(tasks=["reach-v3"], episodes_per_task=1, max_steps=100, width=32, height=32, workers=1)
+    out = collect_robot_corpus(config, RunDir(tmp_path))
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["status"] = "running"  # as if killed mid-way, leaving a partial dataset behind
+    manifest_path.write_text(json.dumps(manifest))
+    (out / "lerobot" / "meta" / "info.json").unlink()
+    (out / "lerobot" / "data" / "chunk-000" / ".file-000.parquet.tmp").write_bytes(b"partial")
+    collect_robot_corpus(config, RunDir(tmp_path))
+    assert json.loads(manifest_path.read_text())["status"] == "complete"
+    assert json.loads((out / "lerobot" / "meta" / "info.json").read_text())["total_episodes"] == 1
+    assert not list((out / "lerobot").rglob("*.tmp"))

@@ -110,3 +110,21 @@ def test_every_v3_task_has_an_instruction_and_an_expert():
 
     assert set(TASK_INSTRUCTIONS) == set(ALL_V3_ENVIRONMENTS)
     assert set(TASK_INSTRUCTIONS) <= set(ENV_POLICY_MAP)
+
+
+def test_gl_backend_falls_back_to_osmesa_and_names_packages_when_none_works(monkeypatch):
+    from midtrain.sim import metaworld_env
+
+    monkeypatch.delenv("MUJOCO_GL", raising=False)
+    monkeypatch.delenv("PYOPENGL_PLATFORM", raising=False)
+    monkeypatch.setattr(metaworld_env, "_MUJOCO_IMPORTED_WITHOUT_BACKEND", False)
+    monkeypatch.setattr(metaworld_env, "_gl_backend_works", lambda backend: backend == "osmesa")
+    assert metaworld_env.ensure_gl_backend() == "osmesa"
+    assert metaworld_env.os.environ["MUJOCO_GL"] == "osmesa"
+
+    monkeypatch.delenv("MUJOCO_GL")
+    monkeypatch.setattr(metaworld_env, "_gl_backend_works", lambda backend: False)
+    with pytest.raises(StageError, match="libegl1.*libosmesa6"):
+        metaworld_env.ensure_gl_backend()
+    monkeypatch.setenv("MUJOCO_GL", "egl")  # a user's choice is kept without probing
+    assert metaworld_env.ensure_gl_backend() == "egl"

@@ -7,12 +7,15 @@ step records the upright camera frame, the proprioceptive state (hand xyz, gripp
 and the executed action; only successful episodes are written, and the per-task success
 rate goes into the manifest. Episodes are rendered in parallel worker processes; each
 episode's seed depends only on (seed, task, episode index), so the dataset is the same
-whatever the number of workers.
+whatever the number of workers. An interrupted run starts the dataset over (a LeRobot
+dataset is written in one pass).
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +59,10 @@ class SimCollectConfig(StageConfig):
             raise ConfigError("tasks: at least one Meta-World task is needed")
         unknown = [t for t in self.tasks if t not in TASK_INSTRUCTIONS]
         if unknown:
-            raise ConfigError(
-                f"tasks: unknown Meta-World v3 task {unknown[0]!r}; known tasks: {', '.join(sorted(TASK_INSTRUCTIONS))}"
-            )
+            close = difflib.get_close_matches(unknown[0], TASK_INSTRUCTIONS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            known = ", ".join(sorted(TASK_INSTRUCTIONS))
+            raise ConfigError(f"tasks: unknown Meta-World v3 task {unknown[0]!r}; {hint}known tasks: {known}")
         if len(set(self.tasks)) != len(self.tasks):
             repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
             raise ConfigError(f"tasks: listed more than once: {repeated}")
@@ -126,6 +130,10 @@ def collect_robot_corpus(config: SimCollectConfig, run_dir: RunDir, force: bool 
             for i in range(config.episodes_per_task)
         ]  # fmt: skip
         camera_key = f"observation.images.{config.camera}"
+        dataset_dir = st.dir / DATASET_DIR
+        if dataset_dir.exists():  # an interrupted attempt: the writer cannot append, so start over
+            st.log.info("removing the incomplete dataset of an interrupted run: %s", dataset_dir)
+            shutil.rmtree(dataset_dir)
         per_task = {t: {"episodes": 0, "succeeded": 0, "steps_of_successes": []} for t in config.tasks}
         frames_rendered, render_seconds, fps = 0, 0.0, None
         st.log.info(
@@ -155,7 +163,7 @@ def collect_robot_corpus(config: SimCollectConfig, run_dir: RunDir, force: bool 
 
                         fps = ep.fps
                         writer = stack.enter_context(LeRobotDatasetWriter(
-                            st.dir / DATASET_DIR, fps=fps, robot_type="sawyer",
+                            dataset_dir, fps=fps, robot_type="sawyer",
                             cameras={camera_key: (config.height, config.width)}, state_dim=len(STATE_NAMES),
                             action_dim=len(ACTION_NAMES), state_names=STATE_NAMES, action_names=ACTION_NAMES,
                             video_codec=config.video_codec,

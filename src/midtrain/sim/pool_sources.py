@@ -508,6 +508,7 @@ def chart_qa_sample(rng: np.random.Generator, size: int) -> PoolSample:
         ax.bar_label(bars, fontsize=font)
     elif kind == "line":
         ax.plot(labels, values, marker="o", color=colour, linewidth=1)
+        ax.tick_params(axis="x", labelrotation=45)
         for x, v in zip(labels, values):
             ax.annotate(str(v), (x, v), fontsize=font, ha="center", va="bottom")
     else:
