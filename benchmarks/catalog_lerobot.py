@@ -46,6 +46,7 @@ def build_dataset(root: Path, episodes: int, length: int, hw: tuple[int, int]) -
 def per_frame_seek_baseline(root: Path) -> list[bytes]:
     """Seek + decode-to-timestamp for every frame (one open container per file, as a worker would keep)."""
     import av
+    import av.video.reformatter
     import pyarrow.parquet as pq
 
     eps = pq.read_table(next((root / "meta/episodes").glob("*/*.parquet"))).to_pylist()
@@ -53,6 +54,7 @@ def per_frame_seek_baseline(root: Path) -> list[bytes]:
     starts = {e["episode_index"]: e[f"videos/{CAMERA}/from_timestamp"] for e in eps}
     path = next((root / "videos" / CAMERA).glob("*/*.mp4"))
     out = []
+    rgb = av.video.reformatter.VideoReformatter()  # the same fast RGB conversion as the reader
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         for row in data:
@@ -64,7 +66,7 @@ def per_frame_seek_baseline(root: Path) -> list[bytes]:
                     best = frame
                 if frame.time >= t - 1e-6:
                     break
-            out.append(encode_image(best.to_ndarray(format="rgb24"), "JPEG"))
+            out.append(encode_image(rgb.reformat(best, format="rgb24").to_ndarray(), "JPEG"))
     return out
 
 
