@@ -176,3 +176,11 @@ def test_perplexity_scorers_require_their_models():
         load_config(ScoreConfig, None, ["scorer=vla_perplexity"])
     with pytest.raises(ConfigError, match="base_model"):
         load_config(ScoreConfig, None, ["scorer=delta_perplexity", "vla_model=/m"])
+
+
+def test_an_empty_pool_is_a_clear_error(tmp_path):
+    run = RunDir(tmp_path / "run")
+    _, _, vla = gaussian_features(0, 0, 30, 8)
+    write_features(run, [("robot", "vla", vla)], config=FakeFeaturizeConfig(dim=8))
+    with pytest.raises(StageError, match=r"the VLM pool \(kind 'vlm'\) set is empty; sources in this feature run: robot \(vla\)"):
+        score_pool(ScoreConfig(scorer="random"), run)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..data.features import FeatureSet, open_features
@@ -81,12 +82,9 @@ class RowLocator:
         return str(self.fs.ids(name).column("id")[local])
 
 
-def select_rows(fs: FeatureSet, kind: str, sources: list[str] | tuple[str, ...] = ()) -> np.ndarray:
-    """Global rows of ``kind`` (``vlm`` pool or ``vla`` target), restricted to ``sources`` if given.
-
-    Raises StageError naming the known sources when a requested source is absent or of
-    the other kind, and when no row matches.
-    """
+def check_sources(fs: FeatureSet, kind: str, sources: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``{source: kind}`` of the feature run; StageError naming the known sources when a
+    requested source is absent or of the other kind."""
     known = fs.sources()
     for src in sources:
         if src not in known:
@@ -96,23 +94,41 @@ def select_rows(fs: FeatureSet, kind: str, sources: list[str] | tuple[str, ...] 
             )
         if known[src] != kind:
             raise StageError(f"{fs.root}: source {src!r} has kind {known[src]!r}, not {kind!r}")
+    return known
+
+
+def rows_mask(ids: pa.Table, kind: str, sources: list[str] | tuple[str, ...] = ()) -> np.ndarray:
+    """Boolean mask of the rows of one shard's ids table that have ``kind`` (and one of ``sources``)."""
+    mask = np.asarray(ids.column("kind").to_numpy(zero_copy_only=False) == kind)
+    if sources:
+        mask &= np.isin(ids.column("source").to_numpy(zero_copy_only=False), list(sources))
+    return mask
+
+
+def empty_set_error(fs: FeatureSet, kind: str, sources: list[str] | tuple[str, ...] = ()) -> StageError:
+    what = "VLA (kind 'vla')" if kind == VLA_KIND else "VLM pool (kind 'vlm')"
+    restrict = f" among sources {sorted(sources)}" if sources else ""
+    return StageError(
+        f"{fs.root}: the {what} set is empty{restrict}; sources in this feature run: "
+        f"{', '.join(f'{s} ({k})' for s, k in sorted(fs.sources().items())) or '(none)'}"
+    )
+
+
+def select_rows(fs: FeatureSet, kind: str, sources: list[str] | tuple[str, ...] = ()) -> np.ndarray:
+    """Global rows of ``kind`` (``vlm`` pool or ``vla`` target), restricted to ``sources`` if given.
+
+    Raises StageError naming the known sources when a requested source is absent or of
+    the other kind, and when no row matches.
+    """
+    check_sources(fs, kind, sources)
     offsets = shard_offsets(fs)
     out = []
-    wanted = set(sources)
     for i, name in enumerate(fs.names):
         t = pq.read_table(fs.shards_dir / f"{name}.ids.parquet", columns=["source", "kind"])
-        mask = np.asarray(t.column("kind").to_numpy(zero_copy_only=False) == kind)
-        if wanted:
-            mask &= np.isin(t.column("source").to_numpy(zero_copy_only=False), list(wanted))
-        out.append(np.flatnonzero(mask) + offsets[i])
+        out.append(np.flatnonzero(rows_mask(t, kind, sources)) + offsets[i])
     rows = np.concatenate(out) if out else np.empty(0, np.int64)
     if len(rows) == 0:
-        what = "VLA (kind 'vla')" if kind == VLA_KIND else "VLM pool (kind 'vlm')"
-        restrict = f" among sources {sorted(wanted)}" if wanted else ""
-        raise StageError(
-            f"{fs.root}: the {what} set is empty{restrict}; sources in this feature run: "
-            f"{', '.join(f'{s} ({k})' for s, k in sorted(known.items())) or '(none)'}"
-        )
+        raise empty_set_error(fs, kind, sources)
     return rows.astype(np.int64)
 
 

@@ -31,8 +31,8 @@ from ..config import ConfigError, StageConfig
 from ..runs import RunDir, SampleError, StageError, StageRun, atomic_path, stage_run, write_parquet_atomic
 from .estimator import load_estimator, read_estimator_config, torch_threads
 from .pool import (
-    POOL_KIND, VLA_KIND, FeatureRun, RowLocator, npy_layout, resolve_features, select_rows, shard_offsets,
-    stream_feature_chunks,
+    POOL_KIND, VLA_KIND, FeatureRun, RowLocator, check_sources, empty_set_error, npy_layout, resolve_features, rows_mask,
+    select_rows, stream_feature_chunks,
 )  # fmt: skip
 from .scorers import FeatureScorer, MeanDistanceScorer, ProximityScorer, RandomScorer
 
@@ -142,19 +142,17 @@ def score_feature_shard(scorer: FeatureScorer, npy_path: Path, ids: list[str], c
 
 def _score_features(st: StageRun, config: ScoreConfig, run_dir: RunDir, fr: FeatureRun) -> None:
     fs = fr.features
-    pool_rows = select_rows(fs, POOL_KIND, config.pool_sources)
-    offsets = shard_offsets(fs)
+    check_sources(fs, POOL_KIND, config.pool_sources)
     scorer, provenance = build_feature_scorer(config, run_dir, fr, st.log)
     st.extra.update({**scorer.describe(), **provenance, "feature_fingerprint": fr.fingerprint,
                      "feature_dir": str(fr.root), "dim": fs.dim})  # fmt: skip
     with torch_threads(config.num_threads or 1):
-        for i, name in enumerate(st.progress(fs.names, desc="score", unit="shard")):
+        for name in st.progress(fs.names, desc="score", unit="shard"):
             if st.shard_done(name):
                 continue
             st.current_shard = name
-            lo, hi = np.searchsorted(pool_rows, [offsets[i], offsets[i + 1]])
-            local = pool_rows[lo:hi] - offsets[i]
             ids_table = fs.ids(name)
+            local = np.flatnonzero(rows_mask(ids_table, POOL_KIND, config.pool_sources))
             if len(local):
                 ids = ids_table.column("id").to_pylist()
                 with st.timed("score"):
@@ -172,6 +170,8 @@ def _score_features(st: StageRun, config: ScoreConfig, run_dir: RunDir, fr: Feat
                 table = None
             _write_part(st, name, table, read=len(local))
     st.current_shard = None
+    if not any(st.shard_info(n)["read"] for n in fs.names):
+        raise empty_set_error(fs, POOL_KIND, config.pool_sources)
 
 
 # --------------------------------------------------------------------------- catalog scorers

@@ -100,19 +100,23 @@ class SelectConfig(StageConfig):
 # --------------------------------------------------------------------------- inputs
 
 
-def read_scores(scores_path: Path) -> tuple[pa.Table, dict]:
-    """The score table and its producing stage's manifest (scorer, order column, fingerprints)."""
+def read_score_manifest(scores_path: Path) -> dict:
+    """The manifest of the stage that wrote ``scores_path`` (scorer, order column, fingerprints)."""
     if not scores_path.exists():
         raise StageError(f"{scores_path}: score file not found; run `midtrain score` first")
     manifest_path = scores_path.parent / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    return json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+
+
+def read_scores(scores_path: Path, manifest: dict) -> pa.Table:
+    """The score table, checked for the columns selection needs; sets ``manifest["order_column"]``."""
     table = pq.read_table(scores_path)
     order_col = manifest.get("order_column", "logit" if "logit" in table.column_names else "score")
     for col in ("id", "source", "score", order_col):
         if col not in table.column_names:
             raise StageError(f"{scores_path}: missing column {col!r} (has {table.column_names}); not a midtrain score file")
-    manifest.setdefault("order_column", order_col)
-    return table, manifest
+    manifest["order_column"] = order_col
+    return table
 
 
 def check_same_feature_run(score_manifest: dict, scores_path: Path, fr: FeatureRun) -> None:
@@ -261,7 +265,7 @@ def duplicate_mask(digests_in_order: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def select_mixture(config: SelectConfig, run_dir: RunDir, force: bool = False) -> Path:
     scores_path = Path(config.scores) if config.scores is not None else run_dir.require("score") / SCORES_FILE
-    table, score_manifest = read_scores(scores_path)
+    score_manifest = read_score_manifest(scores_path)
     fr = None
     if config.features is not None or run_dir.manifest("featurize") is not None:
         fr = resolve_features(config.features, run_dir)
@@ -276,12 +280,13 @@ def select_mixture(config: SelectConfig, run_dir: RunDir, force: bool = False) -
     with stage_run(run_dir, "select", config, inputs=inputs, force=force) as st:
         if st.skipped_as_complete:
             return st.dir
+        table = read_scores(scores_path, score_manifest)
         result = _select(st, config, table, score_manifest, scores_path, catalog_dir)
         if config.report:
             from .selection_report import write_selection_report
 
             with st.timed("report"):
-                metrics = write_selection_report(st, config, result, fr, catalog_dir, run_dir)
+                metrics = write_selection_report(st, config, result, fr, catalog_dir)
         else:
             metrics = result.summary()
         write_json_atomic(st.dir / METRICS_FILE, metrics)

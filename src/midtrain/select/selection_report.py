@@ -30,7 +30,7 @@ import torch
 from ..data.catalog import iter_catalog
 from ..data.features import FeatureSet
 from ..data.images import load_image
-from ..runs import RunDir, SampleError, StageError, StageRun, write_json_atomic
+from ..runs import SampleError, StageError, StageRun, write_json_atomic
 from .pool import VLA_KIND, FeatureRun, select_rows
 
 TEXT_CHARS = 1000
@@ -263,7 +263,7 @@ def write_gallery(st: StageRun, config, result, catalog_dir: Path | None, report
 # --------------------------------------------------------------------------- entry point
 
 
-def write_selection_report(st: StageRun, config, result, fr: FeatureRun | None, catalog_dir: Path | None, run_dir: RunDir) -> dict:
+def write_selection_report(st: StageRun, config, result, fr: FeatureRun | None, catalog_dir: Path | None) -> dict:
     report_dir = st.dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     metrics = result.summary()
