@@ -104,6 +104,18 @@ def build_run(tmp_path, n_near=150, n_far=250, n_vla=200, dim=16, image_files: b
     return run
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models and matrices: one intra-op thread is as fast, and does not collapse when
+    other processes share the cores (restored after each module)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def synthetic_run(tmp_path):
     return build_run(tmp_path)
