@@ -2,9 +2,9 @@
 
 - states: one scripted pick-place-v3 episode, recorded once; every configuration renders the
   same sequence of states (qpos/qvel/mocap replayed, ``mj_forward``), ``corner`` camera.
-- baseline: ``mujoco.Renderer`` with MuJoCo's default scene flags (shadows and reflections on),
+- baseline: ``mujoco.Renderer`` with MuJoCo's default scene flags (shadows, reflections and 4x multisampling on),
   what ``gymnasium``'s MuJoCo renderer draws.
-- midtrain: ``CameraView`` (shadows and reflections off, upright image), llvmpipe with its
+- midtrain: ``CameraView`` (shadows, reflections and 4x multisampling off, upright image), llvmpipe with its
   default thread count, one process.
 - parallel: the same frames split over ``--workers`` spawned processes, each llvmpipe limited
   to its share of the cores, as ``sim collect`` runs; frames per wall-clock second including
@@ -102,8 +102,8 @@ def main() -> None:
     ours_s = render_states(states, args.size, default_flags=False)
     fps_base, fps_ours = frames / base_s, frames / ours_s
     print(f"render {args.size}x{args.size}, {frames} frames, MUJOCO_GL={backend}, {os.cpu_count()} cores")
-    print(f"  MuJoCo default flags (shadows, reflections): {fps_base:7.1f} frames/s")
-    print(f"  midtrain CameraView (both off, upright):     {fps_ours:7.1f} frames/s   x{fps_ours / fps_base:.2f}")
+    print(f"  MuJoCo defaults (shadows, reflections, MSAA): {fps_base:7.1f} frames/s")
+    print(f"  midtrain CameraView (all three off, upright): {fps_ours:7.1f} frames/s   x{fps_ours / fps_base:.2f}")
 
     jobs = [(seed, args.size, max(20, frames // 2)) for seed in range(2 * args.workers)]
     t0 = time.perf_counter()

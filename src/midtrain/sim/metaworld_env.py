@@ -2,8 +2,9 @@
 CPU rendering, scripted expert policies and one natural-language instruction per task.
 
 Rendering goes through ``mujoco.Renderer`` on the environment's own model (not the gymnasium
-render path) so that we control the scene: shadows are off (about 4x faster on llvmpipe) and so
-are mirror reflections (another ~25%), the
+render path) so that we control the scene: shadows are off (about 4x faster on llvmpipe), and
+so are mirror reflections (another ~25%) and 4x multisampling (another ~2x; edges are a little
+aliased), the
 Meta-World ``corner*`` cameras - which are mounted upside down - are turned upright, and the
 same camera can project world points to pixels (:meth:`CameraView.project`) and render a
 segmentation image to check them.
@@ -236,7 +237,8 @@ def make_policy(task: str, kind: PolicyKind, seed: int) -> Callable[[np.ndarray]
 
 
 class CameraView:
-    """Upright offscreen renders of one named camera of a MuJoCo model, shadows and reflections off.
+    """Upright offscreen renders of one named camera of a MuJoCo model; shadows, reflections and
+    multisampling off.
 
     ``rgb(data)`` -> uint8 [H, W, 3]; ``segmentation(data)`` -> int32 [H, W] geom ids (-1 where
     no geom); ``project(data, points)`` -> float [N, 2] pixel coordinates (x right, y down, in
@@ -258,6 +260,7 @@ class CameraView:
         self.upside_down = camera in UPSIDE_DOWN_CAMERAS
         model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
         model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
+        model.vis.quality.offsamples = 0  # no multisampling: read when the offscreen buffer is made
         try:
             self.renderer = mujoco.Renderer(model, self.height, self.width)
         except Exception as exc:  # GL context creation fails with backend-specific types
