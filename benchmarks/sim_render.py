@@ -6,9 +6,10 @@
   what ``gymnasium``'s MuJoCo renderer draws.
 - midtrain: ``CameraView`` (shadows, reflections and 4x multisampling off, upright image), llvmpipe with its
   default thread count, one process.
-- parallel: the same frames split over ``--workers`` spawned processes, each llvmpipe limited
-  to its share of the cores, as ``sim collect`` runs; frames per wall-clock second including
-  process start-up, against one process rendering all of them.
+- parallel: ``2 x --workers`` episodes of ``--frames`` steps (simulate + render), run by
+  ``--workers`` spawned processes with llvmpipe limited to their share of the cores, as ``sim
+  collect`` runs them; frames per wall-clock second including process start-up, against one
+  process running all of them.
 
 Rendering is CPU-bound (llvmpipe); figures depend on the machine and on its load. The last
 line printed is one JSON object with the figures.
@@ -105,7 +106,7 @@ def main() -> None:
     print(f"  MuJoCo defaults (shadows, reflections, MSAA): {fps_base:7.1f} frames/s")
     print(f"  midtrain CameraView (all three off, upright): {fps_ours:7.1f} frames/s   x{fps_ours / fps_base:.2f}")
 
-    jobs = [(seed, args.size, max(20, frames // 2)) for seed in range(2 * args.workers)]
+    jobs = [(seed, args.size, frames) for seed in range(2 * args.workers)]
     t0 = time.perf_counter()
     serial_frames = sum(map(_episode_frames, jobs))
     serial_s = time.perf_counter() - t0

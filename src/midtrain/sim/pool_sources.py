@@ -24,6 +24,8 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..runs import StageError
+
 SOURCES: tuple[str, ...] = ("spatial_pointing", "captions", "book_covers", "chart_qa", "counting")
 SOURCE_DESCRIPTIONS = {
     "spatial_pointing": "embodied-oriented spatial QA and pointing on rendered Meta-World tabletop scenes",
@@ -83,11 +85,16 @@ def spatial_pointing_sample(rng: np.random.Generator, renderer: Any) -> PoolSamp
     render shows the object under that pixel; relations use image x (left/right) or 3D
     distances (closest to the gripper, how far apart), with margins so answers are unambiguous.
     """
-    while True:
+    for _ in range(50):
         scene = renderer.render(rng)
         visible = scene.visible_objects()
         if visible:
             break
+    else:
+        raise StageError(
+            f"camera {renderer.view.camera!r} showed no table object in 50 random scenes; "
+            "use a camera that sees the table (corner, corner2, corner3, topview)"
+        )
     w, h = scene.width, scene.height
     kinds = ["point", "locate", "closest_to_gripper", "left_of", "extreme", "distance", "count", "point_shape"]
     for _ in range(20):
@@ -115,7 +122,7 @@ def _spatial_turn(kind: str, rng, scene, visible, w: int, h: int) -> tuple[str, 
     if kind == "closest_to_gripper":
         dist = np.array([np.linalg.norm(o.position - scene.gripper_position) for o in objects])
         order = np.argsort(dist)
-        if len(objects) > 1 and dist[order[1]] - dist[order[0]] < 0.03:
+        if len(objects) > 1 and dist[order[1]] - dist[order[0]] < 0.03 or not objects[order[0]].pointable:
             return None
         q = _pick(rng, ["Which object is closest to the robot gripper?", "Which object is nearest to the gripper?"])
         return q, f"The {objects[order[0]].name}."
@@ -140,12 +147,12 @@ def _spatial_turn(kind: str, rng, scene, visible, w: int, h: int) -> tuple[str, 
             return None
         return f"Which object on the table is farthest to the {side} in the image?", f"The {visible[order[0]].name}."
     if kind == "distance":
-        if len(objects) < 2:
+        if len(visible) < 2:
             return None
-        i, j = rng.choice(len(objects), size=2, replace=False)
-        d = np.linalg.norm(objects[i].position[:2] - objects[j].position[:2])
+        i, j = rng.choice(len(visible), size=2, replace=False)
+        d = np.linalg.norm(visible[i].position[:2] - visible[j].position[:2])
         return (
-            f"How far apart are the {objects[i].name} and the {objects[j].name}?",
+            f"How far apart are the {visible[i].name} and the {visible[j].name}?",
             f"About {int(round(100 * d))} centimeters.",
         )
     if kind == "count":
