@@ -41,7 +41,8 @@ class SimCollectConfig(StageConfig):
 
     ``policy``: ``expert`` (the scripted Meta-World policy) for a corpus; ``random`` and
     ``zero`` are baselines that (almost) never succeed. ``video_codec``: an encoder PyAV
-    has (default: AV1 if available, else H.264, as the LeRobot writer picks).
+    has (default: the LeRobot writer's choice). ``workers``: rendering processes (0 or 1:
+    this process; more: spawned, see ``midtrain.sim.parallel``).
     """
 
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))

@@ -3,6 +3,9 @@
 Workers are started with ``spawn`` (never ``fork``): a forked child would inherit the parent's
 imported MuJoCo/GL state. Each worker renders with llvmpipe limited to its share of the CPU
 cores, so ``workers`` processes do not oversubscribe the machine.
+
+As with any ``spawn`` pool, a Python script that calls a stage with ``workers > 1`` must
+guard its entry point with ``if __name__ == "__main__":`` (the ``midtrain`` CLI does).
 """
 
 from __future__ import annotations

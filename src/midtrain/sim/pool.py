@@ -42,7 +42,8 @@ class SimPoolConfig(StageConfig):
     ``samples_per_source`` applies to every source unless ``source_sizes`` names it.
     ``image_size``: side in pixels (book covers and documents are 3:4 portrait of that height).
     ``camera`` and ``max_objects`` shape the spatial scenes; keep ``camera`` equal to
-    ``sim collect``'s so the embodied source looks like the robot frames.
+    ``sim collect``'s so the embodied source looks like the robot frames. ``workers``:
+    generating processes (0 or 1: this process), each given ``samples_per_job`` samples at a time.
     """
 
     sources: list[str] = field(default_factory=lambda: list(SOURCES))
