@@ -89,36 +89,18 @@ def plot_feature_map(coords: np.ndarray, sources: Sequence[str], kinds: dict[str
     sources = np.asarray(sources)
     fig = _new_figure(9.0, 7.0)
     ax = fig.add_subplot(1, 1, 1)
-    vlm = [s for s in kinds if kinds[s] != "vla"]
-    vla = [s for s in kinds if kinds[s] == "vla"]
-    muted = matplotlib.colormaps["tab20"]
-    strong = matplotlib.colormaps["Set1"]
-    for i, source in enumerate(vlm):
-        sel = sources == source
-        ax.scatter(
-            coords[sel, 0],
-            coords[sel, 1],
-            s=5,
-            alpha=0.5,
-            color=muted((2 * i) % 20),
-            linewidths=0,
-            label=f"{source} (VLM)",
-            rasterized=True,
-        )
-    for i, source in enumerate(vla):
-        sel = sources == source
-        ax.scatter(
-            coords[sel, 0],
-            coords[sel, 1],
-            s=16,
-            alpha=0.9,
-            color=strong(i % 9),
-            marker="^",
-            edgecolors="black",
-            linewidths=0.3,
-            label=f"{source} (VLA)",
-            rasterized=True,
-        )
+    muted, strong = matplotlib.colormaps["tab20"], matplotlib.colormaps["Set1"]
+    vlm_style = dict(s=5, alpha=0.5, linewidths=0)
+    vla_style = dict(s=16, alpha=0.9, marker="^", edgecolors="black", linewidths=0.3)
+    groups = [  # VLM (and any other kind) muted and underneath, VLA on top: large outlined triangles
+        ([s for s in kinds if kinds[s] != "vla"], "VLM", lambda i: muted((2 * i) % 20), vlm_style),
+        ([s for s in kinds if kinds[s] == "vla"], "VLA", lambda i: strong(i % 9), vla_style),
+    ]
+    for members, group, colour, style in groups:
+        for i, source in enumerate(members):
+            sel = sources == source
+            label = f"{source} ({group})"
+            ax.scatter(coords[sel, 0], coords[sel, 1], color=colour(i), label=label, rasterized=True, **style)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=10)
