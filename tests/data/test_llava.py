@@ -128,6 +128,11 @@ def test_write_then_read_gives_the_same_samples(llava_dir, tmp_path, suffix, mod
             assert np.array_equal(np.asarray(load_image(ra)), np.asarray(load_image(rb)))
     if mode == "link":
         assert any(p.is_symlink() for p in (tmp_path / "export" / "images").iterdir())
+    if mode != "reference":  # records point into the export's own images/ folder, links included
+        text = out.read_text()
+        records = [json.loads(line) for line in text.splitlines()] if suffix == ".jsonl" else json.loads(text)
+        paths = [p for rec in records for p in ([rec["image"]] if "image" in rec else rec.get("images", []))]
+        assert paths and all(p.startswith("images/") for p in paths)
     info = json.loads((out.parent / "dataset_info.json").read_text())
     assert info["mix"]["formatting"] == "sharegpt" and info["mix"]["file_name"] == out.name
     if suffix == ".json":

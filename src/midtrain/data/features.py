@@ -75,8 +75,8 @@ class FeatureSet:
         out: dict[str, str] = {}
         for name in self.names:
             t = pq.read_table(self.shards_dir / f"{name}.ids.parquet", columns=["source", "kind"])
-            for s, k in zip(t.column("source").to_pylist(), t.column("kind").to_pylist()):
-                out.setdefault(s, k)
+            for row in t.group_by(["source", "kind"]).aggregate([]).to_pylist():  # distinct pairs, not rows
+                out.setdefault(row["source"], row["kind"])
         return out
 
     def rows_of(self, source: str | None = None, kind: str | None = None) -> np.ndarray:

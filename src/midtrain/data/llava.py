@@ -298,7 +298,7 @@ def write_llava_json(
     if image_mode not in ("copy", "link", "reference"):
         raise ValueError(f"image_mode: expected 'copy', 'link' or 'reference', got {image_mode!r}")
     jsonl = out_path.suffix == ".jsonl"
-    base = out_path.parent.resolve()
+    base = out_path.parent.absolute()
     image_dir.mkdir(parents=True, exist_ok=True)
     counts = {"records": 0, "images": 0}
 
@@ -323,7 +323,7 @@ def write_llava_json(
             else:
                 with atomic_path(dst) as tmp:
                     shutil.copyfile(src, tmp)
-        return os.path.relpath(dst.resolve(), base)
+        return os.path.relpath(dst.absolute(), base)  # not resolve(): a link must stay a path inside the export
 
     with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         if not jsonl:
