@@ -18,7 +18,7 @@ SHARDS = 12
 
 def cli(run_dir, model):
     return [sys.executable, "-m", "midtrain.cli", "featurize", "--run-dir", str(run_dir), f"model={model}",
-            "shard_size=4", "batch_size=1", "num_workers=1"]  # fmt: skip
+            "shard_size=4", "batch_size=2", "num_workers=1"]  # fmt: skip
 
 
 def shard_files(run_dir):
@@ -54,7 +54,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, tiny_vlm):
     assert f"{len(done_before)} already done" in rerun.stderr
     assert all((done_dir / n).stat().st_mtime_ns == t for n, t in mtimes.items())  # finished shards kept
 
-    featurize(FeaturizeConfig(model=str(model), shard_size=4, batch_size=1, num_workers=1), RunDir(reference))
+    featurize(FeaturizeConfig(model=str(model), shard_size=4, batch_size=2, num_workers=1), RunDir(reference))
     assert shard_files(killed) == shard_files(reference) and len(shard_files(reference)) == 3 * SHARDS
     for name in shard_files(reference):
         a, b = killed / "featurize" / "shards" / name, reference / "featurize" / "shards" / name

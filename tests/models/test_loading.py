@@ -1,8 +1,5 @@
 """Clear one-line errors for models that do not exist or are not VLMs."""
 
-import subprocess
-import sys
-
 import pytest
 
 from midtrain.models import ModelLoadError, load_vlm
@@ -44,12 +41,11 @@ def test_bad_settings_are_named(tiny_vlm):
         load_vlm(tiny_vlm("qwen2_vl"), dtype="float8", device="cpu")
 
 
-def test_cli_prints_one_line_for_a_missing_model(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "midtrain.cli", "featurize", "--run-dir", str(tmp_path), "model=/nonexistent/vlm",
-         f"catalog={tmp_path}"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("midtrain: error")]
-    assert lines == ["midtrain: error: model '/nonexistent/vlm': no such directory"], proc.stderr
+def test_cli_prints_one_line_for_a_missing_model(tmp_path, capsys):
+    from midtrain.cli import main
+
+    code = main(["featurize", "--run-dir", str(tmp_path), "model=/nonexistent/vlm", f"catalog={tmp_path}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("midtrain: error")]
+    assert lines == ["midtrain: error: model '/nonexistent/vlm': no such directory"], err

@@ -23,6 +23,7 @@ on the head node. See ``docs/featurize-ray.md``.
 
 from __future__ import annotations
 
+import os
 import pickle
 from typing import Any, Iterator
 
@@ -96,6 +97,8 @@ def run_ray(config, st: StageRun, index, pending: list[tuple[int, int, int]], si
     opts = config.ray
     if not ray.is_initialized():
         ray.init(address=opts.address, include_dashboard=False, log_to_driver=False)
+    if os.environ.get("MIDTRAIN_PROGRESS") == "off":
+        ray.data.DataContext.get_current().enable_progress_bars = False
     device = "cuda" if opts.gpus_per_actor > 0 else "cpu"
     config_dict = config.to_dict()
     shards = ray.data.from_items(

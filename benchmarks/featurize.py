@@ -1,0 +1,269 @@
+"""Featurize throughput: the loop a researcher would write vs midtrain's featurizer, same inputs.
+
+(a) naive: one sample at a time, decode, chat template, processor, ``model(**inputs,
+    output_hidden_states=True)`` (full model: LM head logits and every layer's hidden states),
+    mean of the last hidden state;
+(b) midtrain: :class:`~midtrain.featurize.featurizer.BatchPreparer` in a DataLoader worker
+    (length-bucketed batches, images decoded and processed off the model's thread) feeding
+    :class:`~midtrain.featurize.featurizer.FeatureExtractor` (backbone only, batched, pooled) -
+    the code the ``featurize`` stage runs.
+
+Both run in this process on the same rows (VLM conversations with 160-400 px JPEG images, VLA
+frames at 224 px) and the same randomly initialised real architecture (default: Qwen2-VL,
+``bench`` preset, ~40 M parameters). The check: per-sample relative error
+``|f_midtrain - f_naive| / |f_naive|`` (L2), max over samples, < 1e-4 in float32.
+
+GPU path (``--device cuda --arch-size 1b``): a ~1 B-parameter model built from config directly on
+the GPU in bfloat16; reports tokens/s and MFU = 2 x params x tokens / time / (measured bf16 matmul
+FLOP/s). Without a CUDA device this path prints that it was not run and reports ``"mfu": null``.
+
+    python benchmarks/featurize.py            # CPU, default sizes (< 3 min on 2 cores)
+    python benchmarks/featurize.py --quick    # fewer samples
+    python benchmarks/featurize.py --device cuda --arch-size 1b
+
+Ends with one JSON line: {"bench": "featurize", "ratio": ..., "max_rel_err": ..., ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+QUESTIONS = ["What is on the table?", "Describe the image in detail.", "How many objects are in the scene?",
+             "Where is the red block relative to the bowl? Answer with a short phrase.", "What color is the cup?"]  # fmt: skip
+ANSWERS = ["A red block, a blue cup and a white bowl on a wooden table.", "The cup is blue.",
+           "The image shows a kitchen counter with a sink on the left, a cutting board in the middle and "
+           "a bowl of apples next to a window.", "There are three objects.", "To the left of the bowl."]  # fmt: skip
+INSTRUCTIONS = ["pick up the red block and place it in the bowl", "open the top drawer", "push the green button"]
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    """Catalog rows: 2/3 VLM conversations (160-400 px JPEGs), 1/3 VLA frames (224 px JPEGs)."""
+    from midtrain.data.images import encode_image, ref_from_bytes
+
+    rng = np.random.default_rng(seed)
+
+    def jpeg(h: int, w: int) -> dict:
+        # smooth random images (like photos, unlike white noise) so JPEG sizes are realistic
+        small = rng.integers(0, 255, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+        img = np.kron(small, np.ones((16, 16, 1), dtype=np.uint8))[:h, :w]
+        return ref_from_bytes(encode_image(img, "JPEG", quality=90))
+
+    rows = []
+    for i in range(n):
+        if i % 3 == 2:
+            rows.append({"id": f"robot/{i}", "source": "robot", "kind": "vla", "image_refs": [jpeg(224, 224)],
+                         "instruction": INSTRUCTIONS[i % len(INSTRUCTIONS)], "origin": f"frame {i}"})  # fmt: skip
+            continue
+        turns = [{"role": "user", "content": "<image>\n" + QUESTIONS[i % len(QUESTIONS)]},
+                 {"role": "assistant", "content": ANSWERS[(i * 7) % len(ANSWERS)]}]  # fmt: skip
+        if i % 4 == 1:
+            turns += [{"role": "user", "content": QUESTIONS[(i + 2) % len(QUESTIONS)]},
+                      {"role": "assistant", "content": ANSWERS[(i + 3) % len(ANSWERS)]}]  # fmt: skip
+        h, w = int(rng.integers(160, 400)), int(rng.integers(160, 400))
+        rows.append({"id": f"vqa/{i}", "source": "vqa", "kind": "vlm", "image_refs": [jpeg(h, w)],
+                     "messages": turns, "origin": f"vqa.json:{i}"})  # fmt: skip
+    return rows
+
+
+def naive_features(model, processor, rows: list[dict]) -> tuple[np.ndarray, int, float]:
+    """The researcher's loop: batch 1, full model with output_hidden_states=True, mean of the last layer."""
+    import torch
+
+    from midtrain.data.images import load_image
+    from midtrain.models.inputs import conversation_of
+
+    feats, tokens = [], 0
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for row in rows:
+            images = [load_image(ref) for ref in row["image_refs"]]
+            messages, _ = conversation_of(row)
+            text = processor.apply_chat_template(messages, tokenize=False)
+            inputs = processor(text=[text], images=[images], return_tensors="pt").to(device)
+            out = model(**inputs, output_hidden_states=True)
+            feats.append(out.hidden_states[-1][0].float().mean(0).cpu().numpy())
+            tokens += int(inputs["input_ids"].shape[1])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return np.stack(feats), tokens, time.perf_counter() - t0
+
+
+def midtrain_features(model, processor, rows: list[dict], args) -> tuple[np.ndarray, int, float]:
+    """midtrain's pipeline (DataLoader worker + bucketed batches + backbone-only extractor)."""
+    import pyarrow as pa
+    import torch
+
+    from midtrain.data.catalog import rows_to_table
+    from midtrain.featurize.featurizer import BatchPreparer, FeatureExtractor, PreparedBatch
+    from midtrain.featurize.local import iter_features
+
+    class InMemoryShards(torch.utils.data.IterableDataset):
+        """The stage's ShardStream, over rows already in memory instead of catalog row groups."""
+
+        def __init__(self, table: pa.Table, shard_size: int, preparer: BatchPreparer):
+            self.table, self.shard_size, self.preparer = table, shard_size, preparer
+
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            worker, workers = (info.id, info.num_workers) if info else (0, 1)
+            for k, start in enumerate(range(0, self.table.num_rows, self.shard_size)):
+                if k % workers == worker:
+                    yield from self.preparer.prepare_shard(k, self.table.slice(start, self.shard_size))
+
+    table = rows_to_table(rows)
+    preparer = BatchPreparer(processor, batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch)
+    extractor = FeatureExtractor(model, "mean")
+    out = np.zeros((len(rows), extractor.dim), dtype=np.float32)
+    tokens = 0
+    t0 = time.perf_counter()
+    stream = InMemoryShards(table, args.shard_size, preparer)
+    for item, feats, _ in iter_features(stream, extractor, args.num_workers, prefetch_factor=4):
+        if isinstance(item, PreparedBatch) and feats is not None:
+            out[item.shard * args.shard_size + item.positions] = feats
+            tokens += int(item.lengths.sum())
+    if extractor.device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, tokens, time.perf_counter() - t0
+
+
+def bf16_matmul_flops(device: str, n: int = 8192, iters: int = 20) -> float:
+    """Measured dense bf16 matmul FLOP/s on ``device`` (the MFU denominator)."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def build_model(args):
+    """``(model, processor, parameters)``: CPU float32 models are saved and reloaded through
+    ``load_vlm`` (the real loading path); the GPU 1b model is built in place in bfloat16."""
+    import torch
+
+    from midtrain.models import build_tiny_vlm, load_vlm, tiny_vlm_parts
+
+    if args.device == "cuda":
+        model_cls, config, processor = tiny_vlm_parts(args.arch, args.arch_size)
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = model_cls(config).to(torch.bfloat16).eval().requires_grad_(False)
+    else:
+        path = build_tiny_vlm(args.arch, Path(tempfile.mkdtemp(prefix="midtrain-bench-")) / args.arch, size=args.arch_size)
+        model, processor = load_vlm(path, dtype="float32", device="cpu")
+    return model, processor, sum(p.numel() for p in model.parameters())
+
+
+def matmul_params(model) -> int:
+    """Parameters used in matmuls per token: all but the input embedding table (a lookup)."""
+    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples (smoke run)")
+    parser.add_argument("--samples", type=int, default=None)
+    parser.add_argument("--arch", default="qwen2_vl")
+    parser.add_argument("--arch-size", default="bench", choices=["test", "bench", "1b"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, 64 on GPU")
+    parser.add_argument("--max-tokens-per-batch", type=int, default=None, help="default: 8192 on CPU, 32768 on GPU")
+    parser.add_argument("--shard-size", type=int, default=None, help="default: 64 on CPU, 512 on GPU")
+    parser.add_argument("--num-workers", type=int, default=None, help="default: the featurize stage's default")
+    parser.add_argument("--rounds", type=int, default=2, help="naive and midtrain alternate over this many chunks")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from midtrain.featurize.stage import default_num_workers
+
+    gpu = args.device == "cuda"
+    args.batch_size = args.batch_size or (64 if gpu else 16)
+    args.max_tokens_per_batch = args.max_tokens_per_batch or (32768 if gpu else 8192)
+    args.shard_size = args.shard_size or (512 if gpu else 64)
+    args.num_workers = default_num_workers(args.device) if args.num_workers is None else args.num_workers
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available on this machine: the GPU / MFU path (--device cuda) was NOT run.")
+        print(json.dumps({"bench": "featurize", "device": "cuda", "ran": False, "ratio": None, "max_rel_err": None,
+                          "mfu": None, "note": "no CUDA device; nothing measured"}))  # fmt: skip
+        return 0
+    n = args.samples or (32 if args.quick else 96)
+    if args.device == "cuda":
+        n = args.samples or (64 if args.quick else 512)
+    rows = make_rows(n)
+    model, processor, params = build_model(args)
+    print(f"model: {type(model).__name__} ({args.arch}, {args.arch_size}), {params / 1e6:.1f} M parameters, "
+          f"{next(model.parameters()).dtype}, {args.device}, torch threads {torch.get_num_threads()}")  # fmt: skip
+    print(f"inputs: {n} samples ({sum(r['kind'] == 'vlm' for r in rows)} VLM conversations, "
+          f"{sum(r['kind'] == 'vla' for r in rows)} VLA frames)")  # fmt: skip
+
+    # Interleave the two in rounds so that both see the same machine load (shared CI machines).
+    midtrain_features(model, processor, rows[: min(8, n)], args)  # warm-up (allocator, kernels)
+    naive_parts, ours_parts = [], []
+    naive_tokens = ours_tokens = 0
+    naive_s = ours_s = 0.0
+    chunks = np.array_split(np.arange(n), args.rounds)
+    for chunk in chunks:
+        part = [rows[i] for i in chunk]
+        naive_part = part if not gpu else part[: max(4, len(part) // 8)]  # batch 1 on a GPU is slow; a sample suffices
+        feats, tokens, secs = naive_features(model, processor, naive_part)
+        naive_parts.append(feats)
+        naive_tokens, naive_s = naive_tokens + tokens, naive_s + secs
+        feats, tokens, secs = midtrain_features(model, processor, part, args)
+        ours_parts.append(feats[: len(naive_part)])
+        ours_tokens, ours_s = ours_tokens + tokens, ours_s + secs
+    naive, ours = np.concatenate(naive_parts), np.concatenate(ours_parts)
+    naive_n = len(naive)
+    ref, got = naive, ours
+    rel = np.linalg.norm(got - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)
+    max_rel_err = float(rel.max())
+    naive_sps, ours_sps = naive_n / naive_s, n / ours_s
+    naive_tps, ours_tps = naive_tokens / naive_s, ours_tokens / ours_s
+    ratio = ours_sps / naive_sps
+    print(f"naive loop : {naive_sps:8.2f} samples/s  {naive_tps:10.0f} tokens/s  ({naive_n} samples in {naive_s:.1f} s)")
+    print(f"midtrain   : {ours_sps:8.2f} samples/s  {ours_tps:10.0f} tokens/s  ({n} samples in {ours_s:.1f} s)")
+    print(f"ratio      : {ratio:.2f}x samples/s (midtrain / naive)")
+    tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
+    print(f"max relative error (per-sample L2): {max_rel_err:.2e} ({'ok' if max_rel_err < tol else 'FAIL'}, tolerance {tol:g})")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"machine load (1-min average) at the end: {load:.1f} on {os.cpu_count()} cores" if load is not None else "")
+    figures = {"bench": "featurize", "device": args.device, "loadavg_1m": load and round(load, 1), "arch": args.arch, "arch_size": args.arch_size,
+               "params_m": round(params / 1e6, 1), "samples": n, "rounds": args.rounds, "naive_samples_per_s": round(naive_sps, 2),
+               "midtrain_samples_per_s": round(ours_sps, 2), "naive_tokens_per_s": round(naive_tps, 1),
+               "midtrain_tokens_per_s": round(ours_tps, 1), "ratio": round(ratio, 2), "max_rel_err": max_rel_err}  # fmt: skip
+    if args.device == "cuda":
+        peak = bf16_matmul_flops("cuda")
+        flop_params = matmul_params(model)
+        mfu = 2 * flop_params * ours_tokens / ours_s / peak
+        print(f"MFU        : {100 * mfu:.1f}% of measured bf16 matmul {peak / 1e12:.0f} TFLOP/s "
+              f"(2 x {flop_params / 1e9:.2f} B non-embedding params x {ours_tps:.0f} tokens/s)")  # fmt: skip
+        figures.update({"mfu": round(mfu, 4), "bf16_matmul_tflops": round(peak / 1e12, 1)})
+    else:
+        print("GPU / MFU path not run here (CPU benchmark; run with --device cuda --arch-size 1b on a GPU)")
+        figures["mfu"] = None
+    ok = max_rel_err < tol
+    print(json.dumps(figures))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
