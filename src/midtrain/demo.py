@@ -165,7 +165,8 @@ def demo_findings(run: RunDir) -> dict[str, Any]:
     - the VLA data are closer to each other than to the VLM pool: mean cross-group MMD >
       mean within-group MMD (gap summary);
     - the embodied-oriented source has the highest mean proximity score and the
-      text-centric source the lowest (scores);
+      text-centric source the lowest (scores), and the text-centric source is the VLM
+      source farthest from the VLA group by MMD (gap summary);
     - MMD(selection, VLA) < MMD(random selection of the same size, VLA) (selection metrics).
     """
     gap = json.loads((run.stage_dir("gap") / "summary.json").read_text())
@@ -188,6 +189,9 @@ def demo_findings(run: RunDir) -> dict[str, Any]:
         "mmd_selection_vla": sel.get("mmd_selection_vla"),
         "mmd_random_vla": sel.get("mmd_random_vla"),
     }
+    ranking = gap.get("vlm_ranking") or []
+    findings["farthest_vlm_source_by_mmd"] = ranking[-1]["source"] if ranking else None
+    findings["text_centric_source_farthest_by_mmd"] = findings["farthest_vlm_source_by_mmd"] == TEXT_CENTRIC_SOURCE
     findings["embodied_source_highest"] = findings["highest_scoring_source"] == EMBODIED_SOURCE
     findings["text_centric_source_lowest"] = findings["lowest_scoring_source"] == TEXT_CENTRIC_SOURCE
     findings["selection_closer_than_random"] = (
@@ -247,7 +251,7 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
     }
     write_json_atomic(run_dir.stage_dir("demo") / "summary.json", summary)
     for key in ("cross_group_exceeds_within_group", "embodied_source_highest", "text_centric_source_lowest",
-                "selection_closer_than_random"):  # fmt: skip
+                "text_centric_source_farthest_by_mmd", "selection_closer_than_random"):  # fmt: skip
         log.info("finding %-34s %s", key, "yes" if findings[key] else "NO")
     log.info("demo finished in %.1fs; report: %s", summary["wall_s"], run_dir.stage_dir("report") / "report.html")
     return out
