@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import vla_rows, vlm_rows
+from catalog_rows import vla_rows, vlm_rows
 from midtrain.data.catalog import rows_to_table
 from midtrain.featurize.featurizer import BatchPreparer, FeatureExtractor
 from midtrain.featurize.pooling import POOLINGS

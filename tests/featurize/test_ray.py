@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import vla_rows, vlm_rows, write_catalog
+from catalog_rows import vla_rows, vlm_rows, write_catalog
 from midtrain.data.features import open_features
 from midtrain.featurize.stage import FeaturizeConfig, RayOptions, featurize
 from midtrain.runs import RunDir

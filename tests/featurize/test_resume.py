@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from conftest import vla_rows, vlm_rows, write_catalog
+from catalog_rows import vla_rows, vlm_rows, write_catalog
 from midtrain.featurize.stage import FeaturizeConfig, featurize
 from midtrain.runs import RunDir
 

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import vla_rows, vlm_rows, write_catalog
+from catalog_rows import vla_rows, vlm_rows, write_catalog
 from midtrain.data.catalog import iter_catalog
 from midtrain.featurize.shards import CatalogIndex, estimate_tokens, plan_batches
 

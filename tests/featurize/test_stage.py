@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import vla_rows, vlm_rows, write_catalog
+from catalog_rows import vla_rows, vlm_rows, write_catalog
 from midtrain.config import ConfigError, load_config
 from midtrain.data.features import open_features
 from midtrain.featurize.stage import FeaturizeConfig, featurize

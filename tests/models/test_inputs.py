@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import png_ref
+from catalog_rows import png_ref
 from midtrain.models import TINY_ARCHS, build_batch, conversation_of
 from midtrain.runs import SampleError
 

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import build_run
+from select_fixtures import build_run
 
 from midtrain.runs import RunDir, SampleError, StageError
 from midtrain.select.export import ExportConfig, export_mixture

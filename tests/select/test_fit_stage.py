@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import FakeFeaturizeConfig, gaussian_features, write_features
+from select_fixtures import FakeFeaturizeConfig, gaussian_features, write_features
 
 from midtrain.cli import main as cli_main
 from midtrain.config import ConfigError, load_config

@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import vla_row, vlm_row, write_catalog
+from select_fixtures import vla_row, vlm_row, write_catalog
 
 from midtrain.data.images import encode_image, ref_from_bytes
 from midtrain.models import build_batch, build_tiny_vlm, load_vlm

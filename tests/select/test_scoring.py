@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import FakeFeaturizeConfig, build_run, gaussian_features, write_features
+from select_fixtures import FakeFeaturizeConfig, build_run, gaussian_features, write_features
 
 from midtrain.config import ConfigError, load_config
 from midtrain.data.features import open_features

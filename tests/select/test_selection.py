@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FakeFeaturizeConfig, build_run, gaussian_features, vlm_row, write_catalog, write_features
+from select_fixtures import FakeFeaturizeConfig, build_run, gaussian_features, vlm_row, write_catalog, write_features
 
 from midtrain.cli import main as cli_main
 from midtrain.config import ConfigError, load_config
