@@ -75,6 +75,18 @@ def _neg_half_sq_dists(
     return out.sub_(half_sq_x[:, None]).clamp_(max=0.0)
 
 
+def _exponent_factors(x: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``L = [gamma x, -gamma ||x||^2 / 2, gamma]`` and ``R = [x, 1, -||x||^2 / 2]`` (``[N, d + 2]``), so that
+    ``L_i . R_j = -gamma ||x_i - x_j||^2 / 2``.
+
+    The squared norms ride in the matrix product, so a kernel tile is one GEMM, a clamp and an
+    ``exp`` (fewer passes over the tile than adding norm vectors after the product).
+    """
+    half_sq = 0.5 * (x * x).sum(1, keepdim=True)
+    ones = torch.ones_like(half_sq)
+    return torch.cat([x * gamma, -gamma * half_sq, ones * gamma], 1), torch.cat([x, ones, -half_sq], 1)
+
+
 def _kernel_inplace(neg_half_sq: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
     """``sum_s exp(-d^2 / (2 s^2))`` from ``-d^2/2``; overwrites the input for one bandwidth."""
     if len(sigmas) == 1:
@@ -141,8 +153,9 @@ def mmd2_from_sums(s_xx, s_yy, s_xy, n: int, m: int, trace_x, trace_y, statistic
 def check_datasets(datasets: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, int]:
     """Validate datasets before comparing them; returns ``{name: rows}``.
 
-    Every dataset needs at least 2 rows (the unbiased estimator divides by ``n (n - 1)``),
-    the same feature dimension as the others, and finite values. Errors name the dataset.
+    Every dataset needs at least 2 rows (the unbiased estimator divides by ``n (n - 1)``)
+    and the same feature dimension as the others; errors name the dataset. (Finite values
+    are checked when the datasets are pooled, from the column means.)
     """
     if len(datasets) < 2:
         raise GapInputError(f"MMD compares datasets pairwise; got {len(datasets)} dataset(s): {list(datasets)}")
@@ -161,19 +174,26 @@ def check_datasets(datasets: Mapping[str, np.ndarray | torch.Tensor]) -> dict[st
                 f"dataset {name!r} has feature dimension {d} but dataset {first[0]!r} has {first[1]}; "
                 "all datasets must be featurized with the same model and pooling"
             )
+        sizes[name] = n
+    return sizes
+
+
+def _raise_non_finite(datasets: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+    """Name the first dataset with NaN/inf features (the slow path, after a cheap pooled check failed)."""
+    for name, arr in datasets.items():
         finite = torch.isfinite(torch.as_tensor(arr)).all(dim=1)
         if not bool(finite.all()):
             bad = torch.nonzero(~finite).flatten()
             raise GapInputError(
                 f"dataset {name!r} has non-finite (NaN/inf) features in {len(bad)} row(s), first at row {int(bad[0])}"
             )
-        sizes[name] = n
-    return sizes
 
 
 @dataclass
 class _Pooled:
     """Validated datasets stacked into one float32 ``[N, d]`` tensor ``x``, centred on the pooled mean.
+
+    Raises :class:`GapInputError` naming the dataset if any feature is NaN/inf.
 
     Distances do not change under translation; centring shrinks the norms that the
     ``||x||^2 + ||y||^2 - 2 x.y`` expansion cancels, which keeps float32 accurate.
@@ -195,7 +215,10 @@ class _Pooled:
         dev = resolve_device(device) if isinstance(device, str) else device
         started = time.perf_counter()
         pooled = torch.cat([torch.as_tensor(a, dtype=torch.float32) for a in datasets.values()]).to(dev)
-        pooled.sub_(pooled.to(torch.float64).mean(0).to(torch.float32))
+        mean = pooled.mean(0)
+        if not bool(torch.isfinite(mean).all()):  # any NaN/inf feature makes its column mean non-finite
+            _raise_non_finite(datasets)
+        pooled.sub_(mean)
         n = list(sizes.values())
         offsets = np.concatenate([[0], np.cumsum(n)]).astype(int)
         return cls(list(datasets), n, offsets, pooled, dev, tuple(float(s) for s in sigmas), started)
@@ -311,11 +334,14 @@ def mmd_matrix(
     ``progress`` is called with 1 after each tile.
     """
     pool = _Pooled.build(datasets, sigmas, device)
-    names, n, offsets, x, dev, sigmas = pool.names, pool.sizes, pool.offsets, pool.x, pool.device, pool.sigmas
-    D, d = len(names), x.shape[1]
+    names, n, offsets, dev, sigmas = pool.names, pool.sizes, pool.offsets, pool.device, pool.sigmas
+    D, d = len(names), pool.x.shape[1]
     k_self = float(len(sigmas))  # k(x, x) of a sum of RBF kernels
     budget_elems = max(1, int(block_budget_mb * 2**20 / 4 / (1 + (len(sigmas) > 1))))
-    half_sq = 0.5 * (x * x).sum(1)
+    # One bandwidth: the tile product is the exponent -||x - y||^2 / (2 sigma^2) itself; several: -||x - y||^2 / 2.
+    gamma = 1.0 / sigmas[0] ** 2 if len(sigmas) == 1 else 1.0
+    left, right = _exponent_factors(pool.x, gamma)
+    pool.x = None  # left/right hold the features; free the copy
     tile_sums = torch.zeros(D, D, dtype=torch.float64, device=dev)
 
     pairs: dict[tuple[int, int], _PairPermutations] = {}
@@ -336,11 +362,11 @@ def mmd_matrix(
             for r0 in range(0, n[g], chunk):
                 r1 = min(n[g], r0 + chunk)
                 rows, cols = slice(offsets[g] + r0, offsets[g] + r1), slice(offsets[h], offsets[h + 1])
-                neg_half = _neg_half_sq_dists(x[rows], x[cols], half_sq[rows], half_sq[cols])
+                exponent = torch.mm(left[rows], right[cols].T).clamp_(max=0.0)
                 if g == h:  # exact self-distance 0, so k(x, x) = k_self as the estimators assume
                     idx = torch.arange(r1 - r0, device=dev)
-                    neg_half[idx, idx + r0] = 0.0
-                kern = _kernel_inplace(neg_half, sigmas)
+                    exponent[idx, idx + r0] = 0.0
+                kern = exponent.exp_() if len(sigmas) == 1 else _kernel_inplace(exponent, sigmas)
                 row_sums = kern.sum(1)  # per-row float32 sums, then float64: ~1e-9 relative error
                 tile_sums[g, h] += row_sums.sum(dtype=torch.float64)
                 gram_flops += 2.0 * (r1 - r0) * n[h] * d
