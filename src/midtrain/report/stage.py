@@ -261,7 +261,7 @@ def _export_section(run: RunDir) -> str:
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
 h1{border-bottom:2px solid #444} h2{margin-top:2em;border-bottom:1px solid #bbb}
-table{border-collapse:collapse;margin:.5em 0;font-size:.85em} td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
+table{border-collapse:collapse;margin:.5em 0;font-size:.85em;display:block;overflow-x:auto;max-width:100%} td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
 th{background:#f0f0f0} .fig{margin:4px;border:1px solid #ddd} .row{display:flex;flex-wrap:wrap;gap:8px}
 .missing{color:#a00} .gallery{display:flex;flex-wrap:wrap;gap:10px}
 .card{width:220px;border:1px solid #ccc;border-radius:4px;padding:6px;font-size:.8em}
