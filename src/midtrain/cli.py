@@ -22,10 +22,23 @@ from .runs import RunDir, SampleError, StageError
 from .stages import STAGES
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (not the one at creation), so a handler made
+    under a redirected or captured stderr never writes to a closed stream later."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_console_logging(verbose: bool) -> None:
     root = logging.getLogger("midtrain")
     if not any(getattr(h, "_midtrain_console", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         h._midtrain_console = True  # type: ignore[attr-defined]
         root.addHandler(h)
