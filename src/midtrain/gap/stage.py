@@ -162,7 +162,8 @@ def _open_pool(features_dir: Path, config: GapConfig) -> _Pool:
         codes.append(
             remap[encoded.indices.to_numpy(zero_copy_only=False)] if len(local_names) else np.zeros(0, np.int64)
         )
-        for s, k in zip(table.column("source").to_pylist(), table.column("kind").to_pylist()):
+        pairs = table.group_by(["source", "kind"]).aggregate([])  # distinct (source, kind), not every row
+        for s, k in zip(pairs.column("source").to_pylist(), pairs.column("kind").to_pylist()):
             kinds_seen.setdefault(s, k)
     all_codes = np.concatenate(codes)
     order = np.argsort(all_codes, kind="stable")
@@ -182,7 +183,7 @@ def _open_pool(features_dir: Path, config: GapConfig) -> _Pool:
     return _Pool(
         fs,
         {s: kinds_seen[s] for s in wanted},
-        {s: np.sort(rows[s]) for s in wanted},
+        {s: rows[s] for s in wanted},  # ascending: a stable argsort keeps row order within a source
         np.concatenate([[0], np.cumsum(sizes)]),
     )
 
