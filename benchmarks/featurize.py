@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, 64 on GPU")
     parser.add_argument("--max-tokens-per-batch", type=int, default=None, help="default: 8192 on CPU, 32768 on GPU")
-    parser.add_argument("--shard-size", type=int, default=None, help="default: 64 on CPU, 512 on GPU")
+    parser.add_argument("--shard-size", type=int, default=None, help="default: a round's samples on CPU, 512 on GPU")
     parser.add_argument("--num-workers", type=int, default=None, help="default: the featurize stage's default")
     parser.add_argument("--rounds", type=int, default=2, help="naive and midtrain alternate over this many chunks")
     args = parser.parse_args(argv)
@@ -198,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     gpu = args.device == "cuda"
     args.batch_size = args.batch_size or (64 if gpu else 16)
     args.max_tokens_per_batch = args.max_tokens_per_batch or (32768 if gpu else 8192)
-    args.shard_size = args.shard_size or (512 if gpu else 64)
     args.num_workers = default_num_workers(args.device) if args.num_workers is None else args.num_workers
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -210,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         n = args.samples or (64 if args.quick else 512)
     rows = make_rows(n)
+    args.shard_size = args.shard_size or (512 if gpu else -(-n // args.rounds))
     model, processor, params = build_model(args)
     print(f"model: {type(model).__name__} ({args.arch}, {args.arch_size}), {params / 1e6:.1f} M parameters, "
           f"{next(model.parameters()).dtype}, {args.device}, torch threads {torch.get_num_threads()}")  # fmt: skip

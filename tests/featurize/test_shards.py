@@ -4,9 +4,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from catalog_rows import vla_rows, vlm_rows, write_catalog
-from midtrain.data.catalog import iter_catalog
-from midtrain.featurize.shards import CatalogIndex, estimate_tokens, plan_batches
+from catalog_rows import png_ref, vla_rows, vlm_rows, write_catalog
+from midtrain.data.catalog import iter_catalog, rows_to_table
+from midtrain.featurize.shards import CatalogIndex, ImageTokenCounter, estimate_tokens, image_sizes, plan_batches
+from midtrain.models import multimodal_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,8 @@ def test_read_rows_matches_catalog_order_across_row_groups_and_files(catalog):
 def test_estimate_tokens_counts_text_images_and_assistant(catalog):
     index = CatalogIndex.open(catalog)
     table = index.read_rows(0, 32)
-    with_answers = estimate_tokens(table, tokens_per_image=100)
-    without = estimate_tokens(table, tokens_per_image=100, include_assistant=False)
+    with_answers = estimate_tokens(table, image_tokens=100)
+    without = estimate_tokens(table, image_tokens=100, include_assistant=False)
     rows = table.to_pylist()
     for i, row in enumerate(rows):
         n_img = len(row["image_refs"] or [])
@@ -64,3 +65,29 @@ def test_plan_batches_sorted_within_budget_and_complete():
     groups = np.arange(300) % 2
     for b in plan_batches(est, 8, 1200, groups):
         assert len(set(groups[b].tolist())) == 1
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "idefics3", "paligemma", "internvl"])
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_image_token_counter_matches_the_processor(arch, loaded_vlm):
+    """Length estimates use each image's real token count (read from its header, not decoded)."""
+    import torch
+
+    from midtrain.models import build_batch
+
+    model, processor = loaded_vlm(arch)
+    rng = np.random.default_rng(0)
+    rows = [{"id": f"r{i}", "kind": "vla", "instruction": "go", "image_refs": [png_ref(rng, h, w)]}
+            for i, (h, w) in enumerate([(30, 40), (56, 56), (120, 90), (200, 300)])]  # fmt: skip
+    table = rows_to_table(rows)
+    parents, sizes = image_sizes(table)
+    assert parents.tolist() == [0, 1, 2, 3] and sizes == [(30, 40), (56, 56), (120, 90), (200, 300)]
+    counted = ImageTokenCounter(processor)(sizes)
+    batch, info = build_batch(rows, processor)
+    ids = torch.tensor(multimodal_token_ids(model.config)["image"])
+    actual = torch.isin(batch["input_ids"], ids).sum(1).numpy()
+    # the processor's count also includes the tokens wrapping an image (<img>...</img>, <fake_token_around_image>)
+    extra = counted[info.positions] - actual
+    assert ((extra >= 0) & (extra <= 3)).all(), (counted, actual)
+    unreadable = rows_to_table([{"id": "x", "image_refs": [{"path": None, "bytes": b"junk"}]}])
+    assert image_sizes(unreadable)[1] == [None]

@@ -27,7 +27,7 @@ from ..models.inputs import build_batch
 from ..models.loading import backbone, multimodal_token_ids
 from ..runs import SampleError, StageError, StageRun
 from .pooling import pool
-from .shards import estimate_tokens, image_groups, nominal_image_tokens, plan_batches
+from .shards import ImageTokenCounter, estimate_tokens, image_groups, plan_batches
 
 FLOAT16_MAX = 65504.0
 
@@ -79,10 +79,10 @@ class BatchPreparer:
         self.overlong = overlong
         self.batch_size = batch_size
         self.max_tokens_per_batch = max_tokens_per_batch
-        self.tokens_per_image = nominal_image_tokens(processor)
+        self.image_tokens = ImageTokenCounter(processor)
 
     def plan(self, table: pa.Table) -> list[np.ndarray]:
-        est = estimate_tokens(table, self.tokens_per_image, self.include_assistant)
+        est = estimate_tokens(table, self.image_tokens, self.include_assistant)
         if self.max_length is not None:
             est = np.minimum(est, self.max_length)
         return plan_batches(est, self.batch_size, self.max_tokens_per_batch, image_groups(table))
