@@ -4,16 +4,15 @@ small catalogs (helpers in ``catalog_rows.py``)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MIDTRAIN_PROGRESS", "off")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory):
