@@ -127,12 +127,15 @@ def midtrain_features(model, processor, rows: list[dict], args) -> tuple[np.ndar
     extractor = FeatureExtractor(model, "mean")
     out = np.zeros((len(rows), extractor.dim), dtype=np.float32)
     tokens = 0
+    args.vision_patches = 0
     t0 = time.perf_counter()
     stream = InMemoryShards(table, args.shard_size, preparer)
     for item, feats, _ in iter_features(stream, extractor, args.num_workers, prefetch_factor=4):
         if isinstance(item, PreparedBatch) and feats is not None:
             out[item.shard * args.shard_size + item.positions] = feats
             tokens += int(item.lengths.sum())
+            if "image_grid_thw" in item.inputs:  # Qwen-VL: the vision tower runs once per patch
+                args.vision_patches += int(item.inputs["image_grid_thw"].prod(-1).sum())
     if extractor.device.type == "cuda":
         torch.cuda.synchronize()
     return out, tokens, time.perf_counter() - t0
@@ -172,9 +175,16 @@ def build_model(args):
     return model, processor, sum(p.numel() for p in model.parameters())
 
 
-def matmul_params(model) -> int:
-    """Parameters used in matmuls per token: all but the input embedding table (a lookup)."""
-    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+def forward_flops(model, lm_tokens: int, vision_patches: int) -> float:
+    """2 x parameters x tokens each part of the backbone runs on: the language model (all parameters
+    but the vision tower and the embedding table, a lookup) per LM token, the vision tower per patch
+    (Qwen-VL; other architectures: per LM token, an underestimate). Attention scores are left out."""
+    base = model.model
+    vision = next((getattr(base, n) for n in ("visual", "vision_tower", "vision_model") if hasattr(base, n)), None)
+    vision_params = sum(p.numel() for p in vision.parameters()) if vision is not None else 0
+    total = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    lm_params = total - vision_params
+    return 2.0 * (lm_params * lm_tokens + vision_params * (vision_patches or lm_tokens))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     # Interleave the two in rounds so that both see the same machine load (shared CI machines).
     midtrain_features(model, processor, rows[: min(8, n)], args)  # warm-up (allocator, kernels)
     naive_parts, ours_parts = [], []
-    naive_tokens = ours_tokens = 0
+    naive_tokens = ours_tokens = patches = 0
     naive_s = ours_s = 0.0
     chunks = np.array_split(np.arange(n), args.rounds)
     for chunk in chunks:
@@ -231,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         feats, tokens, secs = midtrain_features(model, processor, part, args)
         ours_parts.append(feats[: len(naive_part)])
         ours_tokens, ours_s = ours_tokens + tokens, ours_s + secs
+        patches += args.vision_patches
     naive, ours = np.concatenate(naive_parts), np.concatenate(ours_parts)
     naive_n = len(naive)
     ref, got = naive, ours
@@ -252,10 +263,10 @@ def main(argv: list[str] | None = None) -> int:
                "midtrain_tokens_per_s": round(ours_tps, 1), "ratio": round(ratio, 2), "max_rel_err": max_rel_err}  # fmt: skip
     if args.device == "cuda":
         peak = bf16_matmul_flops("cuda")
-        flop_params = matmul_params(model)
-        mfu = 2 * flop_params * ours_tokens / ours_s / peak
+        flops = forward_flops(model, ours_tokens, patches)
+        mfu = flops / ours_s / peak
         print(f"MFU        : {100 * mfu:.1f}% of measured bf16 matmul {peak / 1e12:.0f} TFLOP/s "
-              f"(2 x {flop_params / 1e9:.2f} B non-embedding params x {ours_tps:.0f} tokens/s)")  # fmt: skip
+              f"({flops / ours_s / 1e12:.1f} TFLOP/s: 2 x params x tokens, vision tower per patch)")  # fmt: skip
         figures.update({"mfu": round(mfu, 4), "bf16_matmul_tflops": round(peak / 1e12, 1)})
     else:
         print("GPU / MFU path not run here (CPU benchmark; run with --device cuda --arch-size 1b on a GPU)")

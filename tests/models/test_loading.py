@@ -49,3 +49,21 @@ def test_cli_prints_one_line_for_a_missing_model(tmp_path, capsys):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("midtrain: error")]
     assert lines == ["midtrain: error: model '/nonexistent/vlm': no such directory"], err
+
+
+def test_custom_code_needs_trust_remote_code(tmp_path):
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "custom_vlm", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}'
+    )
+    (tmp_path / "configuration_custom.py").write_text(
+        "from transformers import PretrainedConfig\n\nclass CustomConfig(PretrainedConfig):\n    model_type = 'custom_vlm'\n"
+    )
+    with pytest.raises(ModelLoadError, match="needs custom code from its repository; set trust_remote_code: true"):
+        load_vlm(tmp_path)
+
+
+def test_processor_settings_can_be_overridden(tiny_vlm):
+    from midtrain.models import load_processor
+
+    processor = load_processor(str(tiny_vlm("qwen2_vl")), max_pixels=28 * 28 * 9)
+    assert processor.image_processor.size["longest_edge"] == 28 * 28 * 9
