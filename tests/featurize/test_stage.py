@@ -55,10 +55,10 @@ def test_shards_manifest_and_completion(tmp_path, tiny_vlm):
     featurize(FeaturizeConfig(model=model, shard_size=8, batch_size=4), run)
     assert (out / "shards" / "shard-00000.npy").stat().st_mtime_ns == mtime
 
-    # preparation in a DataLoader worker equals in-process (the CPU default) bit for bit;
+    # preparation in this process equals a DataLoader worker (the CPU default) bit for bit;
     # other batch sizes and interleaved shards from 2 workers agree to float16 rounding
     feats, _ = all_features(out)
-    _, out0 = run_featurize(tmp_path, "b", catalog_rows(), model=model, num_workers=1)
+    _, out0 = run_featurize(tmp_path, "b", catalog_rows(), model=model, num_workers=0)
     np.testing.assert_array_equal(all_features(out0)[0], feats)
     _, out1 = run_featurize(tmp_path, "c", catalog_rows(), model=model, num_workers=2, batch_size=1, shard_size=5)
     np.testing.assert_allclose(all_features(out1)[0].astype(np.float32), feats.astype(np.float32), atol=2e-3, rtol=2e-3)

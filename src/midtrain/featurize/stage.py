@@ -59,8 +59,8 @@ class FeaturizeConfig(StageConfig):
     do with longer samples: ``overlong: truncate`` (cut the text tail; samples whose images would
     be cut are skipped) or ``skip``. ``pooling``: ``mean`` | ``last`` | ``image_mean`` | ``text_mean``.
     Throughput: ``batch_size`` rows and ``max_tokens_per_batch`` padded tokens per batch,
-    ``shard_size`` rows per output shard, ``num_workers`` DataLoader workers (None: 0 on CPU,
-    where the model needs every core; up to 8 on GPU), ``prefetch_factor`` batches per worker.
+    ``shard_size`` rows per output shard, ``num_workers`` DataLoader workers (None: 1 on CPU,
+    up to 8 on GPU; 0 prepares in the main process), ``prefetch_factor`` batches per worker.
     """
 
     model: str = ""
@@ -99,13 +99,12 @@ class FeaturizeConfig(StageConfig):
 
 
 def default_num_workers(device: str) -> int:
-    """GPU: up to 8 workers, leaving a core for the main process. CPU: 0 (prepare in the main
-    process): there the model needs every core, preparation is a few percent of the work, and a
-    worker process competing with torch's intra-op threads cost more than it saved (measured on
-    2 cores: 16 vs 9 samples/s with the benchmark's model)."""
+    """GPU: up to 8 workers, leaving a core for the main process. CPU: 1 - the model needs the
+    cores, and preparation is a few percent of the work there (on 2 cores, 0 and 1 workers measured
+    within noise of each other with the benchmark's model)."""
     if device.startswith("cuda"):
         return max(1, min(8, (os.cpu_count() or 2) - 1))
-    return 0
+    return 1
 
 
 def make_preparer(config: FeaturizeConfig, processor) -> BatchPreparer:
