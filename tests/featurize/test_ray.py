@@ -29,7 +29,9 @@ def test_ray_backend_equals_local_backend(tmp_path, tiny_vlm, ray_cluster):
     for backend in ("local", "ray"):
         run = RunDir(tmp_path / backend)
         write_catalog(run.root, rows)
-        ray_opts = RayOptions(num_actors=1, cpus_per_actor=1, num_preprocess_actors=1, cpus_per_preprocess_actor=1)
+        # Half a CPU per actor leaves one of the cluster's 2 CPUs for Ray Data's own tasks: with both
+        # CPUs held by the two actor pools the pipeline can wait forever for a task slot (seen once).
+        ray_opts = RayOptions(num_actors=1, cpus_per_actor=0.5, num_preprocess_actors=1, cpus_per_preprocess_actor=0.5)
         outs[backend] = featurize(FeaturizeConfig(**common, backend=backend, ray=ray_opts), run)
     local, distributed = open_features(outs["local"]), open_features(outs["ray"])
     assert distributed.names == local.names == ["shard-00000", "shard-00001", "shard-00002", "shard-00003"]
