@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from scipy.spatial.distance import cdist
 
-from midtrain.gap.mmd import median_heuristic, mmd_matrix, mmd_matrix_rff, resolve_device
+from midtrain.devices import resolve_device
+from midtrain.gap.mmd import median_heuristic, mmd_matrix, mmd_matrix_rff
 
 
 def make_datasets(num: int, n: int, dim: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -129,7 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.datasets, args.n, args.dim = 8, 1000, 512
-    device = resolve_device(args.device)
+    device = torch.device(resolve_device(args.device))
     D, n, d = args.datasets, args.n, args.dim
     print(
         f"MMD matrix benchmark: D={D} datasets x n={n} x d={d}, float32, device={device}, "

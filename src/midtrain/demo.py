@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import ConfigError, StageConfig, load_config, to_plain
@@ -109,9 +108,8 @@ def episodes_by_group(lerobot_root: Path, groups: dict[str, list[str]]) -> dict[
 def _stage_configs(cfg: DemoConfig, run: RunDir, model: str) -> dict[str, dict[str, Any]]:
     """The demo's choices for each stage, as plain config mappings.
 
-    The catalog's VLA sources depend on which episodes ``sim collect`` kept, so this is
-    called again after it has run (before that, the catalog entry is a placeholder that
-    is never executed).
+    The catalog's VLA sources depend on which episodes ``sim collect`` kept, so
+    ``run_demo`` derives the configs again once that stage has run.
     """
     common = {"seed": cfg.seed, "on_error": cfg.on_error}
     sim_pool_dir = run.stage_dir("sim_pool")
@@ -229,8 +227,9 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
 
     costs: list[dict[str, Any]] = []
     out = run_dir.root
-    for name in _stage_configs(config, run_dir, model):
-        base = _stage_configs(config, run_dir, model)[name]  # re-derived: the catalog depends on sim collect
+    configs = _stage_configs(config, run_dir, model)
+    for name in list(configs):
+        base = configs[name]
         spec = STAGES[name]
         config_cls, fn = spec.load()
         stage_cfg = load_config(config_cls, base=base)
@@ -238,6 +237,8 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
         t0 = time.perf_counter()
         out = fn(stage_cfg, run_dir, force=force)
         costs.append({"stage": name, "wall_s": round(time.perf_counter() - t0, 2), **_peak_rss_mb()})
+        if name == "sim collect":  # the catalog's VLA sources are the episodes it kept
+            configs = _stage_configs(config, run_dir, model)
         log.info("demo: %s done in %.1fs", name, costs[-1]["wall_s"])
 
     findings = demo_findings(run_dir)

@@ -1,23 +1,9 @@
-"""Synthetic run directories for the select package: a catalog, a feature run and helpers.
-
-Features are Gaussian so the density ratio is known: pool source ``near`` sits closer to
-the VLA mean than ``far``; the estimator should prefer ``near``.
-"""
+"""Fixtures of the select tests; the run builders they use live in ``select_fixtures.py``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
-import pyarrow as pa
 import pytest
-
-from midtrain.config import StageConfig
-from midtrain.data.catalog import rows_to_table
-from midtrain.data.features import shard_name, write_feature_shard
-from midtrain.data.images import encode_image, ref_from_bytes, ref_from_path
-from midtrain.runs import RunDir, stage_run, write_parquet_atomic
-from select_fixtures import FakeCatalogConfig, FakeFeaturizeConfig, vlm_row, vla_row, write_catalog, gaussian_features, write_features, build_run  # noqa: F401,E402
+from select_fixtures import build_run
 
 
 @pytest.fixture(scope="module", autouse=True)

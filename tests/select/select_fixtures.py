@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pytest
 
 from midtrain.config import StageConfig
 from midtrain.data.catalog import rows_to_table

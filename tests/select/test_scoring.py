@@ -16,7 +16,7 @@ from midtrain.data.features import open_features
 from midtrain.runs import RunDir, SampleError, StageError
 from midtrain.select.estimator import ProximityEstimator, load_estimator
 from midtrain.select.fit import FitConfig, fit_estimator
-from midtrain.select.pool import stream_feature_chunks
+from midtrain.data.features import stream_feature_chunks
 from midtrain.select.score import ScoreConfig, score_feature_shard, score_pool
 from midtrain.select.scorers import MeanDistanceScorer, ProximityScorer, RandomScorer
 

@@ -35,6 +35,8 @@ from typing import Callable, Iterator, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..devices import resolve_device
+
 Statistic = Literal["unbiased", "biased"]
 
 
@@ -45,15 +47,6 @@ class GapInputError(ValueError):
 
 
 # --------------------------------------------------------------------------- kernels
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise GapInputError(f"device {name!r} requested but CUDA is not available; use device: cpu or auto")
-    return torch.device(name)
 
 
 def bandwidths(sigma: float, factors: Sequence[float] = (1.0,)) -> tuple[float, ...]:
@@ -212,7 +205,7 @@ class _Pooled:
         cls, datasets: Mapping[str, np.ndarray | torch.Tensor], sigmas: Sequence[float], device: str | torch.device
     ) -> "_Pooled":
         sizes = check_datasets(datasets)
-        dev = resolve_device(device) if isinstance(device, str) else device
+        dev = torch.device(resolve_device(device)) if isinstance(device, str) else device
         started = time.perf_counter()
         pooled = torch.cat([torch.as_tensor(a, dtype=torch.float32) for a in datasets.values()]).to(dev)
         mean = pooled.mean(0)

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..devices import resolve_device
 from ..runs import StageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -27,17 +28,6 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3
 
 class ModelLoadError(StageError):
     """The requested model cannot be loaded as a VLM; the message says which and why in one line."""
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is returned as given."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} requested but no CUDA GPU is visible; use device: cpu or auto")
-    return device
 
 
 def resolve_dtype(dtype: str, device: str):
@@ -141,7 +131,6 @@ def load_vlm(
     ``attn_implementation``: ``sdpa`` (default), ``eager``, ``flash_attention_2``, ...
     Raises :class:`ModelLoadError` (one line) for a missing model or a model that is not a VLM.
     """
-    import torch
     from transformers import AutoModelForImageTextToText
 
     name = str(name_or_path)

@@ -1,4 +1,4 @@
-"""Which feature rows are the VLM pool and which the VLA target set; streaming feature reads.
+"""Which feature rows are the VLM pool and which the VLA target set.
 
 Shared by fit, score and select (all in this package). Rows are *global* indices into
 the concatenation of a feature run's shards, in shard order. ``RowLocator`` turns a
@@ -8,10 +8,8 @@ global row back into ``shard file + row`` for error messages.
 from __future__ import annotations
 
 import hashlib
-import mmap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -130,48 +128,3 @@ def select_rows(fs: FeatureSet, kind: str, sources: list[str] | tuple[str, ...] 
     if len(rows) == 0:
         raise empty_set_error(fs, kind, sources)
     return rows.astype(np.int64)
-
-
-def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """Shape, dtype and byte offset of the data in a ``.npy`` file (C order required)."""
-    with open(path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = reader(fh)
-        offset = fh.tell()
-    if fortran:
-        raise StageError(f"{path}: Fortran-ordered array; feature shards must be C-ordered")
-    return shape, dtype, offset
-
-
-def stream_feature_chunks(path: Path, chunk_rows: int = 1024, release_every: int = 32 << 20) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(first_row, chunk)`` views ``[<=chunk_rows, d]`` of a ``.npy`` feature shard.
-
-    The file is memory-mapped copy-on-write (never written back: the views are writable
-    only so torch can wrap them without a copy); every ``release_every`` bytes the pages
-    already consumed are dropped from this process (``MADV_DONTNEED``; the OS page cache
-    keeps them), so resident memory stays bounded by the window, not the shard or pool
-    size. A yielded view is only valid until the next iteration.
-    """
-    shape, dtype, offset = npy_layout(path)
-    if len(shape) != 2:
-        raise StageError(f"{path}: expected a 2-D feature array, got shape {shape}")
-    n, d = shape
-    if n == 0:
-        return
-    with open(path, "rb") as fh:
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-    arr = np.frombuffer(mm, dtype=dtype, count=n * d, offset=offset).reshape(n, d)
-    row_bytes = d * dtype.itemsize
-    released = 0
-    can_release = hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED")
-    try:
-        for start in range(0, n, chunk_rows):
-            yield start, arr[start : start + chunk_rows]
-            end = offset + min(start + chunk_rows, n) * row_bytes
-            if can_release and end - released >= release_every:
-                upto = end // mmap.PAGESIZE * mmap.PAGESIZE
-                mm.madvise(mmap.MADV_DONTNEED, released, upto - released)
-                released = upto
-    finally:
-        del arr  # the mapping is closed when the last view is gone

@@ -30,9 +30,9 @@ import pyarrow.parquet as pq
 from ..config import ConfigError, StageConfig
 from ..runs import RunDir, SampleError, StageError, StageRun, atomic_path, stage_run, write_parquet_atomic
 from .estimator import load_estimator, read_estimator_config, torch_threads
+from ..data.features import npy_layout, stream_feature_chunks
 from .pool import (
-    POOL_KIND, VLA_KIND, FeatureRun, RowLocator, check_sources, empty_set_error, npy_layout, resolve_features, rows_mask,
-    select_rows, stream_feature_chunks,
+    POOL_KIND, VLA_KIND, FeatureRun, RowLocator, check_sources, empty_set_error, resolve_features, rows_mask, select_rows,
 )  # fmt: skip
 from .scorers import FeatureScorer, MeanDistanceScorer, ProximityScorer, RandomScorer
 
