@@ -4,18 +4,28 @@ Builds a float16 feature run of 1M x 1024 (2 GB, in shards of 100k rows, in a te
 directory that is deleted afterwards) and a linear proximity estimator, then measures:
 
 1. Throughput of the scoring hot path (``score_feature_shard``: memory-mapped shards,
-   float16 -> float32 into a reused buffer, standardisation folded into one matrix-vector
-   product) in GB/s of features, against the memory-read bandwidth of a plain numpy pass
-   over the same memory-mapped files in the same run (``np.add.reduce`` over each chunk
-   viewed as uint64, which reads every byte at full speed). Both are timed warm: the
-   files are in the OS page cache after a warm-up pass of each, and every pass maps the
-   files afresh, as the stage does. Best of ``--repeats`` alternating passes.
-   For reference, a naive scorer (whole shard -> float32 -> model) is timed once.
-2. Peak RSS of the whole ``score`` stage (``score_pool``) in a fresh child process at
-   100k and at 1M rows (the child's own ``VmHWM``); they should match within 10%.
+   standardisation folded into the linear layer) in GB/s of features, with the kernel
+   the stage runs for ``kernel: <--kernel>`` (resolved by the stage's ``choose_kernel``,
+   streamed in the stage's default chunk size for that kernel): ``compiled`` = the
+   torch.compile'd fused float16 x float32 dot over 16,384-row chunks, ``eager`` =
+   float16 -> float32 copy into a reused buffer + ``torch.mv`` per 1,024 rows. Measured
+   against the memory-read bandwidth of a plain numpy pass over the same memory-mapped
+   files in the same run (``np.add.reduce`` over each 1,024-row chunk viewed as uint64,
+   which reads every byte at full speed). All are timed warm: the files are in the OS page
+   cache after a warm-up pass of each (the warm-up also compiles the kernel, once per
+   process; its time is reported as ``compile_s``), and every pass maps the files afresh,
+   as the stage does. Best of ``--repeats`` alternating passes. The eager kernel is timed
+   in the same rounds for comparison, and a naive scorer (whole shard -> float32 ->
+   model) once.
+2. Peak RSS of the whole ``score`` stage (``score_pool``, same ``kernel`` and threads) in
+   a fresh child process at 100k and at 1M rows (the child's own ``VmHWM``); they should
+   match within 10%. The child's wall time includes its compile.
 
 Prints ratios, then one JSON line: ``{"bench": "score", ..., "fraction_of_peak": ..., "rss_ratio": ...}``.
-``--quick`` uses 20k and 200k rows.
+``--quick`` uses 20k and 200k rows. ``--kernel`` defaults to ``compiled``: note that the
+stage's ``kernel: auto`` picks ``eager`` for a pool this small (2 GB; see
+``AUTO_COMPILE_MIN_BYTES``), printed as ``auto_kernel``. ``--threads`` sets the intra-op
+threads of every pass and of the stage (default: the stage's default, 1).
 """
 
 from __future__ import annotations
@@ -40,9 +50,10 @@ from midtrain.data.features import shard_name, write_feature_shard
 from midtrain.runs import RunDir, stage_run
 from midtrain.select.estimator import ProximityEstimator, save_estimator, torch_threads
 from midtrain.select.score import ScoreConfig, score_feature_shard, score_pool
-from midtrain.select.scorers import ProximityScorer
+from midtrain.select import scorers as scorers_mod
+from midtrain.select.scorers import ProximityScorer, choose_kernel
 
-CHUNK_ROWS = 1024
+CHUNK_ROWS = 1024  # of the numpy read pass
 
 
 @dataclass
@@ -104,9 +115,10 @@ def read_pass(paths: list[Path]) -> float:
 
 
 def score_pass(scorer: ProximityScorer, paths: list[Path], ids: list[list[str]]) -> float:
+    """The stage's per-shard call, in the scorer's default chunk size (the stage's when ``chunk_rows`` is unset)."""
     t0 = time.perf_counter()
     for p, shard_ids in zip(paths, ids):
-        score_feature_shard(scorer, p, shard_ids, CHUNK_ROWS)
+        score_feature_shard(scorer, p, shard_ids)
     return time.perf_counter() - t0
 
 
@@ -128,19 +140,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
-def child(run_dir: str, estimator: str) -> None:
+def child(run_dir: str, estimator: str, kernel: str, threads: int) -> None:
     """Run the score stage once and report its peak RSS (called in a fresh process)."""
     t0 = time.perf_counter()
     # the small run is a subset of the large one (another fingerprint) scored with the same estimator
-    config = ScoreConfig(estimator=Path(estimator), chunk_rows=CHUNK_ROWS, allow_foreign_estimator=True)
-    score_pool(config, RunDir(run_dir), force=True)
+    config = ScoreConfig(estimator=Path(estimator), kernel=kernel, num_threads=threads, allow_foreign_estimator=True)
+    out = score_pool(config, RunDir(run_dir), force=True)
     wall = time.perf_counter() - t0
-    print(json.dumps({"maxrss_mb": peak_rss_mb(), "wall_s": wall}))
+    man = json.loads((out / "manifest.json").read_text())
+    print(json.dumps({"maxrss_mb": peak_rss_mb(), "wall_s": wall, "kernel": man["kernel"], "kernel_rows": man["kernel_rows"]}))
 
 
-def stage_rss(run: RunDir, estimator: Path) -> dict:
+def stage_rss(run: RunDir, estimator: Path, kernel: str, threads: int) -> dict:
     env = {**os.environ, "MIDTRAIN_PROGRESS": "off"}
-    out = subprocess.run([sys.executable, __file__, "--child", str(run.root), str(estimator)],
+    out = subprocess.run([sys.executable, __file__, "--child", str(run.root), str(estimator), kernel, str(threads)],
                          capture_output=True, text=True, env=env, check=True)  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -150,10 +163,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="20k / 200k rows instead of 100k / 1M")
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--child", nargs=2, metavar=("RUN_DIR", "ESTIMATOR"), help=argparse.SUPPRESS)
+    ap.add_argument("--kernel", choices=scorers_mod.KERNELS, default="compiled", help="the score stage's `kernel` (default: compiled)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the score stage's, 1)")
+    ap.add_argument("--child", nargs=4, metavar=("RUN_DIR", "ESTIMATOR", "KERNEL", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(*args.child)
+        child(args.child[0], args.child[1], args.child[2], int(args.child[3]))
         return
     small, large = (20_000, 200_000) if args.quick else (100_000, 1_000_000)
     tmp = Path(tempfile.mkdtemp(prefix="midtrain-bench-score-"))
@@ -170,33 +185,56 @@ def main() -> None:
         paths = [fs.shards_dir / f"{n}.npy" for n in fs.names]
         ids = [fs.ids(n).column("id").to_pylist() for n in fs.names]
         model = load_estimator(est_dir)
-        scorer = ProximityScorer(model, CHUNK_ROWS)
         nbytes = large * args.dim * 2
-        threads = ScoreConfig().num_threads or 1  # what the score stage uses for feature scorers
+        kernel, why = choose_kernel(args.kernel, model.kind, nbytes)  # as the stage resolves `kernel`
+        auto_kernel, _ = choose_kernel("auto", model.kind, nbytes)
+        scorer = ProximityScorer(model, kernel, kernel_reason=why)
+        eager = ProximityScorer(model, "eager")
+        threads = args.threads or ScoreConfig().num_threads or 1  # the score stage's default for feature scorers: 1
         with torch_threads(threads):
-            read_pass(paths), score_pass(scorer, paths, ids)  # warm-up: page cache and buffers
-            reads, scores = [], []
+            t0 = time.perf_counter()
+            score_pass(scorer, paths[:1], ids[:1])  # the first chunk compiles the kernel (once per process)
+            first_s = time.perf_counter() - t0
+            read_pass(paths), score_pass(scorer, paths, ids), score_pass(eager, paths, ids)  # warm-up: page cache and buffers
+            reads, scores, eagers = [], [], []
             for _ in range(args.repeats):
                 reads.append(read_pass(paths))
                 scores.append(score_pass(scorer, paths, ids))
+                eagers.append(score_pass(eager, paths, ids))
             naive = naive_pass(model, paths)
+        ran = scorer.describe()
+        if ran["kernel"] != kernel:
+            print(f"warning: the {kernel} kernel fell back to {ran['kernel']}: {ran.get('kernel_fallback')}")
         read_gbps, score_gbps, naive_gbps = nbytes / min(reads) / 1e9, nbytes / min(scores) / 1e9, nbytes / naive / 1e9
+        eager_gbps = nbytes / min(eagers) / 1e9
+        compile_s = scorers_mod._COMPILED.get("seconds") if ran["kernel"] == "compiled" else None
+        print(f"kernel: {ran['kernel']} (--kernel {args.kernel}: {why}; `kernel: auto` would run {auto_kernel} here), "
+              f"{scorer.default_chunk_rows:,}-row chunks, torch threads {threads}"
+              + (f", compiled in {compile_s:.1f}s (first shard incl. compile {first_s:.1f}s)" if compile_s else ""))  # fmt: skip
         print(f"memory-read pass (numpy, memmap): {read_gbps:6.2f} GB/s   (passes: {', '.join(f'{t:.3f}s' for t in reads)})")
-        print(f"scoring hot path:                 {score_gbps:6.2f} GB/s   (passes: {', '.join(f'{t:.3f}s' for t in scores)})")
+        print(f"scoring hot path ({ran['kernel']:>8}):      {score_gbps:6.2f} GB/s   (passes: {', '.join(f'{t:.3f}s' for t in scores)})")
+        print(f"eager kernel, same rounds:        {eager_gbps:6.2f} GB/s   (passes: {', '.join(f'{t:.3f}s' for t in eagers)})")
         print(f"naive scorer (astype + module):   {naive_gbps:6.2f} GB/s")
-        print(f"scoring / memory read = {score_gbps / read_gbps:.2f};  scoring / naive = {score_gbps / naive_gbps:.1f}x")
+        print(f"scoring / memory read = {score_gbps / read_gbps:.2f} (eager: {eager_gbps / read_gbps:.2f});  "
+              f"scoring / naive = {score_gbps / naive_gbps:.1f}x")  # fmt: skip
 
         one_shard = subset_run(full, tmp / "small", 1)
-        rss_small = stage_rss(one_shard, est_dir)
-        rss_large = stage_rss(full, est_dir)
-        print(f"score stage peak RSS: {rss_small['maxrss_mb']:.0f} MB at {small:,} rows, "
+        rss_small = stage_rss(one_shard, est_dir, args.kernel, threads)
+        rss_large = stage_rss(full, est_dir, args.kernel, threads)
+        for r in (rss_small, rss_large):
+            if r["kernel"] != ran["kernel"]:
+                print(f"warning: the stage ran the {r['kernel']} kernel, the hot-path passes {ran['kernel']}")
+        print(f"score stage ({rss_large['kernel']} kernel) peak RSS: {rss_small['maxrss_mb']:.0f} MB at {small:,} rows, "
               f"{rss_large['maxrss_mb']:.0f} MB at {large:,} rows (ratio {rss_large['maxrss_mb'] / rss_small['maxrss_mb']:.3f}); "
-              f"stage wall {rss_large['wall_s']:.2f}s at {large:,} rows")  # fmt: skip
+              f"stage wall {rss_large['wall_s']:.2f}s at {large:,} rows" + (" (incl. compile)" if rss_large["kernel"] == "compiled" else ""))  # fmt: skip
         result = {
-            "bench": "score", "rows": large, "dim": args.dim, "shard_rows": small, "chunk_rows": CHUNK_ROWS,
-            "torch_threads": threads, "score_gbps": round(score_gbps, 3), "read_gbps": round(read_gbps, 3),
-            "fraction_of_peak": round(score_gbps / read_gbps, 3), "naive_gbps": round(naive_gbps, 3),
+            "bench": "score", "rows": large, "dim": args.dim, "shard_rows": small, "kernel": ran["kernel"],
+            "auto_kernel": auto_kernel, "chunk_rows": scorer.default_chunk_rows, "torch_threads": threads,
+            "score_gbps": round(score_gbps, 3), "read_gbps": round(read_gbps, 3),
+            "fraction_of_peak": round(score_gbps / read_gbps, 3), "eager_gbps": round(eager_gbps, 3),
+            "eager_fraction_of_peak": round(eager_gbps / read_gbps, 3), "naive_gbps": round(naive_gbps, 3),
             "speedup_vs_naive": round(score_gbps / naive_gbps, 2), "rows_per_s": round(large / min(scores)),
+            "compile_s": round(compile_s, 2) if compile_s else None,
             "rss_small_mb": round(rss_small["maxrss_mb"], 1), "rss_large_mb": round(rss_large["maxrss_mb"], 1),
             "rss_ratio": round(rss_large["maxrss_mb"] / rss_small["maxrss_mb"], 3),
             "stage_wall_s_large": round(rss_large["wall_s"], 2), "page_cache": "warm",
