@@ -102,6 +102,10 @@ def build_demo_vlm(out_dir: Path | str, seed: int = 0) -> Path:
     src = minilm_dir()
     out_dir = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(src)
+    # sentence-transformers' saved default (max_length 128, no truncation) only makes transformers
+    # warn on every padded batch; featurize applies its own max_length
+    for key in ("max_length", "truncation_strategy"):
+        tokenizer.init_kwargs.pop(key, None)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
 
