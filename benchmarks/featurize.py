@@ -10,14 +10,19 @@
 
 Both run in this process on the same rows (VLM conversations with 160-400 px JPEG images, VLA
 frames at 224 px) and the same randomly initialised real architecture (default: Qwen2-VL,
-``bench`` preset, ~40 M parameters). The check: per-sample relative error
-``|f_midtrain - f_naive| / |f_naive|`` (L2), max over samples, < 1e-4 in float32.
+``bench`` preset: hidden 384, 6 + 6 layers, 224 px, and Qwen2-VL's released vocabulary of 151,936
+tokens with the output head tied to the embedding, as in Qwen2-VL-2B: 77.8 M parameters). The
+check: per-sample relative error ``|f_midtrain - f_naive| / |f_naive|`` (L2), max over samples,
+< 1e-4 in float32.
 
 Where the speed-up comes from: the backbone alone does fewer FLOPs than the full model (no LM head
 over every position; printed as ``flop_ratio``), batches keep matmuls large (which matters on GPUs
 and on CPUs shared with other jobs, where batch-1's many small parallel ops stall), and
 preparation overlaps the model. On an idle CPU both loops run matmuls near the same FLOP/s, so
-the speed-up there is close to ``flop_ratio`` (about 1.5x for this model).
+the speed-up there follows ``flop_ratio``. The LM head's share depends on the vocabulary: a
+scaled-down model keeps the architecture's real one (``--vocab``, default the released size), since
+that head is what a researcher's ``model(**inputs)`` pays for on every token whatever the width.
+``--vocab 32000`` rebuilds the earlier 31.8 M-parameter model (``flop_ratio`` about 1.5).
 
 GPU path (``--device cuda --arch-size 1b``): a ~1 B-parameter model built from config directly on
 the GPU in bfloat16; reports tokens/s and MFU = 2 x params x tokens / time / (measured bf16 matmul
@@ -25,6 +30,7 @@ FLOP/s). Without a CUDA device this path prints that it was not run and reports 
 
     python benchmarks/featurize.py            # CPU, default sizes (< 3 min on 2 cores)
     python benchmarks/featurize.py --quick    # fewer samples
+    python benchmarks/featurize.py --vocab 32000   # the earlier 32k-vocabulary bench model
     python benchmarks/featurize.py --device cuda --arch-size 1b
 
 Ends with one JSON line: {"bench": "featurize", "ratio": ..., "max_rel_err": ..., ...}.
@@ -108,13 +114,13 @@ def naive_features(model, processor, rows: list[dict], counts: dict | None = Non
     return np.stack(feats), tokens, time.perf_counter() - t0
 
 
-def midtrain_features(model, processor, rows: list[dict], args) -> tuple[np.ndarray, int, float]:
-    """midtrain's pipeline (DataLoader worker + bucketed batches + backbone-only extractor)."""
+def midtrain_features(extractor, processor, rows: list[dict], args) -> tuple[np.ndarray, int, float]:
+    """midtrain's pipeline (DataLoader worker + bucketed batches + backbone-only ``extractor``)."""
     import pyarrow as pa
     import torch
 
     from midtrain.data.catalog import rows_to_table
-    from midtrain.featurize.featurizer import BatchPreparer, FeatureExtractor, PreparedBatch
+    from midtrain.featurize.featurizer import BatchPreparer, PreparedBatch
     from midtrain.featurize.local import iter_features
 
     class InMemoryShards(torch.utils.data.IterableDataset):
@@ -132,7 +138,6 @@ def midtrain_features(model, processor, rows: list[dict], args) -> tuple[np.ndar
 
     table = rows_to_table(rows)
     preparer = BatchPreparer(processor, batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch)
-    extractor = FeatureExtractor(model, "mean")
     out = np.zeros((len(rows), extractor.dim), dtype=np.float32)
     tokens = 0
     args.vision_patches = 0
@@ -147,6 +152,36 @@ def midtrain_features(model, processor, rows: list[dict], args) -> tuple[np.ndar
     if extractor.device.type == "cuda":
         torch.cuda.synchronize()
     return out, tokens, time.perf_counter() - t0
+
+
+class OtherCpu:
+    """Cores kept busy by *other* processes over an interval (Linux): all CPU time the kernel counts
+    as busy (``/proc/stat``) minus this process's and its reaped children's (the DataLoader
+    workers), divided by the wall time. The 1-minute load average lags and counts this benchmark
+    itself; this says how much of the 2 cores someone else took while the loops ran."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        import resource
+
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+        ours = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                   for f in ("ru_utime", "ru_stime"))  # fmt: skip
+        return busy, ours, time.perf_counter()
+
+    def cores(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        (busy0, ours0, t0), (busy1, ours1, t1) = self.start, end
+        return max(0.0, (busy1 - busy0) - (ours1 - ours0)) / max(t1 - t0, 1e-9)
 
 
 def bf16_matmul_flops(device: str, n: int = 8192, iters: int = 20) -> float:
@@ -173,22 +208,36 @@ def build_model(args):
     from midtrain.models import build_tiny_vlm, load_vlm, tiny_vlm_parts
 
     if args.device == "cuda":
-        model_cls, config, processor = tiny_vlm_parts(args.arch, args.arch_size)
+        model_cls, config, processor = tiny_vlm_parts(args.arch, args.arch_size, args.vocab)
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = model_cls(config).to(torch.bfloat16).eval().requires_grad_(False)
     else:
-        path = build_tiny_vlm(args.arch, Path(tempfile.mkdtemp(prefix="midtrain-bench-")) / args.arch, size=args.arch_size)
+        out = Path(tempfile.mkdtemp(prefix="midtrain-bench-")) / args.arch
+        path = build_tiny_vlm(args.arch, out, size=args.arch_size, vocab_size=args.vocab)
         model, processor = load_vlm(path, dtype="float32", device="cpu")
     return model, processor, sum(p.numel() for p in model.parameters())
+
+
+def make_extractor(model, args):
+    """midtrain's extractor; with ``--compile`` over a copy of the model, so that the naive loop
+    keeps running the eager model it was given."""
+    import copy
+
+    from midtrain.featurize.featurizer import FeatureExtractor
+
+    if not args.compile:
+        return FeatureExtractor(model, "mean")
+    return FeatureExtractor(copy.deepcopy(model), "mean", compile=True)
 
 
 def forward_flops(model, lm_tokens: int, vision_patches: int) -> float:
     """2 x parameters x tokens each part of the backbone runs on: the language model (all parameters
     but the vision tower and the embedding table, a lookup) per LM token, the vision tower per patch
     (Qwen-VL; other architectures: per LM token, an underestimate). Attention scores are left out."""
-    base = model.model
-    vision = next((getattr(base, n) for n in ("visual", "vision_tower", "vision_model") if hasattr(base, n)), None)
+    from midtrain.featurize.featurizer import vision_tower
+
+    vision = vision_tower(model)
     vision_params = sum(p.numel() for p in vision.parameters()) if vision is not None else 0
     total = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
     lm_params = total - vision_params
@@ -201,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--arch", default="qwen2_vl")
     parser.add_argument("--arch-size", default="bench", choices=["test", "bench", "1b"])
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="vocabulary size (embedding and tied output head); default: the preset's, which for "
+                             "'bench' is the architecture's released vocabulary (Qwen2-VL: 151936)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true",
+                        help="featurize with compile: true (torch.compile of the decoder layers and vision MLPs; "
+                             "compiled in the warm-up, in a fresh inductor cache, time reported as compile_s)")  # fmt: skip
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, 64 on GPU")
     parser.add_argument("--max-tokens-per-batch", type=int, default=None, help="default: 8192 on CPU, 32768 on GPU")
@@ -208,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=None, help="default: the featurize stage's default")
     parser.add_argument("--rounds", type=int, default=2, help="naive and midtrain alternate over this many chunks")
     args = parser.parse_args(argv)
+    if args.compile:  # a cold compile, as a new machine or a new torch would see it
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="midtrain-bench-inductor-"))
 
     import torch
 
@@ -229,13 +286,24 @@ def main(argv: list[str] | None = None) -> int:
     rows = make_rows(n)
     args.shard_size = args.shard_size or (512 if gpu else -(-n // args.rounds))
     model, processor, params = build_model(args)
+    vocab = int(model.config.get_text_config().vocab_size)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     print(f"model: {type(model).__name__} ({args.arch}, {args.arch_size}), {params / 1e6:.1f} M parameters, "
+          f"vocabulary {vocab} ({'tied' if tied else 'untied'} output head), "
           f"{next(model.parameters()).dtype}, {args.device}, torch threads {torch.get_num_threads()}")  # fmt: skip
     print(f"inputs: {n} samples ({sum(r['kind'] == 'vlm' for r in rows)} VLM conversations, "
           f"{sum(r['kind'] == 'vla' for r in rows)} VLA frames)")  # fmt: skip
 
     # Interleave the two in rounds so that both see the same machine load (shared CI machines).
-    midtrain_features(model, processor, rows[: min(8, n)], args)  # warm-up (allocator, kernels)
+    extractor = make_extractor(model, args)
+    t0 = time.perf_counter()
+    # warm-up (allocator, kernels; with --compile, the compile): a padded batch, and a batch without
+    # padding (one sample twice: the decoder layers then get no attention mask, which torch.compile
+    # compiles separately; not one sample alone, which it would specialise to batch size 1)
+    for warm in (rows[: min(8, n)], rows[:1] * 2):
+        midtrain_features(extractor, processor, warm, args)
+    warmup_s, warmup_compile_s = time.perf_counter() - t0, extractor.compile_s
+    other_cpu = OtherCpu()
     naive_parts, ours_parts = [], []
     naive_tokens = ours_tokens = patches = 0
     naive_counts: dict = {}
@@ -247,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         feats, tokens, secs = naive_features(model, processor, naive_part, naive_counts)
         naive_parts.append(feats)
         naive_tokens, naive_s = naive_tokens + tokens, naive_s + secs
-        feats, tokens, secs = midtrain_features(model, processor, part, args)
+        feats, tokens, secs = midtrain_features(extractor, processor, part, args)
         ours_parts.append(feats[: len(naive_part)])
         ours_tokens, ours_s = ours_tokens + tokens, ours_s + secs
         patches += args.vision_patches
@@ -262,21 +330,35 @@ def main(argv: list[str] | None = None) -> int:
     print(f"naive loop : {naive_sps:8.2f} samples/s  {naive_tps:10.0f} tokens/s  ({naive_n} samples in {naive_s:.1f} s)")
     print(f"midtrain   : {ours_sps:8.2f} samples/s  {ours_tps:10.0f} tokens/s  ({n} samples in {ours_s:.1f} s)")
     print(f"ratio      : {ratio:.2f}x samples/s (midtrain / naive)")
+    compile_s = extractor.compile_s if args.compile else None
+    if args.compile:
+        print(f"compile    : {compile_s:.1f} s once per process: {warmup_compile_s:.1f} s in the warm-up (not timed), "
+              f"{compile_s - warmup_compile_s:.1f} s of recompiles for new shapes within the midtrain time above; "
+              f"with all of it, midtrain would be {n / (ours_s + warmup_compile_s):.2f} samples/s on these {n} samples")  # fmt: skip
     # The work each does per sample: the naive loop also runs the LM head over every position.
     lm_head = model.get_output_embeddings().weight.numel()
     naive_flops = forward_flops(model, naive_tokens, naive_counts.get("patches", 0)) + 2.0 * lm_head * naive_tokens
-    flop_ratio = (naive_flops / naive_n) / (forward_flops(model, ours_tokens, patches) / n)
+    ours_flops = forward_flops(model, ours_tokens, patches)
+    flop_ratio = (naive_flops / naive_n) / (ours_flops / n)
+    naive_gflops, ours_gflops = naive_flops / naive_s / 1e9, ours_flops / ours_s / 1e9
     print(f"work ratio : {flop_ratio:.2f}x matmul FLOPs per sample (naive / midtrain): the ceiling of the speed-up "
           "where both run at the same FLOP/s (a compute-bound CPU); batching wins beyond it where batch 1 "
           "underuses the hardware (GPUs, CPUs shared with other jobs)")  # fmt: skip
+    print(f"matmul rate: naive {naive_gflops:.1f} GFLOP/s, midtrain {ours_gflops:.1f} GFLOP/s (the FLOPs above / time)")
     tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
     print(f"max relative error (per-sample L2): {max_rel_err:.2e} ({'ok' if max_rel_err < tol else 'FAIL'}, tolerance {tol:g})")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    others = other_cpu.cores()
+    if others is not None:
+        print(f"other processes kept {others:.2f} of {os.cpu_count()} cores busy during the timed loops")
     print(f"machine load (1-min average) at the end: {load:.1f} on {os.cpu_count()} cores" if load is not None else "")
-    figures = {"bench": "featurize", "device": args.device, "loadavg_1m": load and round(load, 1), "arch": args.arch, "arch_size": args.arch_size,
-               "params_m": round(params / 1e6, 1), "samples": n, "rounds": args.rounds, "naive_samples_per_s": round(naive_sps, 2),
+    figures = {"bench": "featurize", "device": args.device, "loadavg_1m": load and round(load, 1),
+               "other_cpu_cores": None if others is None else round(others, 2), "arch": args.arch, "arch_size": args.arch_size,
+               "vocab_size": vocab, "tied_lm_head": tied, "params_m": round(params / 1e6, 1), "samples": n, "rounds": args.rounds, "naive_samples_per_s": round(naive_sps, 2),
                "midtrain_samples_per_s": round(ours_sps, 2), "naive_tokens_per_s": round(naive_tps, 1),
-               "midtrain_tokens_per_s": round(ours_tps, 1), "ratio": round(ratio, 2), "flop_ratio": round(flop_ratio, 2), "max_rel_err": max_rel_err}  # fmt: skip
+               "midtrain_tokens_per_s": round(ours_tps, 1), "ratio": round(ratio, 2), "flop_ratio": round(flop_ratio, 2),
+               "naive_gflops": round(naive_gflops, 1), "midtrain_gflops": round(ours_gflops, 1), "max_rel_err": max_rel_err,
+               "compile": args.compile, "compile_s": None if compile_s is None else round(compile_s, 1)}  # fmt: skip
     if args.device == "cuda":
         peak = bf16_matmul_flops("cuda")
         flops = forward_flops(model, ours_tokens, patches)

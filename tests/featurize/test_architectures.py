@@ -83,3 +83,20 @@ def test_prepare_shard_buckets_by_length_and_covers_every_row(loaded_vlm):
     assert padded < 1.5 * real  # length bucketing keeps padding small
     for b in batches:  # text-only rows are never batched with rows that have images
         assert len({bool(table.column("image_refs")[int(p)].as_py()) for p in b.positions}) == 1
+
+
+def test_compiled_extractor_matches_eager(tiny_vlm, loaded_vlm):
+    """``compile: true`` (decoder layers and vision MLPs through inductor) gives the eager features."""
+    from midtrain.models import load_vlm
+
+    model, processor = loaded_vlm("qwen2_vl")
+    batch = BatchPreparer(processor, batch_size=16).prepare_batch(0, 0, rows_to_table(ROWS), np.arange(len(ROWS)))
+    expected, _ = FeatureExtractor(model, "mean")(batch.inputs)
+    fresh, _ = load_vlm(tiny_vlm("qwen2_vl"), dtype="float32", device="cpu")  # compiled in place: not the shared one
+    extractor = FeatureExtractor(fresh, "mean", compile=True)
+    assert "decoder.layers.0" in extractor.compiled and any(n.startswith("vision.") for n in extractor.compiled)
+    feats, _ = extractor(batch.inputs)
+    np.testing.assert_allclose(feats, expected, rtol=1e-4, atol=1e-5)
+    assert extractor.compile_s > 0
+    again, _ = extractor(batch.inputs)  # same shapes: no recompile
+    np.testing.assert_allclose(again, expected, rtol=1e-4, atol=1e-5)

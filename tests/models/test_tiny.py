@@ -49,6 +49,34 @@ def test_bench_preset_is_in_the_30_to_100m_range():
     assert 30e6 <= n <= 100e6, n
 
 
+def test_bench_preset_keeps_the_released_vocabulary_with_a_tied_head():
+    import torch
+
+    from midtrain.models.tiny import RELEASED_VOCAB, preset
+
+    model_cls, config, processor = tiny_vlm_parts("qwen2_vl", "bench")
+    assert config.get_text_config().vocab_size == RELEASED_VOCAB["qwen2_vl"] == 151936  # Qwen2-VL-2B's
+    with torch.device("meta"):
+        model = model_cls(config)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # one table, as in the 2B
+    assert all(preset(arch, "bench").vocab_size == RELEASED_VOCAB[arch] for arch in TINY_ARCHS)
+    # the override rebuilds the earlier 32k model; 0 falls back to the trained tokenizer's size
+    assert tiny_vlm_parts("qwen2_vl", "bench", 32000)[1].get_text_config().vocab_size == 32000
+    assert tiny_vlm_parts("qwen2_vl", "bench", 0)[1].get_text_config().vocab_size == len(processor.tokenizer)
+    # the test preset is untouched: the trained tokenizer's vocabulary
+    assert preset("qwen2_vl", "test").vocab_size == 0
+
+
+def test_build_records_the_vocabulary(tmp_path):
+    from midtrain.models import build_tiny_vlm
+
+    path = build_tiny_vlm("qwen2_vl", tmp_path / "m", size="test", vocab_size=1000)
+    info = json.loads((path / "midtrain_tiny.json").read_text())
+    assert info["vocab_size"] == info["preset"]["vocab_size"] == 1000
+    model, _ = load_vlm(path, dtype="float32", device="cpu")
+    assert model.config.get_text_config().vocab_size == 1000
+
+
 def test_unknown_arch_and_size_are_rejected():
     with pytest.raises(ValueError, match="unknown tiny VLM architecture 'llava'"):
         tiny_vlm_parts("llava")

@@ -75,7 +75,7 @@ class FeaturizeActor:
 
         config = from_dict(FeaturizeConfig, config_dict)
         model, _ = load_vlm(config.model, config.dtype, device, config.attn_implementation, config.trust_remote_code)
-        self.extractor = FeatureExtractor(model, config.pooling)
+        self.extractor = FeatureExtractor(model, config.pooling, compile=config.compile)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         out = []

@@ -12,15 +12,17 @@ Sizes:
 
 - ``test``: hidden 64, 2 layers, 56-112 px images, vocabulary = the trained tokenizer (about 1 M
   parameters, builds in about a second);
-- ``bench``: about 30-60 M parameters (hidden 384-512, 6 layers, 224 px images, a 32k vocabulary as
-  a real model's output head would have) for the CPU benchmark and demos;
+- ``bench``: hidden 384, 6 layers, 224 px images and the architecture's *released* vocabulary
+  (:data:`RELEASED_VOCAB`, embeddings tied as in the small released checkpoints; e.g. 78 M
+  parameters for Qwen2-VL, 58 M of them the 151,936-row embedding that is also the output head)
+  for the CPU benchmark and demos; ``vocab_size=32000`` rebuilds the earlier 32 M-parameter model;
 - ``1b``: about 1 B parameters (Qwen2-VL-2B-like widths) for GPU throughput / MFU measurements.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "paligemma", "internvl")
@@ -71,12 +73,29 @@ class TinySize:
     vision_heads: int
     vision_intermediate: int
     image_px: int
-    vocab_size: int  # 0: the trained tokenizer's size
+    vocab_size: int  # 0: the trained tokenizer's size; RELEASED: the architecture's released vocabulary
+
+
+RELEASED = -1
+
+# Vocabulary (rows of the embedding and of the output head) of a released checkpoint of each
+# architecture, from its config.json. Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-2B and PaliGemma tie the
+# output head to the embedding; the tiny models tie it in every architecture, so a large vocabulary
+# adds one table, not two.
+RELEASED_VOCAB = {
+    "qwen2_vl": 151936,  # Qwen/Qwen2-VL-2B-Instruct
+    "qwen2_5_vl": 151936,  # Qwen/Qwen2.5-VL-3B-Instruct
+    "qwen3_vl": 151936,  # Qwen/Qwen3-VL-2B-Instruct
+    "idefics3": 128259,  # HuggingFaceM4/Idefics3-8B-Llama3
+    "smolvlm": 49280,  # HuggingFaceTB/SmolVLM-256M-Instruct
+    "paligemma": 257216,  # google/paligemma-3b-pt-224
+    "internvl": 151674,  # OpenGVLab/InternVL3-1B-hf
+}
 
 
 PRESETS = {
     "test": TinySize(64, 2, 4, 2, 128, 32, 2, 2, 64, 56, 0),
-    "bench": TinySize(384, 6, 6, 2, 1536, 256, 6, 4, 1024, 224, 32000),
+    "bench": TinySize(384, 6, 6, 2, 1536, 256, 6, 4, 1024, 224, RELEASED),
     "1b": TinySize(1536, 16, 12, 2, 8960, 1024, 16, 16, 4096, 448, 151936),
 }
 
@@ -330,17 +349,18 @@ def _internvl(s: TinySize):
     return tf.InternVLForConditionalGeneration, config, proc
 
 
-def tiny_vlm_parts(arch: str, size: str = "test"):
+def tiny_vlm_parts(arch: str, size: str = "test", vocab_size: int | None = None):
     """``(model_class, config, processor)`` of a tiny ``arch`` VLM; the model is not instantiated.
 
     Use this to build the model directly where it will run (e.g. ``with torch.device("cuda")``)
-    instead of saving and reloading it.
+    instead of saving and reloading it. ``vocab_size`` overrides the preset's vocabulary (0: the
+    trained tokenizer's size; never below it); see :func:`preset`.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown tiny VLM architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if size not in PRESETS:
         raise ValueError(f"unknown tiny VLM size {size!r}; choose one of {', '.join(SIZES)}")
-    s = PRESETS[size]
+    s = preset(arch, size, vocab_size)
     if arch.startswith("qwen"):
         return _qwen_family(arch, s)
     if arch in ("idefics3", "smolvlm"):
@@ -350,7 +370,17 @@ def tiny_vlm_parts(arch: str, size: str = "test"):
     return _internvl(s)
 
 
-def build_tiny_vlm(arch: str, out_dir: Path | str, size: str = "test", seed: int = 0) -> Path:
+def preset(arch: str, size: str, vocab_size: int | None = None) -> TinySize:
+    """The widths ``size`` builds for ``arch``, with its vocabulary resolved (``vocab_size`` if
+    given, else the preset's; :data:`RELEASED` becomes :data:`RELEASED_VOCAB` of ``arch``)."""
+    s = PRESETS[size]
+    vocab = s.vocab_size if vocab_size is None else vocab_size
+    return replace(s, vocab_size=RELEASED_VOCAB[arch] if vocab == RELEASED else vocab)
+
+
+def build_tiny_vlm(
+    arch: str, out_dir: Path | str, size: str = "test", seed: int = 0, vocab_size: int | None = None
+) -> Path:
     """Build a randomly initialised ``arch`` VLM with its real processor and save it to ``out_dir``.
 
     The directory is a regular Hugging Face checkpoint (``config.json``, ``model.safetensors``,
@@ -360,7 +390,7 @@ def build_tiny_vlm(arch: str, out_dir: Path | str, size: str = "test", seed: int
     import torch
 
     out_dir = Path(out_dir)
-    model_cls, config, processor = tiny_vlm_parts(arch, size)
+    model_cls, config, processor = tiny_vlm_parts(arch, size, vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config).eval()
@@ -368,6 +398,7 @@ def build_tiny_vlm(arch: str, out_dir: Path | str, size: str = "test", seed: int
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    info = {"arch": arch, "size": size, "seed": seed, "parameters": n_params, "preset": asdict(PRESETS[size])}
+    info = {"arch": arch, "size": size, "seed": seed, "parameters": n_params,
+            "vocab_size": int(config.get_text_config().vocab_size), "preset": asdict(preset(arch, size, vocab_size))}  # fmt: skip
     (out_dir / "midtrain_tiny.json").write_text(json.dumps(info, indent=2) + "\n")
     return out_dir
