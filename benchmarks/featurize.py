@@ -24,6 +24,13 @@ scaled-down model keeps the architecture's real one (``--vocab``, default the re
 that head is what a researcher's ``model(**inputs)`` pays for on every token whatever the width.
 ``--vocab 32000`` rebuilds the earlier 31.8 M-parameter model (``flop_ratio`` about 1.5).
 
+``--compile``: midtrain's extractor as with ``compile: true`` (decoder layers and vision MLPs
+through inductor, on a copy of the model so the naive loop stays eager). The compile runs in the
+warm-up, in a fresh inductor cache, and is reported as ``compile_s`` (once per process), not in
+the timed loops; recompiles inside them would be timed. The JSON line also gives each loop's
+matmul rate (``*_gflops``) and ``other_cpu_cores``: how many cores other processes kept busy
+while the loops ran (this machine is shared; runs with more than ~0.05 are noise).
+
 GPU path (``--device cuda --arch-size 1b``): a ~1 B-parameter model built from config directly on
 the GPU in bfloat16; reports tokens/s and MFU = 2 x params x tokens / time / (measured bf16 matmul
 FLOP/s). Without a CUDA device this path prints that it was not run and reports ``"mfu": null``.
@@ -31,6 +38,7 @@ FLOP/s). Without a CUDA device this path prints that it was not run and reports 
     python benchmarks/featurize.py            # CPU, default sizes (< 3 min on 2 cores)
     python benchmarks/featurize.py --quick    # fewer samples
     python benchmarks/featurize.py --vocab 32000   # the earlier 32k-vocabulary bench model
+    python benchmarks/featurize.py --compile       # featurize with compile: true
     python benchmarks/featurize.py --device cuda --arch-size 1b
 
 Ends with one JSON line: {"bench": "featurize", "ratio": ..., "max_rel_err": ..., ...}.

@@ -108,6 +108,17 @@ def test_image_pooling_skips_text_only_samples(tmp_path, tiny_vlm):
     assert set(text_only).isdisjoint(all_features(out)[1].column("id").to_pylist())
 
 
+def test_compile_option_gives_the_eager_features_and_records_its_time(tmp_path, tiny_vlm):
+    model = str(tiny_vlm("qwen2_vl"))
+    rows = {"robot": vla_rows(6, seed=12)}
+    _, eager = run_featurize(tmp_path, "eager", rows, model=model, num_workers=0)
+    _, compiled = run_featurize(tmp_path, "compiled", rows, model=model, num_workers=0, compile=True)
+    np.testing.assert_array_equal(all_features(compiled)[0], all_features(eager)[0])  # same float16 shards
+    man = json.loads((compiled / "manifest.json").read_text())
+    assert man["compile"] is True and man["compile_s"] > 0
+    assert json.loads((eager / "manifest.json").read_text())["compile"] is False
+
+
 def test_nan_feature_raises_naming_the_sample(tmp_path, tiny_vlm):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -62,9 +62,10 @@ class FeaturizeConfig(StageConfig):
     ``shard_size`` rows per output shard, ``num_workers`` DataLoader workers (None: 1 on CPU,
     up to 8 on GPU; 0 prepares in the main process), ``prefetch_factor`` batches per worker,
     ``compile`` (off by default): ``torch.compile`` the language model's decoder layers and the
-    vision tower's MLPs (:func:`~.featurizer.compile_backbone`). Experimental: on the 2-core CPU
-    benchmark it ranged from slower than eager to ~1.2x faster, after a one-time compile of
-    20-40 s per process (``compile_s`` in the manifest); try it on long runs only.
+    vision tower's MLPs (:func:`~.featurizer.compile_backbone`). On the 2-core CPU benchmark the
+    compiled model ran about 1.2x the eager one (4.2-4.4x the naive loop in 5 runs, eager 3.1-4.1x
+    in 14), after a compile of 34-40 s once per process plus a recompile of about 10 s at the first
+    batch without padding (both in ``compile_s`` in the manifest): for long runs only.
     """
 
     model: str = ""
