@@ -60,6 +60,10 @@ def test_text_centric_source_is_farthest_from_the_robot_data(findings):
     assert findings["farthest_vlm_source_by_mmd"] == "book_covers"
 
 
+def test_text_centric_source_scores_lowest(findings):
+    assert findings["lowest_scoring_source"] == "book_covers", findings["mean_proximity_by_source"]
+
+
 def test_selection_is_closer_to_the_robot_data_than_random(findings):
     assert findings["mmd_selection_vla"] < findings["mmd_random_vla"]
 

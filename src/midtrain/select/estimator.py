@@ -156,8 +156,16 @@ class TrainSettings:
 
     ``model``: ``linear`` (the paper's choice) or ``mlp`` with ``hidden`` widths.
     ``batch_size``: class-balanced (half VLA, half pool). Early stopping: ``patience``
-    epochs without a ``min_delta`` improvement of the validation loss, or the validation
-    balanced accuracy reaching ``target_val_accuracy``.
+    epochs without a ``min_delta`` improvement of the ``monitor``ed validation metric (the
+    earliest best epoch's weights are kept), or the validation balanced accuracy reaching
+    ``target_val_accuracy``.
+
+    ``monitor: val_auc`` (default) selects by held-out *ranking*, the only thing selection
+    uses. VLA and VLM features are often separable: the validation AUC is then 1.0 after the
+    first epoch, and every later epoch only grows the margins, driving every pool score to
+    ~0 and leaving the order of the far-away sources to whichever hard negatives set the
+    max-margin direction. The earliest epoch with the best held-out ranking is the least
+    over-fitted estimator that ranks as well. ``monitor: val_loss`` trains to the loss plateau.
     """
 
     model: Literal["linear", "mlp"] = "linear"
@@ -170,6 +178,7 @@ class TrainSettings:
     patience: int = 5
     min_delta: float = 1e-4
     target_val_accuracy: Optional[float] = None
+    monitor: Literal["val_auc", "val_loss"] = "val_auc"
     val_fraction: float = 0.1
     seed: int = 0
     num_threads: int = 1
@@ -190,6 +199,8 @@ class TrainSettings:
             raise ConfigError(f"hidden: model 'mlp' needs positive layer widths, got {self.hidden}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.monitor not in ("val_auc", "val_loss"):
+            raise ConfigError(f"monitor: must be 'val_auc' or 'val_loss', got {self.monitor!r}")
         if self.num_threads < 1:
             raise ConfigError(f"num_threads: must be >= 1, got {self.num_threads}")
 
@@ -281,10 +292,11 @@ def train_estimator(
     """Fit the estimator on float32 feature matrices ``[n_pos, d]`` (VLA) and ``[n_neg, d]`` (VLM).
 
     Stratified held-out split (``val_fraction`` per class), standardiser fitted on the
-    training split, AdamW on class-balanced batches, early stopping when the validation
-    loss has not improved by ``min_delta`` for ``patience`` epochs (the best epoch's weights
-    are kept) or when the validation balanced accuracy reaches ``target_val_accuracy``
-    (that epoch's weights are kept). Deterministic for ``settings.seed`` (fixed thread count).
+    training split, AdamW on class-balanced batches, early stopping when the monitored
+    validation metric (``settings.monitor``: AUC, higher is better, or loss) has not improved
+    by ``min_delta`` for ``patience`` epochs (the earliest best epoch's weights are kept) or
+    when the validation balanced accuracy reaches ``target_val_accuracy`` (that epoch's
+    weights are kept). Deterministic for ``settings.seed`` (fixed thread count).
 
     Returns the model (eval mode) and metrics: ``val_auc``, ``val_accuracy``, ``val_loss``
     of the returned weights, ``best_epoch``, ``epochs_run``, ``stopped_because`` and
@@ -310,7 +322,9 @@ def train_estimator(
         opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         bce = nn.functional.binary_cross_entropy_with_logits
         curve: list[dict] = []
-        best = {"loss": math.inf}
+        # the monitored metric as "lower is better"
+        key = (lambda v: -v["auc"]) if s.monitor == "val_auc" else (lambda v: v["loss"])
+        best, best_key = {"loss": math.inf, "auc": float("nan"), "accuracy": float("nan")}, math.inf
         best_state, best_epoch, wait, stopped = None, -1, 0, "max_epochs"
         for epoch in range(s.max_epochs):
             model.train()
@@ -333,8 +347,8 @@ def train_estimator(
             if s.target_val_accuracy is not None and val["accuracy"] >= s.target_val_accuracy:
                 best, best_epoch, best_state, stopped = val, epoch, None, "target_val_accuracy"
                 break
-            if val["loss"] < best["loss"] - s.min_delta:
-                best, best_epoch, wait = val, epoch, 0
+            if key(val) < best_key - s.min_delta:
+                best, best_key, best_epoch, wait = val, key(val), epoch, 0
                 best_state = {k: v.clone() for k, v in model.state_dict().items()}
             else:
                 wait += 1
@@ -346,7 +360,7 @@ def train_estimator(
         model.eval()
     metrics = {
         "val_auc": best["auc"], "val_accuracy": best["accuracy"], "val_loss": best["loss"],
-        "best_epoch": best_epoch, "epochs_run": len(curve), "stopped_because": stopped,
+        "best_epoch": best_epoch, "epochs_run": len(curve), "stopped_because": stopped, "monitor": s.monitor,
         "n_train_pos": int(len(pos_tr)), "n_train_neg": int(len(neg_tr)),
         "n_val_pos": int(len(pos_val)), "n_val_neg": int(len(neg_val)),
         "curve": curve,

@@ -29,7 +29,7 @@ ESTIMATOR_DIR = "estimator"
 class FitConfig(StageConfig, TrainSettings):
     """Proximity-estimator training: the ``TrainSettings`` hyper-parameters (model, hidden,
     dropout, batch_size, lr, weight_decay, max_epochs, patience, min_delta,
-    target_val_accuracy, val_fraction, num_threads) plus which rows to train on.
+    target_val_accuracy, monitor, val_fraction, num_threads) plus which rows to train on.
 
     ``max_positives`` / ``max_negatives``: seeded subsample caps (None = all rows;
     negatives are capped by default because the pool is usually much larger than memory).
