@@ -113,7 +113,7 @@ def episodes_by_group(lerobot_root: Path, groups: dict[str, list[str]]) -> dict[
     return out
 
 
-def _stage_configs(cfg: DemoConfig, run: RunDir, model: str, demo_vlm: bool = False) -> dict[str, dict[str, Any]]:
+def _stage_configs(cfg: DemoConfig, run: RunDir, model: str) -> dict[str, dict[str, Any]]:
     """The demo's choices for each stage, as plain config mappings.
 
     The catalog's VLA sources depend on which episodes ``sim collect`` kept, so
@@ -141,7 +141,7 @@ def _stage_configs(cfg: DemoConfig, run: RunDir, model: str, demo_vlm: bool = Fa
         "sim pool": {**common, "samples_per_source": cfg.samples_per_source, "image_size": cfg.image_size,
                      "workers": cfg.workers},
         "catalog": {**common, "datasets": datasets},
-        "featurize": {**common, "model": model, "pooling": cfg.pooling or (DEMO_VLM_POOLING if demo_vlm else "mean"),
+        "featurize": {**common, "model": model, "pooling": cfg.pooling or (DEMO_VLM_POOLING if not (cfg.model or cfg.random_init_arch) else "mean"),
                       "device": cfg.device,
                       "batch_size": cfg.batch_size},
         "gap": {**common},
@@ -236,8 +236,7 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
 
     costs: list[dict[str, Any]] = []
     out = run_dir.root
-    demo_vlm = built_model is not None and not config.random_init_arch
-    configs = _stage_configs(config, run_dir, model, demo_vlm)
+    configs = _stage_configs(config, run_dir, model)
     for name in list(configs):
         base = configs[name]
         spec = STAGES[name]
@@ -248,7 +247,7 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
         out = fn(stage_cfg, run_dir, force=force)
         costs.append({"stage": name, "wall_s": round(time.perf_counter() - t0, 2), **_peak_rss_mb()})
         if name == "sim collect":  # the catalog's VLA sources are the episodes it kept
-            configs = _stage_configs(config, run_dir, model, demo_vlm)
+            configs = _stage_configs(config, run_dir, model)
         log.info("demo: %s done in %.1fs", name, costs[-1]["wall_s"])
 
     findings = demo_findings(run_dir)
