@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config, load_yaml
+from .config import ConfigError, help_text, load_config, load_yaml
 from .runs import RunDir, SampleError, StageError
 from .stages import STAGES
 
@@ -78,8 +78,27 @@ def run_pipeline(pipeline_file: Path, run_dir: Path | None, overrides: list[str]
         run_stage(name, root, None, stage_overrides, force=force, base=base)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose ``--help`` ends with the stage's config options, read from the
+    stage's config dataclass only when help is asked for (so building the CLI imports no stage)."""
+
+    def __init__(self, *args, stage_spec=None, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.stage_spec = stage_spec
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if self.stage_spec is None:
+            return text
+        config_cls = self.stage_spec.load_config_class()
+        return (f"{text}\nconfig options (YAML keys of --config, or key=value; dotted for nested; "
+                f"[throughput] options do not change the output, so changing them keeps finished work):\n"
+                f"{help_text(config_cls)}\n")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="midtrain",
         description="Mid-training data engine for VLAs: catalog -> featurize -> gap -> fit -> score -> select -> export.",
     )
@@ -93,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                 gp = sub.add_parser(group, help=f"{group} stages: " + ", ".join(
                     s.name.split(" ", 1)[1] for s in STAGES.values() if s.name.startswith(group + " ")))
                 groups[group] = gp.add_subparsers(dest="subcommand", metavar=f"<{group} stage>", required=True)
-            p = groups[group].add_parser(leaf, help=spec.help, description=spec.help)
+            p = groups[group].add_parser(leaf, help=spec.help, description=spec.help, stage_spec=spec)
         else:
-            p = sub.add_parser(spec.name, help=spec.help, description=spec.help)
+            p = sub.add_parser(spec.name, help=spec.help, description=spec.help, stage_spec=spec)
         p.set_defaults(stage=spec.name)
         p.add_argument("--config", type=Path, help="YAML file with the stage's config")
         p.add_argument("--run-dir", type=Path, default=Path("runs/default"), help="run directory (default: runs/default)")

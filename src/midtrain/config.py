@@ -5,15 +5,24 @@ types) and the error messages matter more than features. Every value is
 checked against its annotation and a bad one is reported as
 ``<stage>.<dotted.key>: expected <type>, got <value>`` so a user can fix the
 YAML line without reading a traceback.
+
+A field is declared with :func:`option`, which carries its one-line help (``midtrain <stage>
+--help`` prints it with the type and default) and whether it is a *throughput* setting: one
+that changes how fast a stage runs but not what it writes (device, batch size, workers,
+compile, backend, ...). Throughput settings are left out of the resume fingerprint
+(:func:`output_settings`), so retrying a run with a smaller batch keeps its finished work.
+Checks run in ``__post_init__``, so a config built in Python is validated like one parsed
+from YAML.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -24,23 +33,50 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type. The message names the key."""
 
 
-@dataclasses.dataclass
-class StageConfig:
-    """Fields every stage shares.
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+           throughput: bool = False) -> Any:  # fmt: skip
+    """A config field with its one-line ``help``; ``throughput=True`` keeps it out of the fingerprint."""
+    meta = {"help": help, "throughput": throughput}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
-    ``seed`` makes sampling and training reproducible; ``on_error`` chooses between
-    stopping at the first bad sample (``raise``, the default) and recording it in the
-    stage's ``errors.jsonl`` and manifest counts (``skip``).
-    """
 
-    seed: int = 0
-    on_error: Literal["raise", "skip"] = "raise"
+def check_device(value: str, key: str) -> None:
+    """``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N``: the names torch takes, checked before any work."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise ConfigError(f"{key}: expected a device (auto, cpu, cuda, cuda:N, mps), got {value!r}")
+
+
+Device = Annotated[str, check_device]
+
+
+class Settings:
+    """Base of every config dataclass: fields are type-checked (and coerced) and ``validate``
+    runs on construction, whether the values came from YAML or from Python."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self), include_extras=True)
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.init:
+                setattr(self, f.name, coerce(getattr(self, f.name), hints[f.name], f.name))
+        self.validate()
 
     def validate(self) -> None:
         """Cross-field checks; subclasses extend. Raise ConfigError naming the keys."""
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
+
+
+@dataclasses.dataclass
+class StageConfig(Settings):
+    """Fields every stage shares."""
+
+    seed: int = option(0, "seed of every sampling and training step, for reproducible runs")
+    on_error: Literal["raise", "skip"] = option(
+        "raise", "a bad sample stops the stage (raise) or is recorded in errors.jsonl and the manifest counts (skip)"
+    )
 
 
 def to_plain(obj: Any) -> Any:
@@ -56,8 +92,13 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
+    if origin is Annotated:
+        return _type_name(get_args(tp)[0])
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
@@ -72,6 +113,13 @@ def _type_name(tp: Any) -> str:
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against annotation ``tp``; convert where unambiguous (str -> Path, int -> float)."""
     origin = get_origin(tp)
+    if origin is Annotated:
+        base, *checks = get_args(tp)
+        value = coerce(value, base, key)
+        for check in checks:
+            if callable(check):
+                check(value, key)
+        return value
     fail = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if tp is Any:
         return value
@@ -126,6 +174,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as text; a float field means a number
         raise fail
     if tp is str:
         if isinstance(value, str):
@@ -142,7 +192,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -162,13 +212,13 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"{where}{missing[0]}: required key is missing ({cls.__name__})")
     try:
-        obj = cls(**kwargs)
-    except ConfigError:
+        obj = cls(**kwargs)  # Settings.__post_init__ checks types again and runs validate()
+    except ConfigError as exc:
+        if prefix and not str(exc).startswith(prefix):
+            raise ConfigError(f"{prefix}.{exc}") from None
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{prefix or cls.__name__}: {exc}") from exc
-    if isinstance(obj, StageConfig):
-        obj.validate()
     return obj
 
 
@@ -204,10 +254,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; expected a YAML file")
     try:
-        text = Path(path).read_text()
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: cannot read it ({exc})") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
@@ -230,3 +285,79 @@ def load_config(
     except ConfigError as exc:
         src = f" (from {path})" if path is not None else ""
         raise ConfigError(f"{exc}{src}") from None
+
+
+# --------------------------------------------------------------------------- introspection
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionInfo:
+    """One config field, for ``--help`` and the manifest: dotted name, type, default, help."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    throughput: bool
+
+
+def config_options(cls: type, prefix: str = "") -> list[OptionInfo]:
+    """Every option of a config class, nested dataclass fields flattened to dotted names."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out: list[OptionInfo] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        name = f"{prefix}{f.name}"
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = dataclasses.MISSING
+        if dataclasses.is_dataclass(tp):
+            out += [dataclasses.replace(o, throughput=o.throughput or f.metadata.get("throughput", False))
+                    for o in config_options(tp, name + ".")]  # fmt: skip
+            continue
+        out.append(OptionInfo(name, _type_name(tp), default, f.metadata.get("help", ""), f.metadata.get("throughput", False)))
+    return out
+
+
+def output_settings(config: Any) -> dict[str, Any]:
+    """The config without its throughput settings: what decides the stage's output (the fingerprint)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.metadata.get("throughput", False):
+            continue
+        value = getattr(config, f.name)
+        out[f.name] = output_settings(value) if dataclasses.is_dataclass(value) else to_plain(value)
+    return out
+
+
+def throughput_settings(config: Any, prefix: str = "") -> dict[str, Any]:
+    """The settings left out of :func:`output_settings` (dotted names), for the manifest."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("throughput", False):
+            out[prefix + f.name] = to_plain(value)
+        elif dataclasses.is_dataclass(value):
+            out.update(throughput_settings(value, prefix + f.name + "."))
+    return out
+
+
+def help_text(cls: type) -> str:
+    """The options of a config class as ``--help`` lines: name, type, default, meaning."""
+    lines = []
+    for o in config_options(cls):
+        default = "required" if o.default is dataclasses.MISSING else f"default {_short(o.default)}"
+        tag = " [throughput]" if o.throughput else ""
+        lines.append(f"  {o.name}: {o.type} ({default}){tag}\n      {o.help or '(no description)'}")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    text = yaml.safe_dump(to_plain(value), default_flow_style=True, width=10_000).strip()
+    text = text.removesuffix("\n...").removesuffix("...").strip()
+    return text if len(text) <= 60 else text[:57] + "..."

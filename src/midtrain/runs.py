@@ -33,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import StageConfig, to_plain
+from .config import StageConfig, output_settings, throughput_settings, to_plain
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
@@ -300,6 +300,7 @@ class StageRun:
             "status": status,
             "fingerprint": self.fingerprint,
             "config": self.config.to_dict(),
+            "throughput_settings": throughput_settings(self.config),
             "inputs": [{"path": p, "hash": h} for p, h in self.inputs.items()],
             "versions": package_versions(),
             "counts": {**dict(self.counts), "skipped": dict(self.skipped), "skipped_total": sum(self.skipped.values())},
@@ -316,7 +317,9 @@ class StageRun:
 
 
 def _fingerprint(stage: str, config: StageConfig, inputs: dict[str, str]) -> str:
-    payload = json.dumps({"stage": stage, "config": config.to_dict(), "inputs": inputs}, sort_keys=True, default=str)
+    """Hash of what decides the stage's output: its name, the config without throughput settings
+    (device, batch size, workers, ...; see :func:`midtrain.config.option`), and its inputs' hashes."""
+    payload = json.dumps({"stage": stage, "config": output_settings(config), "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
 
 

@@ -19,10 +19,14 @@ class StageSpec:
     config_class: str
     function: str
     help: str
+    config_module: str = ""  # where the config class lives, if not in ``module`` (a light import for --help)
 
     def load(self):
         mod = importlib.import_module(self.module)
         return getattr(mod, self.config_class), getattr(mod, self.function)
+
+    def load_config_class(self):
+        return getattr(importlib.import_module(self.config_module or self.module), self.config_class)
 
 
 STAGES: dict[str, StageSpec] = {

@@ -7,7 +7,6 @@
 - :func:`build_tiny_vlm` (``tiny``): tiny random models of the real architectures, built offline.
 """
 
-from .efficientnet_vision import register as _register_vision_towers
 from .inputs import BatchInfo, build_batch, conversation_of, render_prompt
 from .loading import (
     ModelLoadError,
@@ -22,8 +21,6 @@ from .loading import (
 )
 from .tiny import ARCHS as TINY_ARCHS
 from .tiny import build_tiny_vlm, tiny_vlm_parts
-
-_register_vision_towers()  # the demo VLM's EfficientNet vision tower loads through AutoModel
 
 __all__ = [
     "BatchInfo", "ModelLoadError", "TINY_ARCHS", "backbone", "build_batch", "build_tiny_vlm", "conversation_of",

@@ -17,11 +17,13 @@ tokens) with
   registered with transformers' Auto classes as ``midtrain_efficientnet_lite``;
 - projector: LLaVA's two-layer MLP, random (a random projection keeps the geometry of the
   pretrained features);
-- language model: ``BertModel`` initialised from all-MiniLM-L6-v2 (pretrained), its
-  WordPiece tokenizer plus an ``<image>`` token.
+- language model: all-MiniLM-L6-v2's ``BertModel`` weights (pretrained) in
+  :class:`~midtrain.models.bidirectional_text.BidirectionalTextModel`, which gives it a
+  decoder's output contract inside the LLaVA shell; its WordPiece tokenizer plus an
+  ``<image>`` token.
 
-Loading the checkpoint needs ``import midtrain.models`` (which registers the vision tower),
-as any checkpoint with a custom component needs its code.
+Loading the checkpoint goes through :func:`midtrain.models.load_vlm`, which registers both
+custom components first, as any checkpoint with a custom component needs its code.
 
 It is saved as an ordinary Hugging Face checkpoint (``config.json``, ``model.safetensors``,
 tokenizer, ``LlavaProcessor`` with a chat template) and loaded by ``midtrain featurize``
@@ -88,7 +90,6 @@ def build_demo_vlm(out_dir: Path | str, seed: int = 0) -> Path:
     import torch
     from transformers import (
         AutoTokenizer,
-        BertConfig,
         BertModel,
         CLIPImageProcessor,
         LlavaConfig,
@@ -96,9 +97,12 @@ def build_demo_vlm(out_dir: Path | str, seed: int = 0) -> Path:
         LlavaProcessor,
     )
 
+    from .bidirectional_text import BidirectionalTextConfig
+    from .components import register_components
     from .efficientnet_vision import EfficientNetLiteVisionConfig
 
     _require("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
+    register_components()
     src = minilm_dir()
     out_dir = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(src)
@@ -109,7 +113,8 @@ def build_demo_vlm(out_dir: Path | str, seed: int = 0) -> Path:
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
 
-    text_config = BertConfig.from_pretrained(src)
+    bert = BertModel.from_pretrained(src)
+    text_config = BidirectionalTextConfig(**{k: v for k, v in bert.config.to_dict().items() if k != "model_type"})
     text_config.vocab_size = len(tokenizer)
     text_config.tie_word_embeddings = False
     vision_config = EfficientNetLiteVisionConfig(variant="efficientnet-lite0", image_size=224)
@@ -122,7 +127,7 @@ def build_demo_vlm(out_dir: Path | str, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config).eval()
     model.model.vision_tower.load_efficientnet_weights(efficientnet_lite0_weights())
-    pretrained = BertModel.from_pretrained(src).state_dict()
+    pretrained = {k: v for k, v in bert.state_dict().items() if not k.startswith("pooler.")}
     embeddings = pretrained.pop("embeddings.word_embeddings.weight")
     result = model.model.language_model.load_state_dict(pretrained, strict=False)
     if result.unexpected_keys or set(result.missing_keys) - {"embeddings.word_embeddings.weight"}:

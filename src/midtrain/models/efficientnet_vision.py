@@ -1,8 +1,9 @@
 """EfficientNet-Lite as a transformers vision model, so it can be a VLM's vision tower.
 
-Registered with ``AutoConfig``/``AutoModel`` as ``midtrain_efficientnet_lite``, so a
+Registered with ``AutoConfig``/``AutoModel`` as ``midtrain_efficientnet_lite`` (by
+:func:`midtrain.models.components.register_components`, which model loading calls), so a
 LLaVA-architecture checkpoint whose ``vision_config`` names it loads through
-``AutoModelForImageTextToText.from_pretrained`` once ``midtrain.models`` is imported. The
+``AutoModelForImageTextToText.from_pretrained``. The
 final feature map ``[B, C, H/32, W/32]`` is returned as ``H/32 * W/32`` tokens of width C
 (``last_hidden_state`` and the only entry of ``hidden_states``), the shape a LLaVA
 projector expects from a vision tower. Used by the demo featurizer (``demo_vlm.py``).
@@ -13,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 MODEL_TYPE = "midtrain_efficientnet_lite"
@@ -61,11 +62,3 @@ class EfficientNetLiteVisionModel(PreTrainedModel):
         tokens = fmap.flatten(2).transpose(1, 2)  # [B, h*w, C]
         return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=tokens.mean(1), hidden_states=(tokens,))
 
-
-def register() -> None:
-    """Make the vision model loadable by transformers' Auto classes (idempotent)."""
-    try:
-        AutoConfig.register(MODEL_TYPE, EfficientNetLiteVisionConfig)
-        AutoModel.register(EfficientNetLiteVisionConfig, EfficientNetLiteVisionModel)
-    except ValueError:
-        pass  # already registered

@@ -50,6 +50,10 @@ def _offline() -> bool:
 def _load_config(name_or_path: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
+    from .components import register_components
+
+    register_components()  # midtrain's own components (the demo VLM's) load like any architecture
+
     local = Path(name_or_path).expanduser()
     if local.exists():
         if not local.is_dir() or not (local / "config.json").exists():
