@@ -12,7 +12,9 @@ ImageNet EfficientNet-Lite0 vision tower and an all-MiniLM-L6-v2 language model,
 a random MLP projector (``midtrain.models.demo_vlm``). It is saved as a Hugging Face
 checkpoint in ``<run>/demo_model/`` and featurized through ``from_pretrained`` like any
 checkpoint, and its last hidden state is pooled over the image positions
-(``DEMO_VLM_POOLING``). A VLM with random weights (``random_init_arch=qwen2_vl`` etc.) runs the same
+(``DEMO_VLM_POOLING``). ``demo_vlm=smollm2`` builds the causal variant instead (SmolLM2-135M-Instruct
+for the language model, ``midtrain.models.causal_demo_vlm``; a VLM that generates and can be
+mid-trained), mean-pooled. A VLM with random weights (``random_init_arch=qwen2_vl`` etc.) runs the same
 pipeline but is only a random-feature map of pixels and tokens: it finds the embodied
 source (same simulator) but cannot rank the others by meaning, so it is not the default.
 With ``model=<hub id or path>`` the same run measures the gap with a real VLM.
@@ -32,7 +34,7 @@ from typing import Any, Literal, Optional
 
 import pyarrow.parquet as pq
 
-from .config import ConfigError, StageConfig, load_config, to_plain
+from .config import ConfigError, StageConfig, load_config, option, to_plain
 from .runs import RunDir, write_json_atomic
 from .stages import STAGES
 
@@ -40,17 +42,36 @@ PIPELINE_ORDER = ("sim collect", "sim pool", "catalog", "featurize", "gap", "fit
 
 # The robot corpus enters the catalog as two VLA sources, one per task family, as the paper
 # compares several robot datasets: tasks that move objects vs tasks that work articulated parts.
-VLA_GROUPS = {
-    "metaworld_objects": ["reach-v3", "push-v3", "pick-place-v3", "coffee-push-v3", "basketball-v3"],
-    "metaworld_articulated": ["door-open-v3", "drawer-open-v3", "button-press-topdown-v3", "window-close-v3",
-                              "faucet-open-v3"],
+# Every Meta-World MT50 task, by kind. "objects": the task moves a free object (puck, ball, mug,
+# nut, peg, plate, stick, lid, hammer; reach and reach-wall, which move only the arm, go here too);
+# "articulated": the task works a part jointed to a fixed fixture (button, dial, door, lock,
+# drawer, faucet, handle, lever, window).
+MT50_GROUPS = {
+    "metaworld_objects": [
+        "assembly-v3", "basketball-v3", "bin-picking-v3", "box-close-v3", "coffee-pull-v3", "coffee-push-v3",
+        "disassemble-v3", "hammer-v3", "hand-insert-v3", "peg-insert-side-v3", "peg-unplug-side-v3",
+        "pick-out-of-hole-v3", "pick-place-v3", "pick-place-wall-v3", "plate-slide-v3", "plate-slide-side-v3",
+        "plate-slide-back-v3", "plate-slide-back-side-v3", "push-v3", "push-wall-v3", "push-back-v3", "reach-v3",
+        "reach-wall-v3", "shelf-place-v3", "soccer-v3", "stick-push-v3", "stick-pull-v3", "sweep-v3", "sweep-into-v3",
+    ],
+    "metaworld_articulated": [
+        "button-press-topdown-v3", "button-press-topdown-wall-v3", "button-press-v3", "button-press-wall-v3",
+        "coffee-button-v3", "dial-turn-v3", "door-close-v3", "door-lock-v3", "door-open-v3", "door-unlock-v3",
+        "drawer-close-v3", "drawer-open-v3", "faucet-open-v3", "faucet-close-v3", "handle-press-side-v3",
+        "handle-press-v3", "handle-pull-side-v3", "handle-pull-v3", "lever-pull-v3", "window-open-v3",
+        "window-close-v3",
+    ],
 }  # fmt: skip
-# The demo VLM gives an image 49 tokens while a pool conversation has 15-150 text tokens, so
-# mean pooling over the whole sequence would be text-dominated; a real LLaVA-family VLM gives
-# an image hundreds of tokens (576 in llava-1.5), which dominate its mean-pooled state. The
-# demo featurizer therefore pools its last hidden state over the image positions, whose
-# states (MiniLM attends both ways) carry the whole conversation's context.
-DEMO_VLM_POOLING = "image_mean"
+# How the built demo featurizer pools its last hidden state, per language model.
+# MiniLM: the demo VLM gives an image 49 tokens while a pool conversation has 15-150 text tokens,
+# so mean pooling over the whole sequence would be text-dominated; a real LLaVA-family VLM gives
+# an image hundreds of tokens (576 in llava-1.5), which dominate its mean-pooled state. It
+# therefore pools over the image positions, whose states (MiniLM attends both ways) carry the
+# whole conversation's context (chosen at stop 9 after seeing results on the demo's worlds).
+# SmolLM2 (causal): an image position sees only what precedes it (the system turn and the image),
+# never the conversation's text, so image pooling would drop the text; it pools like any real
+# VLM, over the whole sequence (chosen before any result with it was seen).
+DEMO_VLM_POOLING = {"minilm": "image_mean", "smollm2": "mean"}
 EMBODIED_SOURCE = "spatial_pointing"
 TEXT_CENTRIC_SOURCE = "book_covers"
 
@@ -60,14 +81,18 @@ class DemoConfig(StageConfig):
     """Sizes default to a run of a few minutes on 2 CPU cores.
 
     ``model``: a hub id or local path of a real VLM; empty builds the demo featurizer
-    (pretrained EfficientNet-Lite0 + MiniLM in the LLaVA architecture), or, with
+    (pretrained EfficientNet-Lite0 + the ``demo_vlm`` language model in the LLaVA architecture), or, with
     ``random_init_arch`` set, a randomly initialised VLM of that architecture at
-    ``random_init_size``. ``pooling``: empty = ``image_mean`` for the demo featurizer
-    (see ``DEMO_VLM_POOLING``), ``mean`` for any other model. ``overrides``: per-stage config
+    ``random_init_size``. ``pooling``: empty = the demo featurizer's own
+    (``DEMO_VLM_POOLING``: ``image_mean`` with MiniLM, ``mean`` with SmolLM2), ``mean`` for any other model. ``overrides``: per-stage config
     keys applied on top of the demo's choices, e.g. ``{"gap": {"permutations": 500}}``.
     """
 
     model: str = ""
+    demo_vlm: Literal["minilm", "smollm2"] = option(
+        "minilm", "the built demo featurizer's language model: minilm (bidirectional encoder) or smollm2 (causal LM)"
+    )
+    demo_vlm_layers: Optional[int] = option(None, "smollm2 only: keep its first N of 30 decoder layers (empty: all)")
     random_init_arch: Optional[Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "paligemma", "internvl"]] = None
     random_init_size: str = "bench"
     tasks: list[str] = field(default_factory=list)
@@ -82,12 +107,17 @@ class DemoConfig(StageConfig):
     batch_size: int = 16
     workers: int = 2
     report: bool = True
-    vla_groups: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in VLA_GROUPS.items()})
+    vla_groups: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in MT50_GROUPS.items()})
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> None:
         if not 0 < self.select_fraction <= 1:
             raise ConfigError(f"select_fraction: expected a fraction in (0, 1], got {self.select_fraction}")
+        if self.demo_vlm_layers is not None and (self.demo_vlm != "smollm2" or not 1 <= self.demo_vlm_layers <= 30):
+            raise ConfigError(
+                f"demo_vlm_layers: {self.demo_vlm_layers} needs demo_vlm=smollm2 and a depth in [1, 30] "
+                f"(demo_vlm is {self.demo_vlm})"
+            )
         unknown = set(self.overrides) - set(PIPELINE_ORDER)
         if unknown:
             raise ConfigError(f"overrides: unknown stage(s) {sorted(unknown)}; stages: {', '.join(PIPELINE_ORDER)}")
@@ -141,7 +171,7 @@ def _stage_configs(cfg: DemoConfig, run: RunDir, model: str) -> dict[str, dict[s
         "sim pool": {**common, "samples_per_source": cfg.samples_per_source, "image_size": cfg.image_size,
                      "workers": cfg.workers},
         "catalog": {**common, "datasets": datasets},
-        "featurize": {**common, "model": model, "pooling": cfg.pooling or (DEMO_VLM_POOLING if not (cfg.model or cfg.random_init_arch) else "mean"),
+        "featurize": {**common, "model": model, "pooling": cfg.pooling or (DEMO_VLM_POOLING[cfg.demo_vlm] if not (cfg.model or cfg.random_init_arch) else "mean"),
                       "device": cfg.device,
                       "batch_size": cfg.batch_size},
         "gap": {**common},
@@ -204,7 +234,42 @@ def demo_findings(run: RunDir) -> dict[str, Any]:
     findings["selection_closer_than_random"] = (
         sel.get("mmd_selection_vla") is not None and sel["mmd_selection_vla"] < sel["mmd_random_vla"]
     )
+    mmd_to_vla = {r["source"]: r["mean_mmd_to_vla"] for r in ranking}
+    findings["margins"] = finding_margins(findings, means, mmd_to_vla)
     return findings
+
+
+FINDINGS = ("cross_group_exceeds_within_group", "embodied_source_highest", "text_centric_source_lowest",
+            "text_centric_source_farthest_by_mmd", "selection_closer_than_random")  # fmt: skip
+
+
+def _gap_to_rest(values: dict[str, float], source: str, highest: bool) -> float | None:
+    """How far ``source`` is above every other source (``highest``) or below every other one."""
+    others = [v for k, v in values.items() if k != source]
+    if source not in values or not others:
+        return None
+    return values[source] - max(others) if highest else min(others) - values[source]
+
+
+def finding_margins(findings: dict, mean_scores: dict[str, float], mmd_to_vla: dict[str, float]) -> dict:
+    """By how much each finding holds: positive when it holds, negative by how much it fails, None if undefined.
+
+    - ``cross_group_exceeds_within_group``: mean cross-group MMD - max(mean within-VLM, within-VLA MMD);
+    - ``embodied_source_highest``: its mean proximity score - the highest other source's;
+    - ``text_centric_source_lowest``: the lowest other source's mean score - its mean score;
+    - ``text_centric_source_farthest_by_mmd``: its MMD to the VLA group - the largest other VLM source's;
+    - ``selection_closer_than_random``: MMD(random, VLA) - MMD(selection, VLA).
+    """
+    within = [v for v in (findings.get("mean_mmd_within_vlm"), findings.get("mean_mmd_within_vla")) if v is not None]
+    cross = findings.get("mean_mmd_cross")
+    sel, rnd = findings.get("mmd_selection_vla"), findings.get("mmd_random_vla")
+    return {
+        "cross_group_exceeds_within_group": cross - max(within) if within and cross is not None else None,
+        "embodied_source_highest": _gap_to_rest(mean_scores, EMBODIED_SOURCE, highest=True),
+        "text_centric_source_lowest": _gap_to_rest(mean_scores, TEXT_CENTRIC_SOURCE, highest=False),
+        "text_centric_source_farthest_by_mmd": _gap_to_rest(mmd_to_vla, TEXT_CENTRIC_SOURCE, highest=True),
+        "selection_closer_than_random": rnd - sel if sel is not None and rnd is not None else None,
+    }
 
 
 def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
@@ -227,10 +292,12 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
     elif not model:
         from .models.demo_vlm import build_demo_vlm
 
-        model_dir = run_dir.root / "demo_model"
+        layers = config.demo_vlm_layers
+        model_dir = run_dir.root / ("demo_model" if config.demo_vlm == "minilm" else
+                                    f"demo_model_smollm2{'' if layers is None else f'_{layers}layers'}")  # fmt: skip
         if not (model_dir / "midtrain_demo_vlm.json").exists():
-            log.info("building the demo featurizer (EfficientNet-Lite0 + MiniLM, LLaVA architecture) in %s", model_dir)
-            build_demo_vlm(model_dir, seed=config.seed)
+            log.info("building the demo featurizer (EfficientNet-Lite0 + %s, LLaVA architecture) in %s", config.demo_vlm, model_dir)
+            build_demo_vlm(model_dir, seed=config.seed, language_model=config.demo_vlm, text_layers=layers)
         model = str(model_dir)
         built_model = json.loads((model_dir / "midtrain_demo_vlm.json").read_text())
 
@@ -260,8 +327,9 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
         "findings": findings,
     }
     write_json_atomic(run_dir.stage_dir("demo") / "summary.json", summary)
-    for key in ("cross_group_exceeds_within_group", "embodied_source_highest", "text_centric_source_lowest",
-                "text_centric_source_farthest_by_mmd", "selection_closer_than_random"):  # fmt: skip
-        log.info("finding %-34s %s", key, "yes" if findings[key] else "NO")
+    for key in FINDINGS:
+        margin = findings["margins"][key]
+        log.info("finding %-36s %-3s (margin %s)", key, "yes" if findings[key] else "NO",
+                 "n/a" if margin is None else f"{margin:+.3f}")  # fmt: skip
     log.info("demo finished in %.1fs; report: %s", summary["wall_s"], run_dir.stage_dir("report") / "report.html")
     return out
