@@ -47,6 +47,20 @@ INTRINSICS_NAMES = ["fx", "fy", "cx", "cy"]
 EXTRINSICS_NAMES = [f"{'r' if c < 3 else 't'}{r}{c if c < 3 else ''}" for r in range(3) for c in range(4)]
 
 
+# Image points in answers: (u/W, v/H) with three decimals, the RoboPoint / RefSpatial format.
+SHORT_POINT_FORMAT = "Answer with points (x, y) normalized to [0, 1]."
+POINT_FORMAT = (
+    "Your answer should be formatted as a list of tuples, i.e. [(x1, y1), (x2, y2), ...], where each tuple "
+    "contains the x and y coordinates of a point satisfying the conditions above. The coordinates should be "
+    "between 0 and 1, indicating the normalized pixel locations of the points in the image."
+)
+
+
+def format_points(pixels, width: int, height: int) -> str:
+    """``[(u, v), ...]`` pixels -> ``"[(0.123, 0.456), ...]"`` normalised by the image size."""
+    return "[" + ", ".join(f"({x / width:.3f}, {y / height:.3f})" for x, y in pixels) + "]"
+
+
 def project_points(points: np.ndarray, intrinsics: np.ndarray, extrinsics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """World points -> (pixels ``[..., 2]`` (u, v), depth ``[...]`` metres along the view).
 
