@@ -454,6 +454,13 @@ def aggregate_stats(per_episode: list[dict[str, np.ndarray]]) -> dict[str, np.nd
     }  # fmt: skip
 
 
+def _vector_column(values: np.ndarray) -> pa.Array:
+    """``[T, d]`` float32 -> a fixed-size list column, or a scalar column when d == 1 (LeRobot's layout)."""
+    if values.shape[1] == 1:
+        return pa.array(values[:, 0])
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
 class _RollingFile:
     """A file written under a hidden temporary name and renamed into place when finished."""
 
@@ -651,11 +658,14 @@ class LeRobotDatasetWriter:
     def _data_schema(self) -> pa.Schema:
         from datasets import Features, List, Value
 
+        def vector(d: int):  # LeRobot stores shape-[1] features as scalars (datasets.Value), longer ones as lists
+            return Value("float32") if d == 1 else List(Value("float32"), length=d)
+
         feats = Features(
             {
-                "observation.state": List(Value("float32"), length=self.state_dim),
-                "action": List(Value("float32"), length=self.action_dim),
-                **{key: List(Value("float32"), length=len(names)) for key, names in self.extra_features.items()},
+                "observation.state": vector(self.state_dim),
+                "action": vector(self.action_dim),
+                **{key: vector(len(names)) for key, names in self.extra_features.items()},
                 "timestamp": Value("float32"), "frame_index": Value("int64"), "episode_index": Value("int64"),
                 "index": Value("int64"), "task_index": Value("int64"),
             }
@@ -730,9 +740,9 @@ class LeRobotDatasetWriter:
         frame_index = np.arange(T, dtype=np.int64)
         table = pa.table(
             {
-                "observation.state": pa.FixedSizeListArray.from_arrays(pa.array(state.reshape(-1)), self.state_dim),
-                "action": pa.FixedSizeListArray.from_arrays(pa.array(action.reshape(-1)), self.action_dim),
-                **{key: pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1]) for key, v in extra.items()},
+                "observation.state": _vector_column(state),
+                "action": _vector_column(action),
+                **{key: _vector_column(v) for key, v in extra.items()},
                 "timestamp": pa.array((frame_index / self.fps).astype(np.float32)),
                 "frame_index": pa.array(frame_index),
                 "episode_index": pa.array(np.full(T, ep_index, dtype=np.int64)),
