@@ -9,7 +9,8 @@ from catalog_rows import vla_rows, vlm_rows
 from midtrain.data.catalog import rows_to_table
 from midtrain.featurize.featurizer import BatchPreparer, FeatureExtractor
 from midtrain.featurize.pooling import POOLINGS
-from midtrain.models import TINY_ARCHS, multimodal_token_ids
+from midtrain.models import multimodal_token_ids
+from midtrain.models.tiny import ARCHS as TINY_ARCHS
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

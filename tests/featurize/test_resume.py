@@ -10,7 +10,8 @@ import time
 import numpy as np
 
 from catalog_rows import vla_rows, vlm_rows, write_catalog
-from midtrain.featurize.stage import FeaturizeConfig, featurize
+from midtrain.featurize.config import FeaturizeConfig
+from midtrain.featurize.stage import featurize
 from midtrain.runs import RunDir
 
 SHARDS = 12

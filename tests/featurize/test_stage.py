@@ -9,7 +9,8 @@ import pytest
 from catalog_rows import vla_rows, vlm_rows, write_catalog
 from midtrain.config import ConfigError, load_config
 from midtrain.data.features import open_features
-from midtrain.featurize.stage import FeaturizeConfig, featurize
+from midtrain.featurize.config import FeaturizeConfig
+from midtrain.featurize.stage import featurize
 from midtrain.models import ModelLoadError
 from midtrain.runs import RunDir, SampleError, StageError
 

@@ -15,7 +15,8 @@ from midtrain.cli import run_stage
 from midtrain.config import ConfigError, load_config
 from midtrain.data.features import shard_name, write_feature_shard
 from midtrain.gap.mmd import mmd_matrix
-from midtrain.gap.stage import GapConfig, measure_gap
+from midtrain.gap.config import GapConfig
+from midtrain.gap.stage import measure_gap
 from midtrain.gap.tsne import stratified_quota, umap_available
 from midtrain.runs import RunDir, SampleError, StageError
 

@@ -62,7 +62,8 @@ def test_dataset_matches_episodes_recorded_in_process(collected):
 def test_dataset_reads_back_through_the_catalog(collected):
     """The catalog's LeRobot reader decodes the videos: frames close to the rendered ones,
     instructions per task."""
-    from midtrain.data.build import CatalogConfig, build_catalog
+    from midtrain.catalog.config import CatalogConfig
+    from midtrain.catalog.stage import build_catalog
     from midtrain.data.catalog import iter_catalog
     from midtrain.data.images import load_image
     from midtrain.data.sources import DatasetSource

@@ -74,7 +74,8 @@ def test_interrupted_pool_redoes_only_unfinished_sources(pool, tmp_path):
 
 
 def test_pool_reads_through_the_catalog(pool, tmp_path):
-    from midtrain.data.build import CatalogConfig, build_catalog
+    from midtrain.catalog.config import CatalogConfig
+    from midtrain.catalog.stage import build_catalog
     from midtrain.data.catalog import iter_catalog
     from midtrain.data.sources import DatasetSource
 

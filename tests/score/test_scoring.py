@@ -9,16 +9,18 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from select_fixtures import FakeFeaturizeConfig, build_run, gaussian_features, write_features
+from run_fixtures import FakeFeaturizeConfig, build_run, gaussian_features, write_features
 
 from midtrain.config import ConfigError, load_config
 from midtrain.data.features import open_features
 from midtrain.runs import RunDir, SampleError, StageError
-from midtrain.select.estimator import ProximityEstimator, load_estimator
-from midtrain.select.fit import FitConfig, fit_estimator
+from midtrain.fit.estimator import ProximityEstimator, load_estimator
+from midtrain.fit.config import FitConfig
+from midtrain.fit.stage import fit_estimator
 from midtrain.data.features import stream_feature_chunks
-from midtrain.select.score import ScoreConfig, score_feature_shard, score_pool
-from midtrain.select.scorers import MeanDistanceScorer, ProximityScorer, RandomScorer
+from midtrain.score.config import ScoreConfig
+from midtrain.score.stage import score_feature_shard, score_pool
+from midtrain.score.scorers import MeanDistanceScorer, ProximityScorer, RandomScorer
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from catalog_fixtures import llava_records
 
-import midtrain.data.build as build
+import midtrain.catalog.stage as build
 from midtrain.cli import run_stage
 from midtrain.config import ConfigError, load_config
-from midtrain.data.build import CatalogConfig
+from midtrain.catalog.config import CatalogConfig
 from midtrain.data.catalog import CATALOG_SCHEMA, catalog_files, catalog_num_rows, iter_catalog
 from midtrain.runs import StageError
 
