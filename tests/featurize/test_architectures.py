@@ -86,6 +86,7 @@ def test_prepare_shard_buckets_by_length_and_covers_every_row(loaded_vlm):
         assert len({bool(table.column("image_refs")[int(p)].as_py()) for p in b.positions}) == 1
 
 
+@pytest.mark.slow
 def test_compiled_extractor_matches_eager(tiny_vlm, loaded_vlm):
     """``compile: true`` (decoder layers and vision MLPs through inductor) gives the eager features."""
     from midtrain.models import load_vlm

@@ -11,6 +11,8 @@ from midtrain.featurize.config import FeaturizeConfig, RayOptions
 from midtrain.featurize.stage import featurize
 from midtrain.runs import RunDir
 
+pytestmark = pytest.mark.slow  # starts a Ray cluster
+
 ray = pytest.importorskip("ray")
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from catalog_rows import vla_rows, vlm_rows, write_catalog
 from midtrain.featurize.config import FeaturizeConfig
@@ -27,6 +28,7 @@ def shard_files(run_dir):
     return sorted(p.name for p in shards.iterdir() if not p.name.startswith(".")) if shards.exists() else []
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, tiny_vlm):
     model = tiny_vlm("qwen2_vl")
     rows = {"llava": vlm_rows(30, seed=20), "robot": vla_rows(18, seed=21)}  # 48 rows -> 12 shards of 4

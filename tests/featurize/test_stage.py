@@ -109,6 +109,7 @@ def test_image_pooling_skips_text_only_samples(tmp_path, tiny_vlm):
     assert set(text_only).isdisjoint(all_features(out)[1].column("id").to_pylist())
 
 
+@pytest.mark.slow
 def test_compile_option_gives_the_eager_features_and_records_its_time(tmp_path, tiny_vlm):
     model = str(tiny_vlm("qwen2_vl"))
     rows = {"robot": vla_rows(6, seed=12)}

@@ -75,6 +75,7 @@ def test_report_is_rerendered_when_an_upstream_stage_changes(tmp_path):
     assert run.manifest("report")["fingerprint"] != first
 
 
+@pytest.mark.slow
 def test_figures_load_in_headless_chromium(tmp_path):
     run = _fake_run(tmp_path)
     out = write_report(ReportConfig(), run)
@@ -85,6 +86,7 @@ def test_figures_load_in_headless_chromium(tmp_path):
     assert shot.exists() and Image.open(shot).size[0] == 1280
 
 
+@pytest.mark.slow
 def test_browser_check_detects_a_broken_figure(tmp_path):
     page = tmp_path / "broken.html"
     from midtrain.report.stage import CHECK_SCRIPT

@@ -104,6 +104,7 @@ def logits(out) -> np.ndarray:
     return pq.read_table(out / "proximity_scores.parquet").column("logit").to_numpy()
 
 
+@pytest.mark.slow
 @needs_cxx
 def test_stage_records_the_compiled_kernel(tmp_path):
     run, est = small_run(tmp_path)

@@ -47,6 +47,7 @@ def test_every_source_is_a_llava_json_dataset_with_images(pool):
             assert all(t["value"].strip() for t in turns)
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_at_any_worker_count(pool, tmp_path):
     again = generate_vlm_pool(SimPoolConfig(workers=2, **SMALL), RunDir(tmp_path / "again"))
     assert _tree(again) == _tree(pool)
