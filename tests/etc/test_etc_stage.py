@@ -20,10 +20,12 @@ from midtrain.runs import RunDir, StageError
 
 TASKS = ["push-v3", "pick-place-v3", "drawer-open-v3"]
 SIZE = 64
-needs_sim = pytest.mark.skipif(
-    importlib.util.find_spec("mujoco") is None or importlib.util.find_spec("metaworld") is None,
-    reason="the sim extra is not installed (pip install 'midtrain[sim]')",
-)
+_no_sim = importlib.util.find_spec("mujoco") is None or importlib.util.find_spec("metaworld") is None
+
+
+def needs_sim(test):
+    """Runs on a ``sim collect`` dataset recorded once per module (~15 s): slow, and skipped without the sim extra."""
+    return pytest.mark.slow(pytest.mark.skipif(_no_sim, reason="the sim extra is not installed (pip install 'midtrain[sim]')")(test))
 
 
 def points(text: str) -> np.ndarray:
@@ -128,7 +130,8 @@ def test_trajectory_keypoints_are_the_replayed_gripper_positions(sim_run):
 
 @needs_sim
 def test_catalog_reads_one_source_per_domain(sim_run):
-    from midtrain.data.build import CatalogConfig, build_catalog
+    from midtrain.catalog.config import CatalogConfig
+    from midtrain.catalog.stage import build_catalog
 
     run, out = sim_run
     sources = yaml.safe_load((out / "catalog_sources.yaml").read_text())["datasets"]

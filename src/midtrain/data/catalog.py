@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 IMAGE_STRUCT = pa.struct([("path", pa.string()), ("bytes", pa.binary())])
@@ -79,3 +80,32 @@ def iter_catalog(
 
 def catalog_num_rows(catalog_dir: Path | str) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in catalog_files(catalog_dir))
+
+
+def iter_catalog_with_ids(
+    catalog_dir: Path | str, ids: pa.Array | list[str], columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream the catalog rows whose ``id`` is in ``ids`` (non-empty filtered batches, catalog order).
+
+    ``columns`` must include ``id`` when given. Memory is bounded by a batch plus ``ids``.
+    """
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    wanted = ids if isinstance(ids, pa.Array) else pa.array(ids, type=pa.string())
+    for batch in iter_catalog(catalog_dir, columns=columns):
+        mask = pc.is_in(batch.column("id"), value_set=wanted)
+        if pc.any(mask).as_py():
+            yield batch.filter(mask)
+
+
+def catalog_rows_by_id(catalog_dir: Path | str, ids: list[str], columns: list[str] | None = None) -> dict[str, dict]:
+    """``{id: row}`` of the catalog rows with these ids (a few: galleries, spot checks); ids not in
+    the catalog are absent. Reading stops once every id is found."""
+    found: dict[str, dict] = {}
+    wanted = set(ids)
+    for batch in iter_catalog_with_ids(catalog_dir, list(wanted), columns):
+        for row in batch.to_pylist():
+            found[row["id"]] = row
+        if len(found) == len(wanted):
+            break
+    return found

@@ -130,7 +130,7 @@ def generate_etc(config: EtcConfig, run_dir: RunDir, force: bool = False) -> Pat
         for name in report:
             report[name]["samples"] = samples.get(name, 0)
         files = {name: n for name, n in sorted(arrays.counts.items())}
-        _write_sources(st.dir, out, files)
+        _write_sources(st.dir, st.final_dir / LLAVA_DIR, files)
         st.extra.update({
             "dataset": str(root), "camera": dataset.camera, "image_size": [dataset.width, dataset.height],
             "generators": report, "files": files,
@@ -140,7 +140,7 @@ def generate_etc(config: EtcConfig, run_dir: RunDir, force: bool = False) -> Pat
         })  # fmt: skip
         st.log.info("etc: %d samples from %d episodes; per generator %s", st.counts["samples"], st.counts["episodes"],
                     dict(samples))  # fmt: skip
-    return st.dir
+    return st.final_dir
 
 
 def _plan(config: EtcConfig, dataset: EtcDataset, log) -> tuple[list[Generator], dict[str, dict]]:
@@ -165,7 +165,8 @@ def _plan(config: EtcConfig, dataset: EtcDataset, log) -> tuple[list[Generator],
 
 
 def _write_sources(stage_dir: Path, out: Path, files: dict[str, int]) -> None:
-    """``catalog_sources.yaml``: one ``midtrain catalog`` source per domain file written."""
+    """``catalog_sources.yaml`` in ``stage_dir``: one ``midtrain catalog`` source per domain file written,
+    by its path ``out / domain_<slug>.json`` once the stage is in place."""
     sources: list[dict[str, Optional[str]]] = []
     for domain, slug in DOMAINS.items():
         name = f"domain_{slug}.json"

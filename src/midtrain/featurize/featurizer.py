@@ -109,6 +109,14 @@ class BatchPreparer:
         )  # fmt: skip
 
 
+def make_preparer(config, processor) -> BatchPreparer:
+    """The :class:`BatchPreparer` a :class:`~.config.FeaturizeConfig` asks for (the local and Ray backends share it)."""
+    return BatchPreparer(
+        processor, include_assistant=config.include_assistant, max_length=config.max_length,
+        overlong=config.overlong, batch_size=config.batch_size, max_tokens_per_batch=config.max_tokens_per_batch,
+    )  # fmt: skip
+
+
 def vision_tower(model):
     """The vision encoder of a loaded VLM (``visual``, ``vision_tower`` or ``vision_model`` of its
     backbone), or None."""

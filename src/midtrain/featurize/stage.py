@@ -18,90 +18,14 @@ Backends: ``local`` (DataLoader workers prepare batches while this process runs 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
 
-from ..config import ConfigError, StageConfig
 from ..data.features import shard_name
-from ..models.loading import ATTN_IMPLEMENTATIONS, check_vlm, load_processor, load_vlm, processor_settings, resolve_device, resolve_dtype
+from ..models.loading import check_vlm, load_processor, load_vlm, processor_settings, resolve_device, resolve_dtype
 from ..runs import RunDir, StageError, stage_run
-from .featurizer import BatchPreparer, FeatureExtractor, PreparedBatch, ShardSink, ShardStart, Throughput, restore_counts
+from .config import FeaturizeConfig
+from .featurizer import FeatureExtractor, PreparedBatch, ShardSink, ShardStart, Throughput, make_preparer, restore_counts
 from .shards import CatalogIndex
-
-
-@dataclass
-class RayOptions:
-    """Ray Data backend settings (``backend: ray``).
-
-    ``address``: None starts a local Ray instance; ``"auto"`` (or ``ray://host:10001``) joins a
-    running cluster. ``num_actors`` model replicas (one model per actor) with ``gpus_per_actor``
-    GPUs and ``cpus_per_actor`` CPUs each; ``num_preprocess_actors`` CPU actors run the processor
-    (image decoding, chat template) and stream batches to them.
-    """
-
-    address: Optional[str] = None
-    num_actors: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-    num_preprocess_actors: int = 1
-    cpus_per_preprocess_actor: float = 1.0
-
-
-@dataclass
-class FeaturizeConfig(StageConfig):
-    """Featurize settings. ``model`` is a hub id or a local checkpoint directory (required).
-
-    Model: ``dtype`` (``auto``: bfloat16/float16 on GPU, float32 on CPU), ``device`` (``auto``,
-    ``cpu``, ``cuda``, ``cuda:1``), ``attn_implementation`` (``sdpa``), ``trust_remote_code``,
-    ``processor_kwargs`` (e.g. ``{max_pixels: 200704}`` for Qwen-VL).
-    Inputs: ``include_assistant`` (answers in VLM conversations), ``max_length`` tokens, and what to
-    do with longer samples: ``overlong: truncate`` (cut the text tail; samples whose images would
-    be cut are skipped) or ``skip``. ``pooling``: ``mean`` | ``last`` | ``image_mean`` | ``text_mean``.
-    Throughput: ``batch_size`` rows and ``max_tokens_per_batch`` padded tokens per batch,
-    ``shard_size`` rows per output shard, ``num_workers`` DataLoader workers (None: 1 on CPU,
-    up to 8 on GPU; 0 prepares in the main process), ``prefetch_factor`` batches per worker,
-    ``compile`` (off by default): ``torch.compile`` the language model's decoder layers and the
-    vision tower's MLPs (:func:`~.featurizer.compile_backbone`). On the 2-core CPU benchmark the
-    compiled model ran about 1.2x the eager one (4.2-4.4x the naive loop in 5 runs, eager 3.1-4.1x
-    in 14), after a compile of 34-40 s once per process plus a recompile of about 10 s at the first
-    batch without padding (both in ``compile_s`` in the manifest): for long runs only.
-    """
-
-    model: str = ""
-    catalog: Optional[Path] = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
-    attn_implementation: str = "sdpa"
-    trust_remote_code: bool = False
-    processor_kwargs: dict[str, Any] = field(default_factory=dict)
-    pooling: Literal["mean", "last", "image_mean", "text_mean"] = "mean"
-    include_assistant: bool = True
-    max_length: int = 4096
-    overlong: Literal["truncate", "skip"] = "truncate"
-    batch_size: int = 32
-    max_tokens_per_batch: int = 32768
-    shard_size: int = 2048
-    num_workers: Optional[int] = None
-    prefetch_factor: int = 4
-    compile: bool = False
-    backend: Literal["local", "ray"] = "local"
-    ray: RayOptions = field(default_factory=RayOptions)
-
-    def validate(self) -> None:
-        if not self.model:
-            raise ConfigError("model: required (a Hugging Face hub id or a local checkpoint directory)")
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ConfigError(f"attn_implementation: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {self.attn_implementation!r}")
-        for key in ("max_length", "batch_size", "max_tokens_per_batch", "shard_size", "prefetch_factor"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
-        if self.ray.num_actors < 1 or self.ray.num_preprocess_actors < 1:
-            raise ConfigError("ray.num_actors and ray.num_preprocess_actors: must be >= 1")
-        if self.ray.gpus_per_actor < 0 or self.ray.cpus_per_actor < 0 or self.ray.cpus_per_preprocess_actor < 0:
-            raise ConfigError("ray.gpus_per_actor / ray.cpus_per_actor / ray.cpus_per_preprocess_actor: must be >= 0")
 
 
 def default_num_workers(device: str) -> int:
@@ -111,13 +35,6 @@ def default_num_workers(device: str) -> int:
     if device.startswith("cuda"):
         return max(1, min(8, (os.cpu_count() or 2) - 1))
     return 1
-
-
-def make_preparer(config: FeaturizeConfig, processor) -> BatchPreparer:
-    return BatchPreparer(
-        processor, include_assistant=config.include_assistant, max_length=config.max_length,
-        overlong=config.overlong, batch_size=config.batch_size, max_tokens_per_batch=config.max_tokens_per_batch,
-    )  # fmt: skip
 
 
 def _inputs(config: FeaturizeConfig, catalog: Path) -> dict[str, Path]:

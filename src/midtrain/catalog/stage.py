@@ -17,7 +17,7 @@ both records. Bad samples follow ``on_error``; a source with no samples at all i
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -25,50 +25,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..config import ConfigError, StageConfig
+from ..data.catalog import CATALOG_SCHEMA, rows_to_table
+from ..data.sources import DatasetSource, SampleReader
 from ..runs import RunDir, SampleError, StageError, StageRun, atomic_path, stage_run
-from .catalog import CATALOG_SCHEMA, rows_to_table
-from .sources import DatasetSource, SampleReader
+from .config import CatalogConfig
 
 STAGE = "catalog"
-
-
-@dataclass
-class CatalogConfig(StageConfig):
-    """Config of ``midtrain catalog``: the dataset sources and the part layout."""
-
-    datasets: list[DatasetSource] = field(default_factory=list)
-    rows_per_part: int = 50_000
-    row_group_size: int = 512
-
-    def validate(self) -> None:
-        if not self.datasets:
-            raise ConfigError("datasets: at least one dataset source is required")
-        if self.rows_per_part < 1:
-            raise ConfigError(f"rows_per_part: must be >= 1, got {self.rows_per_part}")
-        if self.row_group_size < 1:
-            raise ConfigError(f"row_group_size: must be >= 1, got {self.row_group_size}")
-        seen: dict[str, int] = {}
-        for i, src in enumerate(self.datasets):
-            for key, message in src.problems():
-                raise ConfigError(f"datasets[{i}].{key}: {message}")
-            if src.name in seen:
-                raise ConfigError(f"datasets[{i}].name: duplicate source name {src.name!r} (also datasets[{seen[src.name]}])")
-            seen[src.name] = i
 
 
 def open_reader(source: DatasetSource, seed: int) -> SampleReader:
     """The reader for ``source.format`` (imported lazily: only the formats in use are loaded)."""
     if source.format == "llava_json":
-        from .llava import LlavaJsonReader as reader_cls
+        from ..data.llava import LlavaJsonReader as reader_cls
     elif source.format == "llava_jsonl":
-        from .llava import LlavaJsonlReader as reader_cls
+        from ..data.llava import LlavaJsonlReader as reader_cls
     elif source.format == "parquet":
-        from .tabular import ParquetReader as reader_cls
+        from ..data.tabular import ParquetReader as reader_cls
     elif source.format == "hf_disk":
-        from .tabular import HFDiskReader as reader_cls
+        from ..data.tabular import HFDiskReader as reader_cls
     elif source.format == "lerobot":
-        from .lerobot import LeRobotReader as reader_cls
+        from ..data.lerobot import LeRobotReader as reader_cls
     else:  # the config type check rejects this first; kept for direct callers
         raise StageError(f"{source.name}: unknown format {source.format!r}")
     return reader_cls(source, seed)
