@@ -100,6 +100,22 @@ def test_first_frame_shows_the_goal_where_it_is():
     assert not (stale[0] > 180 and stale[1] < 60), stale
 
 
+def test_rendering_then_importing_triton_does_not_crash():
+    """llvmpipe's LLVM and Triton's: a process that renders and then imports Triton (torch.compile,
+    torchvision.ops) used to segfault; CameraView loads Triton first."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    code = ("from midtrain.sim.metaworld_env import CameraView, make_env, reset_env\n"
+            "env = make_env('reach-v3'); view = CameraView(env.model, 'corner', 16, 16); reset_env(env, 0)\n"
+            "view.rgb(env.data); view.close()\nimport triton\nprint('survived')")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "survived" in proc.stdout, proc.stderr[-2000:]
+
+
 def test_every_task_names_its_objects():
     assert set(TASK_OBJECTS) == set(TASK_INSTRUCTIONS)
     for task, names in TASK_OBJECTS.items():

@@ -18,6 +18,7 @@ to OSMesa.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import subprocess
 import sys
@@ -224,6 +225,25 @@ def ensure_gl_backend() -> str:
     )
 
 
+def _load_triton_before_gl() -> None:
+    """Import Triton, if installed, before the first offscreen GL context of this process.
+
+    Mesa's software renderer (llvmpipe, behind EGL and OSMesa here) loads its own LLVM when a
+    context is made; importing Triton afterwards - which ``torch.compile``, ``torch._dynamo`` and
+    ``torchvision.ops`` do - loads Triton's bundled LLVM beside it and the process segfaults. In
+    the other order both work, so a process that renders and then runs a compiled or torchvision
+    model (evaluation rollouts, the test suite) imports Triton first (~0.4 s, once).
+    """
+    if "triton" in sys.modules:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return
+    with contextlib.suppress(Exception):  # a broken Triton install must not stop rendering
+        import triton  # noqa: F401
+
+
 def import_mujoco():
     """``mujoco``, imported after choosing the GL backend, or an install hint."""
     ensure_gl_backend()
@@ -339,6 +359,7 @@ class CameraView:
         model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
         model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
         model.vis.quality.offsamples = 0  # no multisampling: read when the offscreen buffer is made
+        _load_triton_before_gl()
         try:
             self.renderer = mujoco.Renderer(model, self.height, self.width)
         except Exception as exc:  # GL context creation fails with backend-specific types
