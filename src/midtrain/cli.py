@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, help_text, load_config, load_yaml
+from .extras import missing_extra_message
 from .runs import RunDir, SampleError, StageError
 from .stages import STAGES
 
@@ -143,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             print(out)
     except (ConfigError, StageError, SampleError, FileNotFoundError) as exc:
         print(f"midtrain: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(exc)
+        if message is None:
+            raise
+        print(f"midtrain: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -76,15 +76,15 @@ def test_interrupted_run_resumes_after_done_parts(tmp_path, sources, monkeypatch
     monkeypatch.setattr(build, "_write_part", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, sources, rows_per_part=4)
-    out = tmp_path / "run/catalog"
-    assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
-    done = out / "pool/part-00000.parquet"
-    stamp = done.stat().st_mtime_ns
-    assert not (out / "pool/part-00001.parquet").exists()
+    attempt = tmp_path / "run/.partial/catalog"  # a failed run publishes nothing
+    assert json.loads((attempt / "manifest.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "run/catalog").exists()
+    stamp = (attempt / "pool/part-00000.parquet").stat().st_mtime_ns
+    assert not (attempt / "pool/part-00001.parquet").exists()
 
     monkeypatch.setattr(build, "_write_part", real)
     out = run(tmp_path, sources, rows_per_part=4)
-    assert done.stat().st_mtime_ns == stamp  # the finished part was not rewritten
+    assert (out / "pool/part-00000.parquet").stat().st_mtime_ns == stamp  # the finished part was not rewritten
     ids = [i for b in iter_catalog(out, columns=["id"]) for i in b.column("id").to_pylist()]
     assert ids[:6] == ["pool/s0", "pool/s1", "pool/2", "pool/s3", "pool/s4", "pool/5"] and len(ids) == 18
     m = json.loads((out / "manifest.json").read_text())

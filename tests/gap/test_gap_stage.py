@@ -198,7 +198,7 @@ def test_dataset_with_one_sample_is_named(tmp_path):
     features = write_features(tmp_path / "f", sources)
     with pytest.raises(StageError, match="dataset 'lonely' has 1 sample"):
         measure_gap(GapConfig(features=features, tsne=False), RunDir(tmp_path / "run"))
-    assert json.loads((tmp_path / "run" / "gap" / "manifest.json").read_text())["status"] == "failed"
+    assert json.loads((tmp_path / "run" / ".partial" / "gap" / "manifest.json").read_text())["status"] == "failed"
 
 
 def test_mismatched_feature_dimension_names_the_datasets(tmp_path):

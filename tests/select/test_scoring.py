@@ -70,13 +70,16 @@ def test_score_resumes_at_shard_granularity(fitted_run, tmp_path):
     first = pq.read_table(out / "proximity_scores.parquet")
     parts = sorted((out / "shards").glob("*.parquet"))
     mtimes = {p.name: p.stat().st_mtime_ns for p in parts}
-    # simulate a crash after all shards but one: manifest 'running', one shard unfinished
-    man = json.loads((out / "manifest.json").read_text())
+    # simulate a crash after all shards but one: the run's partial folder, manifest 'running', one shard unfinished
+    partial = run.root / ".partial" / "score"
+    partial.parent.mkdir(exist_ok=True)
+    out.rename(partial)
+    man = json.loads((partial / "manifest.json").read_text())
     man["status"] = "running"
-    (out / "manifest.json").write_text(json.dumps(man))
-    (out / "shards" / "shard-00002.done").unlink()
-    (out / "shards" / "shard-00002.parquet").unlink()
-    (out / "proximity_scores.parquet").unlink()
+    (partial / "manifest.json").write_text(json.dumps(man))
+    (partial / "shards" / "shard-00002.done").unlink()
+    (partial / "shards" / "shard-00002.parquet").unlink()
+    (partial / "proximity_scores.parquet").unlink()
     score_pool(ScoreConfig(), run)
     assert pq.read_table(out / "proximity_scores.parquet").equals(first)
     for p in parts:

@@ -96,7 +96,7 @@ def test_no_successful_episode_fails_the_stage_and_reports_rates(tmp_path):
                               height=32, policy="zero", workers=1)  # fmt: skip
     with pytest.raises(StageError, match="no episode succeeded.*reach-v3 0/1"):
         collect_robot_corpus(config, RunDir(tmp_path))
-    manifest = json.loads((tmp_path / "sim_collect" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / ".partial" / "sim_collect" / "manifest.json").read_text())  # the failed attempt
     assert manifest["status"] == "failed"
     assert manifest["success_rate"] == 0.0 and manifest["success"]["push-v3"]["rate"] == 0.0
     assert not (tmp_path / "sim_collect" / "lerobot" / "meta" / "info.json").exists()

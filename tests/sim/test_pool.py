@@ -60,13 +60,15 @@ def test_interrupted_pool_redoes_only_unfinished_sources(pool, tmp_path):
 
     run_root = tmp_path / "resume"
     shutil.copytree(pool.parent, run_root)
-    out = run_root / "sim_pool"
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["status"] = "running"  # as if killed while writing captions
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    shutil.rmtree(out / "captions")
-    (out / "shards" / "captions.done").unlink()
-    kept_mtime = (out / "counting" / "data.json").stat().st_mtime_ns
+    out, partial = run_root / "sim_pool", run_root / ".partial" / "sim_pool"
+    partial.parent.mkdir(exist_ok=True)
+    out.rename(partial)  # as if killed while writing captions: the run's partial folder
+    manifest = json.loads((partial / "manifest.json").read_text())
+    manifest["status"] = "running"
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(partial / "captions")
+    (partial / "shards" / "captions.done").unlink()
+    kept_mtime = (partial / "counting" / "data.json").stat().st_mtime_ns
     generate_vlm_pool(SimPoolConfig(workers=1, **SMALL), RunDir(run_root))
     assert (out / "counting" / "data.json").stat().st_mtime_ns == kept_mtime
     assert _tree(out) == _tree(pool)

@@ -307,6 +307,6 @@ def write_report(config: ReportConfig, run_dir: RunDir, force: bool = False) -> 
             page = render_report(run_dir, config, st.dir)
         write_text_atomic(st.dir / "report.html", page)
         st.counts["written"] = 1
-        st.extra["report"] = str(st.dir / "report.html")
+        st.extra["report"] = str(st.final_dir / "report.html")
         st.log.info("report written to %s", st.dir / "report.html")
     return st.dir

@@ -134,6 +134,6 @@ def export_mixture(config: ExportConfig, run_dir: RunDir, force: bool = False) -
                     _mixture_batches(catalog_dir, kept), st.dir / "mixture.parquet", embed_images=config.embed_images
                 )
         st.extra.update({"files": sorted(p.name for p in st.dir.iterdir() if p.is_file() and not p.name.startswith(".")),
-                         "dataset_name": config.dataset_name, "image_root": str(st.dir)})  # fmt: skip
+                         "dataset_name": config.dataset_name, "image_root": str(st.final_dir)})  # fmt: skip
         st.log.info("exported %d samples (%d images) to %s", counts["records"], counts["images"], out_json)
     return st.dir

@@ -100,7 +100,7 @@ def fit_estimator(config: FitConfig, run_dir: RunDir, force: bool = False) -> Pa
         save_estimator(model, st.dir / ESTIMATOR_DIR, {**provenance, "metrics": metrics, "training": config.training_dict()})
         st.counts["written"] = 1
         st.extra.update({"model": config.model, "dim": fs.dim, **provenance,
-                         "estimator": str(st.dir / ESTIMATOR_DIR), **metrics})  # fmt: skip
+                         "estimator": str(st.final_dir / ESTIMATOR_DIR), **metrics})  # fmt: skip
         st.log.info("val AUC %.4f, val accuracy %.4f after %d epochs (%s)", metrics["val_auc"],
                     metrics["val_accuracy"], metrics["epochs_run"], metrics["stopped_because"])  # fmt: skip
     return st.dir

@@ -257,6 +257,6 @@ def score_pool(config: ScoreConfig, run_dir: RunDir, force: bool = False) -> Pat
         st.counts["read"] = sum(d.get("read", 0) for d in done)
         with st.timed("merge"):
             st.counts["written"] = _merge_parts(st)
-        st.extra.update({"scores_file": str(st.dir / SCORES_FILE), "pool_rows": st.counts["written"]})
+        st.extra.update({"scores_file": str(st.final_dir / SCORES_FILE), "pool_rows": st.counts["written"]})
         st.log.info("scored %d pool samples with %s", st.counts["written"], config.scorer)
     return st.dir
