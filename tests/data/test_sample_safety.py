@@ -172,7 +172,7 @@ def test_unrecoverable_json_array_names_where_reading_stopped(tmp_path):
     path.write_text("[\n" + ",\n".join(recs[:6]) + ",\n" + recs[6][:40])  # truncated inside record 6
     src = {"name": "pool", "kind": "vlm", "format": "llava_json", "path": str(path)}
     errors = assert_raises_then_skips(tmp_path, src, "malformed JSON", f"{path}[6]", "line 8", n_good=6)
-    assert "no closing ']' (truncated?)" in errors[0]["detail"]
+    assert "with no closing ']' (truncated?)" in errors[0]["detail"]
 
 
 # --------------------------------------------------------------------------- Parquet and LeRobot

@@ -136,14 +136,16 @@ def iter_array(
         try:
             value, end = buf.decode(start, max_chars)
         except _TooLong as exc:
-            broken = ("record too long", f"over {exc.chars:,} characters of JSON (limit {max_chars:,}; see max_text_chars)")
+            limit = f"limit {max_chars:,}; see max_text_chars"
+            broken = ("record too long", f"over {exc.chars:,} characters of JSON ({limit})")
         except json.JSONDecodeError as exc:
             broken = ("malformed JSON", f"line {buf.line(exc.pos)}: {exc.msg}")
         else:
             after = buf.skip_ws(end)
             separated = after >= len(buf.text) or buf.text[after] in ",]"
             if end - start > max_chars:  # decoded within one buffer, but over the limit all the same
-                too_long = f"{end - start:,} characters of JSON at line {buf.line(start)} (limit {max_chars:,}; see max_text_chars)"
+                limit = f"limit {max_chars:,}; see max_text_chars"
+                too_long = f"{end - start:,} characters of JSON at line {buf.line(start)} ({limit})"
                 yield Element(index, error=("record too long", too_long))
                 index += 1
             elif separated or is_record(value):
@@ -174,7 +176,7 @@ def iter_array(
         line, at = buf.line(start), buf.dropped + start
         next_pos, closed = _resync(buf, search_from, is_record, max_chars)
         if next_pos is None:
-            end_of = "the array's closing ']'" if closed else "the end of the file, which has no closing ']' (truncated?)"
+            end_of = "the array's closing ']'" if closed else "the end of the file, with no closing ']' (truncated?)"
             yield Element(index, error=(broken[0], f"{broken[1]}; unreadable from line {line} to {end_of}"))
             return
         if buf.dropped + next_pos != at:

@@ -369,7 +369,8 @@ class LeRobotReader(SampleReader):
             else:
                 values = rows.column(cam).take(pa.array(keep)).to_pylist()
                 for i, v in enumerate(values):
-                    images[i].append(checked_image_ref(v, self.root, f"{where} frame {frame_ids[i]}", None, self.source, verify=False))
+                    ref = checked_image_ref(v, self.root, f"{where} frame {frame_ids[i]}", None, self.source, verify=False)
+                    images[i].append(ref)
         out = []
         for i in range(len(keep)):
             f = int(frame_ids[i])
@@ -398,9 +399,10 @@ class LeRobotReader(SampleReader):
                     continue
                 try:
                     rows = self._episode_rows(ep, wanted * stride)
-                except (pa.ArrowException, ValueError, TypeError, IndexError) as exc:  # values of the wrong type or shape
+                except (pa.ArrowException, ValueError, TypeError, IndexError) as exc:  # values of the wrong type/shape
                     detail = f"{type(exc).__name__}: {exc}; {len(wanted)} frame(s) of this episode skipped"
-                    yield lo + int(wanted[-1]), SampleError("malformed episode data", f"{self.root} episode {ep.index}", detail)
+                    err = SampleError("malformed episode data", f"{self.root} episode {ep.index}", detail)
+                    yield lo + int(wanted[-1]), err
                     continue
                 except SampleError as err:
                     err.detail = f"{err.detail}; {len(wanted)} frame(s) of this episode skipped".lstrip("; ")

@@ -172,7 +172,9 @@ def check_text(messages: list[dict], where: str, sample_id: str, max_chars: int)
             )  # fmt: skip
 
 
-def conversation_row(record: Any, index: int, where: str, id_field: Optional[str], image_root: Path, source: DatasetSource) -> dict:
+def conversation_row(
+    record: Any, index: int, where: str, id_field: Optional[str], image_root: Path, source: DatasetSource
+) -> dict:
     """One conversation record -> a catalog row (local id; the stage adds source and kind)."""
     if not isinstance(record, dict):
         raise SampleError("malformed record", where, f"expected a JSON object, got {type(record).__name__}")
