@@ -220,7 +220,9 @@ class ParquetReader(_TabularReader):
                         yield from self._row_group(pf, rg, cols, offset, mask, where_of, image_root)
                     offset += n
 
-    def _row_group(self, pf: pq.ParquetFile, rg: int, cols: list[str], offset: int, mask: np.ndarray, where_of, image_root):
+    def _row_group(
+        self, pf: pq.ParquetFile, rg: int, cols: list[str], offset: int, mask: np.ndarray, where_of, image_root: Path
+    ):
         """The wanted rows of one row group. A row group that cannot be read (a truncated or
         corrupt file) is one bad sample naming the file and its row range, at the position
         of its last wanted row, like a LeRobot episode whose video is unreadable."""
@@ -294,7 +296,7 @@ def catalog_hf_features():
             "messages": List({"role": Value("string"), "content": Value("string")}),
             "instruction": Value("string"), "episode": Value("int64"), "frame": Value("int64"),
             "state": List(Value("float32")), "action": List(List(Value("float32"))),
-            "action_mask": List(Value("bool")), "origin": Value("string"),
+            "action_mask": List(Value("bool")), "origin": Value("string"), "content_hash": Value("string"),
         }
     )  # fmt: skip
 
