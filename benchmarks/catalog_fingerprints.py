@@ -12,7 +12,10 @@ LLaVA pools with PNG images by path), in one process, interleaved:
 
 For each: a full build in a fresh run directory, and a rerun that finds nothing to do
 (where the references check is the added cost). The catalogs must hold the same rows
-apart from ``content_hash`` (checked).
+apart from ``content_hash`` (checked). Whole-stage times on a busy machine are noisy, so
+the fingerprint work is also timed alone on the same rows and files (``hash_rows_s``:
+``RowHasher`` over every row; ``check_s``: ``changed_references`` over every part),
+and given as a fraction of the baseline build.
 
     python benchmarks/catalog_fingerprints.py [--world DIR] [--repeats 3]
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -37,6 +41,7 @@ import pyarrow.parquet as pq
 import midtrain.data.build as build
 from midtrain.config import load_config
 from midtrain.data.catalog import iter_catalog
+from midtrain.data.content import RowHasher, changed_references
 from midtrain.demo import DemoConfig, _stage_configs
 from midtrain.runs import RunDir
 from midtrain.stages import STAGES
@@ -112,6 +117,19 @@ def main() -> None:
                 rerun[mode].append(run_catalog(base, run_dir, mode))
                 outs[mode] = run_dir / "catalog"
                 print(f"repeat {r} {mode:6s} build {full[mode][-1]:6.2f} s  nothing-to-do rerun {rerun[mode][-1]:6.3f} s")
+        rows = [r for b in iter_catalog(outs["stat"]) for r in b.to_pylist()]
+        references = sorted(outs["stat"].glob("*/references-*.parquet"))
+        alone: dict[str, dict[str, list[float]]] = {m: {"hash_rows_s": [], "check_s": []} for m in ("stat", "verify")}
+        for _ in range(args.repeats):
+            for mode in ("stat", "verify"):
+                t0 = time.perf_counter()
+                hasher = RowHasher(verify=mode == "verify")
+                for row in rows:
+                    hasher(row)
+                alone[mode]["hash_rows_s"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                changed_references(references, verify=mode == "verify")
+                alone[mode]["check_s"].append(time.perf_counter() - t0)
         tables = {m: rows_without_hash(outs[m]) for m in modes}
         same_rows = tables["off"].equals(tables["stat"]) and tables["off"].equals(tables["verify"])
         n_rows = tables["off"].num_rows
@@ -126,11 +144,20 @@ def main() -> None:
     for m in ("stat", "verify"):
         print(f"{m:6s} build {med[m]:.2f} s vs {med['off']:.2f} s off: x{med[m] / med['off']:.3f}; "
               f"rerun {med_rerun[m]:.3f} s vs {med_rerun['off']:.3f} s (+{med_rerun[m] - med_rerun['off']:.3f} s)")  # fmt: skip
+    work = {m: {k: statistics.median(v) for k, v in alone[m].items()} for m in alone}
+    for m in ("stat", "verify"):
+        print(f"{m:6s} alone: hashing {len(rows)} rows {work[m]['hash_rows_s']:.3f} s "
+              f"({work[m]['hash_rows_s'] / med['off']:.1%} of the baseline build), "
+              f"checking {refs} references {work[m]['check_s']:.3f} s")  # fmt: skip
     print(json.dumps({
-        "rows": n_rows, "referenced_files": refs, "same_rows": same_rows, "repeats": args.repeats,
-        "build_s": {m: round(v, 3) for m, v in med.items()},
+        "bench": "catalog_fingerprints", "rows": n_rows, "referenced_files": refs, "same_rows": same_rows,
+        "repeats": args.repeats, "build_s": {m: round(v, 3) for m, v in med.items()},
         "build_ratio": {m: round(med[m] / med["off"], 3) for m in ("stat", "verify")},
         "nothing_to_do_rerun_s": {m: round(v, 3) for m, v in med_rerun.items()},
+        "hash_rows_s": {m: round(work[m]["hash_rows_s"], 4) for m in work},
+        "check_s": {m: round(work[m]["check_s"], 4) for m in work},
+        "hash_fraction_of_build": {m: round(work[m]["hash_rows_s"] / med["off"], 4) for m in work},
+        "loadavg_1m": round(os.getloadavg()[0], 1),
     }))  # fmt: skip
     if not same_rows:
         raise SystemExit("the catalogs differ apart from content_hash")
