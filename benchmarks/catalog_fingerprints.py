@@ -38,7 +38,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import midtrain.data.build as build
+import midtrain.catalog.stage as build
 from midtrain.config import load_config
 from midtrain.data.catalog import iter_catalog
 from midtrain.data.content import RowHasher, changed_references

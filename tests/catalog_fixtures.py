@@ -16,7 +16,7 @@ FPS = 10
 
 def interrupt_second_part(monkeypatch) -> None:
     """Make the catalog stage stop (KeyboardInterrupt) as it starts its second part, as a kill would."""
-    import midtrain.data.build as build
+    import midtrain.catalog.stage as build
 
     calls = {"n": 0}
     real = build._write_part

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from catalog_fixtures import interrupt_second_part, llava_records, write_png
 
-import midtrain.data.build as build
+import midtrain.catalog.stage as build
 from midtrain.cli import run_stage
 from midtrain.data.catalog import iter_catalog
 from midtrain.runs import StageError

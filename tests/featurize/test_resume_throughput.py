@@ -44,7 +44,7 @@ def test_out_of_memory_retry_with_a_smaller_batch_keeps_finished_shards(tmp_path
     monkeypatch.setattr(featurizer_module.ShardSink, "add", real_add)
     featurize(FeaturizeConfig(**base, batch_size=1), RunDir(oom))  # the retry, with a smaller batch
     log = (oom / "featurize" / "log.txt").read_text()
-    assert "5 already done, 1 to featurize" in log
+    assert "5 already done (0 reused from the previous output, same content), 1 to featurize" in log
     final = oom / "featurize" / "shards"
     assert all((final / name).stat().st_mtime_ns == t for name, t in mtimes.items())  # not recomputed
     man = json.loads((oom / "featurize" / "manifest.json").read_text())
@@ -57,4 +57,5 @@ def test_out_of_memory_retry_with_a_smaller_batch_keeps_finished_shards(tmp_path
         np.testing.assert_allclose(got[name].astype(np.float32), want[name].astype(np.float32), rtol=2e-3, atol=1e-3)
     # an output setting still invalidates: a different pooling recomputes every shard
     featurize(FeaturizeConfig(**base, batch_size=4, pooling="last"), RunDir(oom))
-    assert "0 already done, 6 to featurize" in (oom / "featurize" / "log.txt").read_text()
+    assert "0 already done (0 reused from the previous output, same content), 6 to featurize" in (
+        oom / "featurize" / "log.txt").read_text()
