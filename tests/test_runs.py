@@ -277,9 +277,12 @@ def test_throughput_settings_do_not_change_the_fingerprint(tmp_path, src):
 # --------------------------------------------------------------------------- one writer per stage
 
 _HOLDER = """
-import sys, time
+import os, sys, time
 from midtrain.runs import RunDir, stage_lock
 with stage_lock(RunDir(sys.argv[1]), "toy"):
+    if os.fork() == 0:  # a forked worker (as a DataLoader's) that outlives its killed parent
+        time.sleep(30)
+        os._exit(0)
     print("held", flush=True)
     time.sleep(60)
 """
@@ -304,7 +307,7 @@ def test_a_second_writer_fails_at_once_naming_the_holder_and_a_killed_holder_rel
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    toy_stage(run, ToyConfig(), src)  # the kernel released the dead holder's lock
+    toy_stage(run, ToyConfig(), src)  # the kernel released the dead holder's lock (its forked child holds none)
     assert manifest(run)["status"] == "complete"
 
 

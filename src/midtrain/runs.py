@@ -590,6 +590,20 @@ def _lock_info(path: Path) -> str:
     return f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}"
 
 
+_held_lock_fds: set[int] = set()
+_fork_hook_registered = False
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child (e.g. a DataLoader worker), drop the copies of the parent's lock fds: an
+    flock belongs to the open file, so a child that kept one would hold the lock after the
+    parent was killed."""
+    for fd in list(_held_lock_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_lock_fds.clear()
+
+
 @contextlib.contextmanager
 def stage_lock(run: RunDir, stage: str) -> Iterator[None]:
     """Hold ``<run>/.locks/<stage>.lock`` while the stage runs; fail at once if another process does.
@@ -600,6 +614,10 @@ def stage_lock(run: RunDir, stage: str) -> Iterator[None]:
     """
     import fcntl
 
+    global _fork_hook_registered
+    if not _fork_hook_registered:
+        os.register_at_fork(after_in_child=_close_inherited_locks)
+        _fork_hook_registered = True
     path = run.root / LOCKS / f"{stage}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -617,9 +635,11 @@ def stage_lock(run: RunDir, stage: str) -> Iterator[None]:
             return
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        _held_lock_fds.add(fd)
         try:
             yield
         finally:
+            _held_lock_fds.discard(fd)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

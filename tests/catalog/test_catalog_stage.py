@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from catalog_fixtures import llava_records
+from catalog_fixtures import interrupt_second_part, llava_records
 
 import midtrain.catalog.stage as build
 from midtrain.cli import run_stage
@@ -64,16 +64,8 @@ def test_complete_stage_is_skipped_and_force_recomputes(tmp_path, sources, caplo
 
 
 def test_interrupted_run_resumes_after_done_parts(tmp_path, sources, monkeypatch):
-    calls = {"n": 0}
     real = build._write_part
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(build, "_write_part", interrupted)
+    interrupt_second_part(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, sources, rows_per_part=4)
     attempt = tmp_path / "run/.partial/catalog"  # a failed run publishes nothing

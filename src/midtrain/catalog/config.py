@@ -17,6 +17,9 @@ class CatalogConfig(StageConfig):
     )
     rows_per_part: int = option(50_000, "rows per part file (the resume unit)")
     row_group_size: int = option(512, "rows per Parquet row group (bounds the memory of reading and writing)")
+    verify_references: bool = option(
+        False, "fingerprint files the rows name (images by path) by a full content hash instead of size + mtime"
+    )
 
     def validate(self) -> None:
         if not self.datasets:

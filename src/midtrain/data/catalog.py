@@ -14,6 +14,9 @@ Columns (``CATALOG_SCHEMA``):
   chunk ran past the episode end and was padded): VLA frames only
 - ``origin`` (string): where the sample came from (``file:line``, ``file:row``,
   ``episode e frame f``), so errors downstream can name it
+- ``content_hash`` (string): fingerprint of everything the row's features depend on - its
+  text, numbers and its images' content (see ``midtrain.data.content``), so a stage can
+  tell which rows changed when a referenced file did
 
 Catalog directories hold ``<source>/part-NNNNN.parquet`` files (see ``catalog_files``).
 """
@@ -44,6 +47,7 @@ CATALOG_SCHEMA = pa.schema(
         ("action", pa.list_(pa.list_(pa.float32()))),
         ("action_mask", pa.list_(pa.bool_())),
         ("origin", pa.string()),
+        ("content_hash", pa.string()),
     ]
 )
 

@@ -229,10 +229,11 @@ class ShardSink:
     always raises, naming the sample: it means the model or its dtype is broken, not the sample.
     """
 
-    def __init__(self, st: StageRun, dim: int, pooling: str):
+    def __init__(self, st: StageRun, dim: int, pooling: str, keys: dict[int, str] | None = None):
         self.st = st
         self.dim = dim
         self.pooling = pooling
+        self.keys = keys or {}  # shard -> content key, recorded in its .done marker (see shard_keys)
         self.shards_dir = st.dir / "shards"
         self.open: dict[int, _OpenShard] = {}
         self.written: list[str] = []
@@ -297,9 +298,11 @@ class ShardSink:
             "truncated": shard.truncated,
             "tokens": shard.tokens,
         }
-        write_feature_shard(self.shards_dir, name, feats[order], ids, info)
         for key, value in info.items():
             self.st.counts[key] += value
+        if shard_no in self.keys:
+            info["key"] = self.keys[shard_no]
+        write_feature_shard(self.shards_dir, name, feats[order], ids, info)
         self.written.append(name)
 
     @property

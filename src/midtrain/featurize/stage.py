@@ -17,9 +17,14 @@ Backends: ``local`` (DataLoader workers prepare batches while this process runs 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
+from ..config import output_settings
 from ..data.features import shard_name
 from ..models.loading import check_vlm, load_processor, load_vlm, processor_settings, resolve_device, resolve_dtype
 from ..runs import RunDir, StageError, stage_run
@@ -45,6 +50,28 @@ def _inputs(config: FeaturizeConfig, catalog: Path) -> dict[str, Path]:
     return inputs
 
 
+def shard_keys(config: FeaturizeConfig, st, index: CatalogIndex, ranges: list[tuple[int, int]]) -> dict[int, str]:
+    """Per shard, a hash of everything its features depend on: the output settings, the model (its
+    content hash when local), and its rows' ids and ``content_hash`` (which covers the images they
+    reference). A changed image changes exactly the keys of the shards holding its rows, so a rerun
+    recomputes those and hard-links the rest from the previous output (``StageRun.reuse_shard``).
+    A catalog without ``content_hash`` (written before it existed) gives no keys: no reuse."""
+    settings = {k: v for k, v in output_settings(config).items() if k != "catalog"}
+    base = json.dumps({"settings": settings, "model": st.inputs.get("model", config.model)}, sort_keys=True, default=str)
+    if not index.row_groups or "content_hash" not in pq.ParquetFile(index.row_groups[0].path).schema_arrow.names:
+        return {}
+    keys = {}
+    for k, (a, b) in enumerate(ranges):
+        rows = index.read_rows(a, b, columns=["id", "content_hash"])
+        h = hashlib.blake2b(base.encode(), digest_size=16)
+        for sample_id, content in zip(rows.column("id").to_pylist(), rows.column("content_hash").to_pylist()):
+            if content is None:
+                return {}
+            h.update(f"{sample_id}\0{content}\0".encode())
+        keys[k] = h.hexdigest()
+    return keys
+
+
 def featurize(config: FeaturizeConfig, run_dir: RunDir, force: bool = False) -> Path:
     """Run the featurize stage into ``run_dir/featurize``; returns that directory."""
     model_config = check_vlm(config.model, config.trust_remote_code)  # fail fast, before reading the catalog
@@ -58,11 +85,16 @@ def featurize(config: FeaturizeConfig, run_dir: RunDir, force: bool = False) -> 
         ranges = index.shard_ranges(config.shard_size)
         shards_dir = st.dir / "shards"
         shards_dir.mkdir(parents=True, exist_ok=True)
+        keys = shard_keys(config, st, index, ranges)
+        reused = [k for k in keys if not st.shard_done(shard_name(k)) and st.reuse_shard(
+            shard_name(k), keys[k], [f"shards/{shard_name(k)}.npy", f"shards/{shard_name(k)}.ids.parquet"])]
         n_done = restore_counts(st, shards_dir)
         pending = [(k, a, b) for k, (a, b) in enumerate(ranges) if not st.shard_done(shard_name(k))]
+        st.extra["reused_shards"] = len(reused)
         st.log.info(
-            "catalog %s: %d rows in %d shard(s) of %d; %d already done, %d to featurize with %s",
-            catalog, index.num_rows, len(ranges), config.shard_size, n_done, len(pending), config.model,
+            "catalog %s: %d rows in %d shard(s) of %d; %d already done (%d reused from the previous output, same "
+            "content), %d to featurize with %s",
+            catalog, index.num_rows, len(ranges), config.shard_size, n_done, len(reused), len(pending), config.model,
         )  # fmt: skip
         device = resolve_device(config.device) if config.backend == "local" else config.device
         with st.timed("load_model"):
@@ -87,7 +119,7 @@ def featurize(config: FeaturizeConfig, run_dir: RunDir, force: bool = False) -> 
             "processor": processor_settings(processor), "shard_size": config.shard_size, "num_shards": len(ranges),
             "backend": config.backend, "compile": config.compile,
         })  # fmt: skip
-        sink = ShardSink(st, dim, config.pooling)
+        sink = ShardSink(st, dim, config.pooling, keys)
         if pending:
             with st.timed("featurize"):
                 if config.backend == "ray":
