@@ -52,6 +52,9 @@ STAGES: dict[str, StageSpec] = {
                   "record scripted-expert Meta-World episodes as a LeRobot v3.0 robot corpus"),
         StageSpec("sim pool", "midtrain.sim.pool", "SimPoolConfig", "generate_vlm_pool",
                   "generate a VLM pool of known character (spatial, captions, book covers, charts, counting)"),
+        StageSpec("eval", "midtrain.eval.stage", "EvalConfig", "run_eval",
+                  "run a policy checkpoint in closed loop (Meta-World, LIBERO): success with 95% intervals, videos",
+                  config_module="midtrain.eval.config"),
         StageSpec("demo", "midtrain.demo", "DemoConfig", "run_demo",
                   "the whole engine end to end on the embedded Meta-World world, into one run directory"),
     ]
