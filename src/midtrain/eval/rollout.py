@@ -212,10 +212,13 @@ def _load_policy(source: tuple[str, Any]) -> Any:
     return pickle.loads(value)
 
 
-def _worker_main(conn, source: tuple[str, Any], torch_threads: int) -> None:
-    """A worker process: load the policy, then run jobs from ``conn`` until it sends None."""
+def _worker_main(conn, source: tuple[str, Any], benchmark: str, torch_threads: int) -> None:
+    """A worker process: import the simulator, load the policy, then run jobs from ``conn`` until it sends None."""
+    from .simulators import import_simulator
+
     os.environ.setdefault("LP_NUM_THREADS", "1")  # llvmpipe threads of this process's GL contexts
     try:
+        import_simulator(benchmark)
         policy = _load_policy(source)
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(torch_threads)
@@ -270,7 +273,7 @@ def _run_in_workers(jobs: list[EpisodeJob], workers: int, source: tuple[str, Any
 
     def start() -> _Worker:
         parent, child = ctx.Pipe()
-        process = ctx.Process(target=_worker_main, args=(child, source, torch_threads), daemon=True)
+        process = ctx.Process(target=_worker_main, args=(child, source, jobs[0].benchmark, torch_threads), daemon=True)
         process.start()
         child.close()
         worker = _Worker(process, parent)
@@ -295,7 +298,7 @@ def _run_in_workers(jobs: list[EpisodeJob], workers: int, source: tuple[str, Any
                     if worker.conn.poll():
                         message = worker.conn.recv()
                 if message is not None and message[0] == "init_error":
-                    raise StageError(f"a worker process could not load the policy: {message[1]}")
+                    raise StageError(f"a worker process could not start (simulator import or policy load): {message[1]}")
                 if message is not None and message[0] == "ready":
                     worker.ready = True
                     continue

@@ -262,6 +262,17 @@ class LiberoSim:
         self.env.close()
 
 
+def import_simulator(benchmark: str) -> None:
+    """Import the simulator's modules (a worker does it while starting, not in its first episode)."""
+    if benchmark == "metaworld":
+        from ..sim.metaworld_env import _metaworld_modules
+
+        _metaworld_modules()
+    else:
+        import_libero()
+        from libero.libero.envs import OffScreenRenderEnv  # noqa: F401
+
+
 def open_sim(benchmark: str, suite: str, task: str, cameras: tuple[tuple[str, str], ...], height: int, width: int):
     """The environment of one task, for a worker (see the module docstring for its interface)."""
     if benchmark == "metaworld":
