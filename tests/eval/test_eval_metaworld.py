@@ -100,7 +100,7 @@ def test_expert_evaluation_writes_episodes_results_and_videos(expert_eval):
     for r in videos:
         with av.open(str(out / r["video"])) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        assert len(frames) == r["length"] and frames[0].shape == (128, 128, 3)  # one frame per action
+        assert len(frames) == r["length"] + 1 and frames[0].shape == (128, 128, 3)  # before each action, and after
     shares = results["timing"]["shares"]
     assert shares["render"] > 0 and shares["physics"] > 0 and abs(sum(shares.values()) - 1) < 1e-3
 

@@ -72,5 +72,15 @@ def test_interface_is_read_from_attributes_or_lerobot_features():
         def reset(self): ...
         def select_action(self, observation): ...
 
+    class VLAPolicyLike:  # midtrain.policy.VLAPolicy keeps its interface in a PolicyConfig
+        class config:  # noqa: N801
+            action_dim, state_dim, camera_keys, image_size = 7, 0, ["observation.images.image"], [256, 256]
+
+        def reset(self): ...
+        def select_action(self, observation): ...
+
+    got = interface_of(VLAPolicyLike())
+    assert got == PolicyInterface(action_dim=7, camera_keys=("observation.images.image",), image_size=(256, 256))
+
     with pytest.raises(StageError, match="does not declare its action dimension"):
         interface_of(Silent())

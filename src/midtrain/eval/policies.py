@@ -20,9 +20,10 @@ policy (flow-matching noise, random baselines) acts the same whichever worker ru
 
 What the policy expects is read from it before any episode runs (:func:`interface_of`), from the
 first of: a ``policy.interface`` (:class:`PolicyInterface`); attributes ``camera_keys``,
-``action_dim``, ``state_dim``, ``image_size`` (the (H, W) of the frames it was trained on); or a
-LeRobot-style ``policy.config.input_features`` / ``output_features`` (``{key: feature with
-.shape}``, images as the dataset stores them).
+``action_dim``, ``state_dim`` (0: none), ``image_size`` (the (H, W) of the frames it was trained
+on) of the policy or of its ``config`` (``midtrain.policy.PolicyConfig``); or LeRobot-style
+``policy.config.input_features`` / ``output_features`` (``{key: feature with .shape}``, images
+as the dataset stores them).
 
 A checkpoint directory is loaded by :func:`load_policy`, dispatching on ``config.json``'s
 ``"type"``: the scripted types below, anything else is a ``midtrain.policy.VLAPolicy``
@@ -87,18 +88,22 @@ def _size(value: Any) -> Optional[tuple[int, int]]:
 
 def interface_of(policy: Any) -> PolicyInterface:
     """The policy's declared interface (see the module docstring), or a StageError naming what is missing."""
-    declared = getattr(policy, "interface", None)
-    if isinstance(declared, PolicyInterface):
-        return declared
+    given = getattr(policy, "interface", None)
+    if isinstance(given, PolicyInterface):
+        return given
     name = type(policy).__name__
     for method in ("select_action", "reset"):
         if not callable(getattr(policy, method, None)):
             raise StageError(f"policy {name} has no {method}() method; a policy needs select_action(observation) and reset()")
-    action_dim = getattr(policy, "action_dim", None)
-    cameras = getattr(policy, "camera_keys", None)
-    state_dim = getattr(policy, "state_dim", None)
-    image_size = _size(getattr(policy, "image_size", None))
     config = getattr(policy, "config", None)
+
+    def declared(attribute):  # an attribute of the policy, else of its config (VLAPolicy's PolicyConfig)
+        value = getattr(policy, attribute, None)
+        return getattr(config, attribute, None) if value is None else value
+
+    action_dim, cameras, state_dim = declared("action_dim"), declared("camera_keys"), declared("state_dim")
+    image_size = _size(declared("image_size") or None)
+    state_dim = state_dim or None  # 0: the policy takes no state
     inputs = getattr(config, "input_features", None) or {}
     outputs = getattr(config, "output_features", None) or {}
     if action_dim is None and "action" in outputs:

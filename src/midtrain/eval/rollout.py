@@ -157,6 +157,9 @@ def run_episode(job: EpisodeJob, policy: Any) -> EpisodeResult:
             if sim.step(action):
                 success = True
                 break
+        if job.video_path:  # the video also shows where the last action led
+            images = sim.observe()[0]
+            frames.append(codecs[job.obs.video_key](images[job.obs.video_key]) if codecs else images[job.obs.video_key])
         outcome = "success" if success else "step_limit"
         failure = "" if success else f"no success within {job.max_steps} steps"
     except Exception as exc:  # the episode fails with its reason; the evaluation goes on
@@ -172,8 +175,10 @@ def run_episode(job: EpisodeJob, policy: Any) -> EpisodeResult:
     if job.video_path and frames:
         from .video import write_mp4
 
-        write_mp4(job.video_path, frames, job.obs.fps)
-        video = job.video_path
+        try:
+            video = str(write_mp4(job.video_path, frames, job.obs.fps))
+        except Exception:  # a video is a view of the episode, not its result
+            sys.stderr.write(f"episode {job.task} #{job.index}: the video was not written:\n{traceback.format_exc()}")
     timings["wall_s"] = time.perf_counter() - started
     return EpisodeResult(job.task, job.index, job.seed, job.init_state, success, steps, outcome, failure, video, timings)
 
@@ -242,6 +247,30 @@ class _Worker:
     conn: Any
     job: Optional[EpisodeJob] = None
     ready: bool = False  # it loaded the policy
+    task: Optional[str] = None  # the task whose environment it holds
+
+
+class _TaskQueue:
+    """Pending jobs by task. A free worker takes the next episode of the task whose environment
+    it already holds, else of the first task no other worker holds, else of the task with the
+    most episodes left - so each environment is built about once, not once per worker."""
+
+    def __init__(self, jobs: list[EpisodeJob]):
+        self.by_task: dict[str, deque] = {}
+        for job in jobs:
+            self.by_task.setdefault(job.task, deque()).append(job)
+
+    def __bool__(self) -> bool:
+        return any(self.by_task.values())
+
+    def next_for(self, held: Optional[str], others: set) -> EpisodeJob:
+        left = {t: q for t, q in self.by_task.items() if q}
+        if held in left:
+            task = held
+        else:
+            free = [t for t in left if t not in others]
+            task = free[0] if free else max(left, key=lambda t: len(left[t]))
+        return self.by_task[task].popleft()
 
 
 def run_episodes(
@@ -268,7 +297,7 @@ def run_episodes(
 def _run_in_workers(jobs: list[EpisodeJob], workers: int, source: tuple[str, Any]) -> Iterator[EpisodeResult]:
     ctx = multiprocessing.get_context("spawn")
     torch_threads = max(1, (os.cpu_count() or 1) // workers)
-    queue = deque(jobs)
+    queue = _TaskQueue(jobs)
     pool: list[_Worker] = []
 
     def start() -> _Worker:
@@ -286,7 +315,8 @@ def _run_in_workers(jobs: list[EpisodeJob], workers: int, source: tuple[str, Any
         while queue or any(w.job is not None for w in pool):
             for worker in pool:
                 if worker.job is None and queue:
-                    worker.job = queue.popleft()
+                    worker.job = queue.next_for(worker.task, {w.task for w in pool if w is not worker})
+                    worker.task = worker.job.task
                     worker.conn.send(worker.job)
             busy = [w for w in pool if w.job is not None]
             readable = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
