@@ -149,6 +149,28 @@ def test_bad_input_fails_before_any_episode(tmp_path, expert_dir, monkeypatch):
     assert not any((tmp_path / d / "episodes.parquet").exists() for d in "abc")
 
 
+def test_the_corpus_decides_frame_size_and_codec(tmp_path):
+    import json
+
+    meta = tmp_path / "corpus" / "meta"
+    meta.mkdir(parents=True)
+    video = {"video.codec": "h264", "video.pix_fmt": "yuv444p", "video.crf": 10}
+    features = {CORNER: {"dtype": "video", "shape": [64, 96, 3], "info": video}}
+    (meta / "info.json").write_text(json.dumps({"fps": 80, "features": features}))
+    policy = RecordingExpert()
+    settings = EvalSettings(tasks=["reach-v3"], episodes_per_task=1, max_steps=2, corpus=tmp_path / "corpus", workers=1)
+    results = evaluate_policy(policy, settings, tmp_path / "out")
+    obs = results["observation"]
+    assert (obs["height"], obs["width"], obs["size_from"]) == (64, 96, "corpus")
+    assert (obs["codec"]["encoder"], obs["codec"]["pix_fmt"], obs["codec"]["crf"], obs["codec"]["source"]) == (
+        "libx264", "yuv444p", 10, "corpus")
+    assert policy.seen[0][CORNER].shape == (64, 96, 3)
+    other = RecordingExpert()
+    other.interface = PolicyInterface(action_dim=4, camera_keys=(IMAGE_PREFIX + "corner2",))
+    with pytest.raises(StageError, match="the corpus has no camera 'observation.images.corner2'"):
+        evaluate_policy(other, settings, tmp_path / "out2")
+
+
 def test_an_episode_that_raises_is_recorded_and_the_rest_run(tmp_path):
     class BadShape(MetaWorldExpertPolicy):
         def select_action(self, observation):

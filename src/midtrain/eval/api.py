@@ -99,16 +99,16 @@ def observation_spec(settings: EvalSettings, info: BenchmarkInfo, interface: Pol
     keys = list(dict.fromkeys(keys + [video_key]))
     cameras = tuple((key, info.camera_of(key)) for key in keys)
     if videos:
-        missing = [k for k in keys if k not in videos]
+        missing = [k for k in interface.camera_keys if k not in videos]
         if missing:
             raise StageError(
                 f"{corpus_path}: the corpus has no camera {missing[0]!r} (it has {', '.join(videos)}); the policy "
                 "reads cameras the corpus does not record"
             )
+    shapes = {tuple(videos[k]["shape"][:2]) for k in keys if k in videos}
     if settings.height is not None:
         size, size_from = (settings.height, settings.width), "settings"
-    elif videos:
-        shapes = {tuple(videos[k]["shape"][:2]) for k in keys}
+    elif shapes:
         if len(shapes) > 1:
             raise StageError(f"{corpus_path}: cameras {keys} have different frame sizes {sorted(shapes)}; set height, width")
         size, size_from = shapes.pop(), "corpus"
@@ -120,7 +120,8 @@ def observation_spec(settings: EvalSettings, info: BenchmarkInfo, interface: Pol
         raise StageError(f"frame size {size} (from the {size_from}) must be even in both dimensions (yuv420p video)")
     codec = None
     if settings.frames == "codec":
-        codec = resolve_codec(settings.codec, videos.get(video_key, {}).get("info") if videos else None, fps)
+        recorded = [k for k in [video_key, *keys] if k in videos]  # the corpus's codec, from a camera it records
+        codec = resolve_codec(settings.codec, videos[recorded[0]].get("info") if recorded else None, fps)
         probe = FrameCodec(codec, *size)  # fails here, not in an episode, if the codec cannot run
         probe.reset()
         probe(np.zeros((*size, 3), dtype=np.uint8))
