@@ -11,9 +11,13 @@ HAVE_SIM = importlib.util.find_spec("mujoco") is not None and importlib.util.fin
 HAVE_LIBERO = importlib.util.find_spec("libero") is not None
 
 if HAVE_SIM:
+    from midtrain.eval.rollout import import_triton_before_gl
     from midtrain.sim.metaworld_env import ensure_gl_backend
 
     ensure_gl_backend()  # choose MUJOCO_GL before any test imports mujoco, as the stages do
+    # Some tests here render in the pytest process; Triton imported after a GL context segfaults
+    # (see import_triton_before_gl), and later suites import torch._dynamo.
+    import_triton_before_gl()
 
 
 

@@ -54,8 +54,8 @@ def _video_src(path: Path, embed: bool, relative_to: Optional[Path]) -> str:
 
 def eval_section_html(eval_dir: Path | str, embed_videos: bool = True, relative_to: Optional[Path] = None,
                       title: str = "Closed-loop evaluation") -> str:  # fmt: skip
-    """The ``<section>`` for ``eval_dir`` (a ``midtrain eval`` output or an ``evaluate_policy``
-    out_dir): protocol line, per-task success table with Wilson 95% intervals and the mean over
+    """The ``<section>`` (with its own ``<style>`` and load check) for ``eval_dir`` (a ``midtrain
+    eval`` output or an ``evaluate_policy`` out_dir): protocol line, per-task success table with Wilson 95% intervals and the mean over
     tasks, and each task's videos. Videos are embedded as data URIs (a self-contained page) or
     linked relative to ``relative_to`` (the folder the page will be written to)."""
     import pyarrow.parquet as pq
@@ -69,7 +69,8 @@ def eval_section_html(eval_dir: Path | str, embed_videos: bool = True, relative_
               f"{codec['mode']}; from the {codec['source']})" if codec else "raw renders")  # fmt: skip
     bench = results.get("benchmark", "") + (f" / {results['suite']}" if results.get("suite") else "")
     esc = html.escape
-    out = [f'<section class="midtrain-eval" data-videos-ok="0" data-videos-total="0"><h2>{esc(title)}</h2>']
+    out = [f'<section class="midtrain-eval" data-videos-ok="0" data-videos-total="0"><style>{STYLE}</style>'
+           f"<h2>{esc(title)}</h2>"]
     out.append(
         f"<p>Policy <code>{esc(str(results.get('policy', '')))}</code> on <b>{esc(bench)}</b>: "
         f"{protocol.get('episodes_per_task')} episodes per task, at most {protocol.get('max_steps')} steps, "
@@ -110,7 +111,7 @@ def eval_page_html(eval_dir: Path | str, embed_videos: bool = True, relative_to:
     """A whole HTML page around :func:`eval_section_html`."""
     section = eval_section_html(eval_dir, embed_videos, relative_to)
     return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>midtrain eval</title>"
-            f"<style>body {{ font-family: sans-serif; margin: 1.5em; }}{STYLE}</style></head><body>{section}</body></html>")  # fmt: skip
+            f"<style>body {{ font-family: sans-serif; margin: 1.5em; }}</style></head><body>{section}</body></html>")  # fmt: skip
 
 
 def check_videos_in_browser(html_path: Path | str, timeout_s: float = 90) -> dict[str, int]:

@@ -101,12 +101,29 @@ def _seed_everything(seed: int, policy: Any) -> None:
 _SIM_CACHE: dict[str, Any] = {}  # this process's current environment (jobs arrive grouped by task)
 
 
+def import_triton_before_gl() -> None:
+    """Import Triton (when installed) before this process makes its first GL context.
+
+    Mesa's software GL (llvmpipe, behind EGL and OSMesa) loads the system's libLLVM; importing
+    Triton - which ``torch._dynamo`` / ``torch.compile`` do - into a process that has made a GL
+    context, even a freed one, then segfaults (their LLVMs clash), while the other order works
+    (measured: mujoco 3.3.0, Mesa llvmpipe/LLVM 15, triton with torch 2.14). A training loop
+    that evaluates in its own process and compiles later would otherwise crash.
+    """
+    import importlib.util
+
+    if "triton" not in sys.modules and importlib.util.find_spec("triton") is not None:
+        with contextlib.suppress(Exception):
+            import triton  # noqa: F401
+
+
 def _sim_for(job: EpisodeJob):
     from .simulators import open_sim
 
     key = (job.benchmark, job.suite, job.task, job.obs.cameras, job.obs.height, job.obs.width)
     if _SIM_CACHE.get("key") != key:
         close_sims()
+        import_triton_before_gl()
         _SIM_CACHE["sim"] = open_sim(job.benchmark, job.suite, job.task, job.obs.cameras, job.obs.height, job.obs.width)
         _SIM_CACHE["key"] = key
     return _SIM_CACHE["sim"]
