@@ -53,7 +53,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("sim pool", "midtrain.sim.pool", "SimPoolConfig", "generate_vlm_pool",
                   "generate a VLM pool of known character (spatial, captions, book covers, charts, counting)"),
         StageSpec("eval", "midtrain.eval.stage", "EvalConfig", "run_eval",
-                  "run a policy checkpoint in closed loop (Meta-World, LIBERO): success with 95% intervals, videos",
+                  "run a policy checkpoint in closed loop (Meta-World, LIBERO): success rates with Wilson intervals, videos",
                   config_module="midtrain.eval.config"),
         StageSpec("demo", "midtrain.demo", "DemoConfig", "run_demo",
                   "the whole engine end to end on the embedded Meta-World world, into one run directory"),
