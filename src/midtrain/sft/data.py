@@ -338,7 +338,7 @@ def draw_and_prepare(config, index: InputIndex, processor, out_dir: Path, st) ->
     if not samples.num_rows or not pc.any(pc.equal(samples.column("split"), "train")).as_py():
         raise StageError("sft: no usable training sample in the inputs (see errors.jsonl)")
     write_parquet_atomic(out_dir / SAMPLES_FILE, samples)
-    composition = _composition(config, draws, rounds, time.perf_counter() - t0)
+    composition = _composition(config, draws, info, rounds, time.perf_counter() - t0)
     write_json_atomic(out_dir / COMPOSITION_FILE, composition)
     return composition
 
@@ -406,7 +406,7 @@ def _samples_table(draws: dict[str, _SourceDraw], info: dict[int, Encoded], pool
     return pa.table({k: pa.array(v, type=types[k]) for k, v in cols.items()})
 
 
-def _composition(config, draws: dict[str, _SourceDraw], rounds: int, seconds: float) -> dict:
+def _composition(config, draws: dict[str, _SourceDraw], info: dict[int, Encoded], rounds: int, seconds: float) -> dict:
     mix = config.mixture
     total_w = sum(d.weight for d in draws.values())
     per = {}
@@ -415,13 +415,15 @@ def _composition(config, draws: dict[str, _SourceDraw], rounds: int, seconds: fl
             "weight": d.weight / total_w if mix.weights or mix.budget else None, "asked": d.target,
             "train_samples": len(d.train), "train_tokens": int(d.train_tokens), "val_samples": len(d.val),
             "rows": len(d.order), "visited": d.visited, "skipped": dict(d.skipped),
+            "truncated": sum(info[r].truncated for r in d.train + d.val),
         }  # fmt: skip
     train_n = sum(v["train_samples"] for v in per.values())
     for v in per.values():
         v["train_fraction"] = v["train_samples"] / train_n if train_n else 0.0
     return {"unit": mix.unit, "budget": mix.budget or None, "seed": config.seed, "val_fraction": config.val_fraction,
             "sources": per, "train_samples": train_n, "train_tokens": sum(v["train_tokens"] for v in per.values()),
-            "val_samples": sum(v["val_samples"] for v in per.values()), "rounds": rounds, "seconds": round(seconds, 2)}  # fmt: skip
+            "val_samples": sum(v["val_samples"] for v in per.values()), "truncated": sum(v["truncated"] for v in per.values()),
+            "rounds": rounds, "seconds": round(seconds, 2)}  # fmt: skip
 
 
 def read_composition(data_dir: Path) -> Optional[dict]:

@@ -75,6 +75,7 @@ def _data_inputs(config: SFTConfig, run_dir: RunDir) -> tuple[dict[str, Path], s
         return {f"dataset/{d.name}": Path(d.path) for d in config.datasets}, "datasets"
     if config.sources:
         catalog = Path(config.catalog) if config.catalog else run_dir.require("catalog")
+        catalog_source_files(catalog, config.sources)  # every source exists, or a one-line error naming the others
         return {f"catalog/{s}": catalog / s for s in config.sources}, "sources"
     path = Path(config.mixture_file) if config.mixture_file else run_dir.require("export") / "mixture.parquet"
     if not path.is_file():
@@ -137,7 +138,8 @@ def run_sft(config: SFTConfig, run_dir: RunDir, force: bool = False) -> Path:
             shutil.copyfile(data_dir / COMPOSITION_FILE, Path(st.dir) / COMPOSITION_FILE)
             plot_composition(data.composition, Path(st.dir) / "composition.png")
             st.counts.update({"train_samples": len(data.train), "val_samples": len(data.val),
-                              "train_tokens": int(data.train_lengths.sum())})  # fmt: skip
+                              "train_tokens": int(data.train_lengths.sum()),
+                              "truncated": int(data.composition.get("truncated", 0))})  # fmt: skip
             st.extra["composition"] = data.composition
 
         # -- model: what trains ----------------------------------------------------------------
