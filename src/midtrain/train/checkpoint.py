@@ -159,11 +159,12 @@ def _fsync_tree_dir(path: Path) -> None:
 
 
 def _resume_names(model) -> set[str]:
-    """State-dict names a resume must restore: trainable parameters and every buffer (e.g. batch-norm
-    statistics); frozen parameters are reloaded from the model the task starts from."""
+    """State-dict names a resume must restore: trainable parameters and the persistent buffers (e.g.
+    batch-norm statistics); frozen parameters are reloaded from the model the task starts from."""
+    saved = set(model.state_dict().keys())  # persistent buffers only (not e.g. rotary inv_freq, rebuilt at init)
     names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     names |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
-    return names
+    return names & saved
 
 
 def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dict:
