@@ -87,6 +87,7 @@ class SFTConfig(StageConfig):
     trust_remote_code: bool = option(False, "allow custom model code from the checkpoint's repository")
     processor_kwargs: dict[str, Any] = option(factory=dict, help="processor overrides, e.g. {max_pixels: 200704} for Qwen-VL")
     device: Device = option("auto", "auto (GPU if visible), cpu or cuda; under accelerate launch, one GPU per process", throughput=True)
+    num_threads: Optional[int] = option(None, "intra-op threads of each process on CPU (null: torch's default)", throughput=True)
     prepare_workers: int = option(1, "processes that tokenize samples to measure lengths before training (0: inline)", throughput=True)
 
     def validate(self) -> None:
@@ -102,6 +103,8 @@ class SFTConfig(StageConfig):
             raise ConfigError(f"max_length: must be >= 8, got {self.max_length}")
         if self.action_bins < 2 or not self.action_range[0] < self.action_range[1]:
             raise ConfigError(f"action_bins / action_range: need >= 2 bins and low < high, got {self.action_bins}, {list(self.action_range)}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"num_threads: must be >= 1, got {self.num_threads}")
         if self.prepare_workers < 0:
             raise ConfigError(f"prepare_workers: must be >= 0, got {self.prepare_workers}")
         given = [k for k, v in (("mixture_file", self.mixture_file), ("sources", self.sources), ("datasets", self.datasets)) if v]

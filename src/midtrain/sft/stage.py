@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..models.loading import check_vlm, load_processor, load_vlm
 from ..runs import RunDir, StageError
+from ..select.estimator import torch_threads
 from ..train import distributed_stage, make_accelerator, read_metrics, train
 from .config import SFTConfig
 from .data import (COMPOSITION_FILE, DATA_DIR, InputIndex, catalog_source_files, collate_sft, draw_and_prepare,
@@ -110,7 +111,11 @@ def run_sft(config: SFTConfig, run_dir: RunDir, force: bool = False) -> Path:
         fingerprint_inputs["model"] = Path(config.model).expanduser()
     accelerator = make_accelerator(config.train.precision, config.device,
                                    find_unused_parameters=config.vision != "frozen" or config.train_projector)  # fmt: skip
-    with distributed_stage(accelerator, run_dir, config.name, config, fingerprint_inputs, force) as st:
+    if accelerator.distributed_type.name == "FSDP":
+        raise StageError("sft: FSDP is not supported yet (saving and merging read unsharded modules); launch with DDP "
+                         "(accelerate launch --multi_gpu) and use LoRA / gradient checkpointing to fit the model (docs/sft.md)")  # fmt: skip
+    with torch_threads(config.num_threads), distributed_stage(accelerator, run_dir, config.name, config, fingerprint_inputs,
+                                                              force) as st:  # fmt: skip
         if st.skipped_as_complete:
             return st.final_dir
         main = accelerator.is_main_process

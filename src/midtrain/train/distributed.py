@@ -3,7 +3,7 @@
 Every process runs the same stage function. Only the main process opens the stage
 (:func:`midtrain.runs.stage_run`: manifest, lock, skip-if-complete, log); it tells the others
 where the stage writes and whether there is anything to do, and the others follow with a
-:class:`FollowerStage` that has the same ``dir`` but writes no manifest. A single process (no
+``StageRun`` of the same ``dir`` that never writes the manifest. A single process (no
 launcher) is the plain ``stage_run``.
 """
 
@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from ..runs import RunDir, SampleError, StageError, stage_run
+from ..runs import RunDir, StageError, StageRun, stage_run
 
 INSTALL_HINT = "mid-training needs accelerate and peft: pip install 'midtrain[train]'"
 
@@ -29,11 +25,6 @@ def import_accelerate():
     except ImportError:
         raise StageError(INSTALL_HINT) from None
     return accelerate
-
-
-def launched_processes() -> int:
-    """Processes of this job according to the launcher's environment (1 without a launcher)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def make_accelerator(precision: str = "auto", device: str = "auto", find_unused_parameters: bool = False):
@@ -60,36 +51,6 @@ def make_accelerator(precision: str = "auto", device: str = "auto", find_unused_
     return accelerate.Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
 
 
-@dataclass
-class FollowerStage:
-    """What a non-main process needs of a stage run: where it writes, and a logger. Counts and
-    extras recorded here are not written anywhere (the main process writes the manifest)."""
-
-    dir: Path
-    final_dir: Path
-    stage: str
-    config: Any
-    log: logging.Logger
-    skipped_as_complete: bool = False
-    counts: Counter = field(default_factory=Counter)
-    skipped: Counter = field(default_factory=Counter)
-    extra: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
-
-    def handle(self, error: SampleError) -> None:
-        if self.config.on_error == "raise":
-            raise error
-        self.skipped[error.reason] += 1
-
-    @contextlib.contextmanager
-    def timed(self, phase: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
-
-
 def _broadcast(accelerator, obj: Any) -> Any:
     from accelerate.utils import broadcast_object_list
 
@@ -100,7 +61,7 @@ def _broadcast(accelerator, obj: Any) -> Any:
 
 @contextlib.contextmanager
 def distributed_stage(accelerator, run_dir: RunDir, stage: str, config, inputs, force: bool = False):
-    """``stage_run`` on the main process, a :class:`FollowerStage` on the others (same ``dir``)."""
+    """``stage_run`` on the main process; on the others a ``StageRun`` of the same ``dir`` that writes no manifest."""
     if accelerator.num_processes == 1:
         with stage_run(run_dir, stage, config, inputs=inputs, force=force) as st:
             if getattr(st, "final_dir", None) is None:
@@ -112,7 +73,9 @@ def distributed_stage(accelerator, run_dir: RunDir, stage: str, config, inputs, 
         if "error" in info:
             raise StageError(f"{stage}: the main process could not open the stage: {info['error']}")
         log = logging.getLogger(f"midtrain.{stage}.rank{accelerator.process_index}")
-        yield FollowerStage(Path(info["dir"]), Path(info["final_dir"]), stage, config, log, info["skipped"])
+        follower = StageRun(run_dir, stage, config, {}, "", Path(info["dir"]), log)  # never writes a manifest
+        follower.final_dir, follower.skipped_as_complete = Path(info["final_dir"]), info["skipped"]
+        yield follower
         return
     with contextlib.ExitStack() as stack:
         try:

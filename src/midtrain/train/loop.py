@@ -49,7 +49,8 @@ class TrainTask(Protocol):
     Required:
 
     - ``model``: an ``nn.Module`` with ``model(batch) -> (loss, logs)``: ``loss`` a scalar tensor
-      (the mean over the batch's units), ``logs`` a dict of floats (the lerobot policy contract);
+      (the mean over the batch's units), ``logs`` a dict of floats with the same keys for every
+      batch (the lerobot policy contract; logged as weighted means like the loss);
     - ``train_dataset`` / ``eval_dataset``: map-style datasets (``len`` and ``[i]``); the
       evaluation one may be None;
     - ``collate(samples) -> batch``: a dict; ``batch["sample_ids"]`` names its samples (used in
@@ -278,7 +279,7 @@ def train(task: TrainTask, settings: TrainSettings, st, *, accelerator=None,
         model.train()
         micro = [next(loader) for _ in range(settings.grad_accum)]
         weights = [_weight(b) for b in micro]
-        total_w, = _sum_over_processes(acc, [sum(weights)])
+        total_w = _sum_over_processes(acc, [sum(weights)])[0] or 1.0  # units the step's loss averages over
         loss_sum, bad_ids, step_tokens, logs_sum = 0.0, None, 0, {}
         for i, (batch, w) in enumerate(zip(micro, weights)):
             batch = _to_device(batch, acc.device)
@@ -294,8 +295,12 @@ def train(task: TrainTask, settings: TrainSettings, st, *, accelerator=None,
             step_tokens += int(batch.get("num_tokens", 0) or 0)
             for k, v in (logs or {}).items():
                 logs_sum[k] = logs_sum.get(k, 0.0) + float(v) * w
-        bad = _gather_objects(acc, bad_ids)
-        if any(b is not None for b in bad):
+        log_keys = sorted(logs_sum)  # the model returns the same keys for every batch, on every process
+        step_loss_sum, step_tokens_all, n_samples, n_bad, *log_sums = _sum_over_processes(
+            acc, [loss_sum, float(step_tokens), float(sum(len(b["sample_ids"]) for b in micro)), float(bad_ids is not None),
+                  *(logs_sum[k] for k in log_keys)])  # fmt: skip
+        if n_bad:
+            bad = _gather_objects(acc, bad_ids)
             r = next(i for i, b in enumerate(bad) if b is not None)
             last = complete_checkpoints(ckpt_root)
             keep = f"; the last good checkpoint is {last[-1][1]}" if last else "; no checkpoint was written yet"
@@ -310,9 +315,7 @@ def train(task: TrainTask, settings: TrainSettings, st, *, accelerator=None,
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step_loss_sum, step_tokens_all, n_samples = _sum_over_processes(
-            acc, [loss_sum, float(step_tokens), float(sum(len(b["sample_ids"]) for b in micro))])
-        run.add(step_loss_sum, total_w, grad_norm, step_tokens_all, n_samples, lr, {k: v for k, v in logs_sum.items()})
+        run.add(step_loss_sum, total_w, grad_norm, step_tokens_all, n_samples, lr, dict(zip(log_keys, log_sums)))
 
         if step % settings.log_every == 0 or step == settings.steps:
             row = run.row(step, plan.epoch_of(step), time.perf_counter() - t_start)
