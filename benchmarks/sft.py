@@ -71,7 +71,7 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def build_model(args) -> Path:
-    from midtrain.models import build_tiny_vlm
+    from midtrain.models.tiny import build_tiny_vlm
 
     out = Path(tempfile.mkdtemp(prefix="midtrain-bench-sft-")) / args.arch
     return build_tiny_vlm(args.arch, out, size=args.arch_size, vocab_size=args.vocab)

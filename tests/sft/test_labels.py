@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from catalog_rows import png_ref
 
-from midtrain.models import TINY_ARCHS
+from midtrain.models.tiny import ARCHS as TINY_ARCHS
 from midtrain.models.loading import multimodal_token_ids
 from midtrain.sft.data import collate_sft
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from catalog_rows import vlm_rows
 
-from midtrain.models import TINY_ARCHS, load_vlm
+from midtrain.models import load_vlm
+from midtrain.models.tiny import ARCHS as TINY_ARCHS
 from midtrain.sft import model as sft_model
 from midtrain.sft.config import LoraSettings
 from midtrain.sft.data import collate_sft

@@ -90,7 +90,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run_toy(tmp_path, "cut", steps=12, save_every=4, callbacks=[Callback(1, crash)])
-    cut = tmp_path / "cut" / "toy"
+    cut = tmp_path / "cut" / ".partial" / "toy"  # where a stage that did not finish keeps its work
     assert max(s for s, _ in losses(cut)) == 6  # rows of steps 5-6 were written after checkpoint 4
     (cut / "checkpoints" / ".step-000008.tmp" / "trainer_state").mkdir(parents=True)  # a save cut short
     result, resumed = run_toy(tmp_path, "cut", steps=12, save_every=4)
@@ -106,7 +106,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
 def test_a_non_finite_loss_stops_naming_step_and_samples_and_keeps_the_last_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"step 6: the loss is not finite .* samples toy/\d+.*step-000004"):
         run_toy(tmp_path, task=ToyTask(nan_after=5), steps=12, save_every=2, keep_checkpoints=1)
-    d = tmp_path / "run" / "toy"
+    d = tmp_path / "run" / ".partial" / "toy"
     assert [s for s, _ in complete_checkpoints(d / "checkpoints")] == [4]
     man = json.loads((d / "manifest.json").read_text())
     assert man["status"] == "failed" and "not finite" in man["error"]

@@ -47,7 +47,7 @@ from torch.utils.data import IterableDataset
 from ..data.catalog import CATALOG_SCHEMA, catalog_files, rows_to_table
 from ..models.inputs import build_batch
 from ..runs import SampleError, StageError, write_json_atomic, write_parquet_atomic
-from ..select.perplexity import render_vla_as_text
+from ..score.perplexity import render_vla_as_text
 
 ENCODE_ROWS = 32  # rows per processor call while measuring lengths
 POOL_BATCH_ROWS = 256  # rows per record batch of pool.arrow
@@ -88,7 +88,7 @@ class InputIndex:
 
 def materialize_datasets(datasets, seed: int, out_dir: Path, st) -> list[Path]:
     """Read dataset files with the catalog readers into ``out_dir/<name>.parquet`` (bad records: on_error)."""
-    from ..data.build import open_reader
+    from ..catalog.stage import open_reader
 
     files = []
     for src in datasets:

@@ -107,7 +107,8 @@ class TrainingDiverged(StageError):
 
 @dataclass
 class TrainResult:
-    """What a finished :func:`train` did (the same on every process)."""
+    """What a finished :func:`train` did (the same on every process). ``final_checkpoint`` is where
+    the last checkpoint will be once the stage completes (``<run>/<stage>/checkpoints/...``)."""
 
     steps: int
     resumed_from: Optional[int]
@@ -334,7 +335,8 @@ def train(task: TrainTask, settings: TrainSettings, st, *, accelerator=None,
     metrics.close()
     seconds = time.perf_counter() - t_start
     return TrainResult(
-        steps=settings.steps, resumed_from=start if found else None, final_checkpoint=final_path,
+        steps=settings.steps, resumed_from=start if found else None,
+        final_checkpoint=Path(getattr(st, "final_dir", None) or st.dir) / "checkpoints" / final_path.name,
         train_loss=run.last_loss, eval=result_eval, samples=int(run.samples_total), tokens=int(run.tokens_total),
         seconds=seconds, processes=procs, global_batch=plan.global_batch, parameters=counts,
     )  # fmt: skip
