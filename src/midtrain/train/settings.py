@@ -27,7 +27,7 @@ class TrainSettings(Settings):
     batch_size: int = option(8, "micro-batch size of one process (samples per forward/backward)")
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step; global batch = batch_size x grad_accum x processes")
     lr: float = option(1e-4, "peak learning rate (AdamW); full fine-tuning of a 2B VLM usually wants 1e-5 to 2e-5, LoRA 1e-4 to 2e-4")
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay (not applied to biases, norms and embeddings)")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay (not applied to 1-d parameters: biases, norm scales)")
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
     eps: float = option(1e-8, "AdamW epsilon")
     warmup_steps: Optional[int] = option(None, "linear warmup steps (null: warmup_ratio x steps)")
