@@ -3,7 +3,7 @@ variable per-sample "lengths" (so length grouping has something to group) and pe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

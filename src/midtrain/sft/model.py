@@ -148,10 +148,8 @@ def apply_training_mode(vlm, parts: VLMParts, mode: str, vision: str, fraction: 
         for name in extra:
             vlm.get_submodule(name).requires_grad_(True)
         return vlm, None
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise StageError("mode: lora needs peft: pip install 'midtrain[train]'") from None
+    from peft import LoraConfig, get_peft_model  # the train extra (the CLI names it when missing)
+
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                         target_modules=lora_targets(vlm, parts, lora.targets),
                         modules_to_save=_expand_module_lists(vlm, extra) or None)  # fmt: skip

@@ -11,20 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from ..runs import RunDir, StageError, StageRun, stage_run
-
-INSTALL_HINT = "mid-training needs accelerate and peft: pip install 'midtrain[train]'"
-
-
-def import_accelerate():
-    try:
-        import accelerate
-    except ImportError:
-        raise StageError(INSTALL_HINT) from None
-    return accelerate
 
 
 def make_accelerator(precision: str = "auto", device: str = "auto", find_unused_parameters: bool = False):
@@ -37,7 +28,7 @@ def make_accelerator(precision: str = "auto", device: str = "auto", find_unused_
     """
     import torch
 
-    accelerate = import_accelerate()
+    import accelerate  # the train extra: pip install 'midtrain[train]' (the CLI says so when it is missing)
     from accelerate.utils import DistributedDataParallelKwargs
 
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
@@ -48,6 +39,14 @@ def make_accelerator(precision: str = "auto", device: str = "auto", find_unused_
     else:
         mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # One process: start from a fresh accelerate state, so a second training stage in the same
+        # process (a pipeline, a notebook) may use another precision or device.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        if not cpu and ":" in device:
+            torch.cuda.set_device(torch.device(device))  # accelerate uses the current CUDA device
     return accelerate.Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
 
 
