@@ -172,12 +172,10 @@ def final_loss(losses: list[float]) -> tuple[float, float]:
 
 
 def model_flops(model_dir: Path, tokens: int, answer_tokens: int, patches: int) -> float:
-    """6 x parameters x tokens they run on (training: forward + backward), see the module docstring."""
-    import json as _json
-
+    """Training FLOPs (forward + backward, ``6 x parameters x inputs``): the language model's layers
+    per token, the vision tower per patch, the (tied) vocabulary projection per answer token."""
     from safetensors import safe_open
 
-    cfg = _json.loads((model_dir / "config.json").read_text())
     total = vision = embed = 0
     with safe_open(model_dir / "model.safetensors", "pt") as f:
         for k in f.keys():
@@ -185,8 +183,7 @@ def model_flops(model_dir: Path, tokens: int, answer_tokens: int, patches: int) 
             total += n
             vision += n if ".visual." in k or "vision" in k else 0
             embed += n if "embed_tokens" in k else 0
-    lm = total - vision - embed
-    return 6.0 * (lm * tokens + vision * patches + embed * answer_tokens) if cfg else 0.0
+    return 6.0 * ((total - vision - embed) * tokens + vision * patches + embed * answer_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
