@@ -16,6 +16,8 @@ from midtrain.cli import main
 from midtrain.report.browser import check_report_in_browser
 from midtrain.runs import RunDir
 
+pytestmark = pytest.mark.slow  # the whole pipeline end to end (about a minute)
+
 REDUCED = [
     "tasks=[reach-v3,push-v3,drawer-open-v3,door-open-v3]",
     "episodes_per_task=1",

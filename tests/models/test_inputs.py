@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from catalog_rows import png_ref
-from midtrain.models import TINY_ARCHS, build_batch, conversation_of
+from midtrain.models import build_batch, conversation_of
+from midtrain.models.tiny import ARCHS as TINY_ARCHS
 from midtrain.runs import SampleError
 
 RNG = np.random.default_rng(0)

@@ -12,7 +12,8 @@ from midtrain.config import StageConfig
 from midtrain.data.catalog import rows_to_table
 from midtrain.data.images import encode_image, ref_from_bytes
 from midtrain.report.browser import check_report_in_browser
-from midtrain.report.stage import ReportConfig, write_report
+from midtrain.report.config import ReportConfig
+from midtrain.report.stage import write_report
 from midtrain.runs import RunDir, stage_run, write_parquet_atomic
 
 
@@ -74,6 +75,7 @@ def test_report_is_rerendered_when_an_upstream_stage_changes(tmp_path):
     assert run.manifest("report")["fingerprint"] != first
 
 
+@pytest.mark.slow
 def test_figures_load_in_headless_chromium(tmp_path):
     run = _fake_run(tmp_path)
     out = write_report(ReportConfig(), run)
@@ -84,6 +86,7 @@ def test_figures_load_in_headless_chromium(tmp_path):
     assert shot.exists() and Image.open(shot).size[0] == 1280
 
 
+@pytest.mark.slow
 def test_browser_check_detects_a_broken_figure(tmp_path):
     page = tmp_path / "broken.html"
     from midtrain.report.stage import CHECK_SCRIPT

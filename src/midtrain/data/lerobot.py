@@ -302,13 +302,17 @@ class LeRobotReader(SampleReader):
         if self._data[0] != path:
             if not path.is_file():
                 raise SampleError("missing data file", where, str(path))
-            names = pq.read_schema(path).names
-            wanted = ["episode_index", "frame_index", "timestamp", "task_index", self.source.action_key]
-            wanted += [k for k in [self.state_key, *self.cameras] if k and self.features[k].get("dtype") != "video"]
-            absent = [c for c in wanted if c not in names]
-            if absent:
-                raise SampleError("missing required field", where, f"{path}: columns {absent}")
-            self._data = (path, pq.read_table(path, columns=wanted))
+            try:
+                names = pq.read_schema(path).names
+                wanted = ["episode_index", "frame_index", "timestamp", "task_index", self.source.action_key]
+                wanted += [k for k in [self.state_key, *self.cameras] if k and self.features[k].get("dtype") != "video"]
+                absent = [c for c in wanted if c not in names]
+                if absent:
+                    raise SampleError("missing required field", where, f"{path}: columns {absent}")
+                table = pq.read_table(path, columns=wanted)
+            except (pa.ArrowException, OSError) as exc:  # truncated or corrupt: every episode in it is skipped
+                raise SampleError("undecodable data file", where, f"{path}: {exc}") from None
+            self._data = (path, table)
         return self._data[1]
 
     def _video(self, camera: str, path: Path, where: str) -> VideoFrames:
@@ -365,7 +369,8 @@ class LeRobotReader(SampleReader):
             else:
                 values = rows.column(cam).take(pa.array(keep)).to_pylist()
                 for i, v in enumerate(values):
-                    images[i].append(checked_image_ref(v, self.root, f"{where} frame {frame_ids[i]}", None, False))
+                    ref = checked_image_ref(v, self.root, f"{where} frame {frame_ids[i]}", None, self.source, verify=False)
+                    images[i].append(ref)
         out = []
         for i in range(len(keep)):
             f = int(frame_ids[i])
@@ -394,6 +399,11 @@ class LeRobotReader(SampleReader):
                     continue
                 try:
                     rows = self._episode_rows(ep, wanted * stride)
+                except (pa.ArrowException, ValueError, TypeError, IndexError) as exc:  # values of the wrong type/shape
+                    detail = f"{type(exc).__name__}: {exc}; {len(wanted)} frame(s) of this episode skipped"
+                    err = SampleError("malformed episode data", f"{self.root} episode {ep.index}", detail)
+                    yield lo + int(wanted[-1]), err
+                    continue
                 except SampleError as err:
                     err.detail = f"{err.detail}; {len(wanted)} frame(s) of this episode skipped".lstrip("; ")
                     yield lo + int(wanted[-1]), err

@@ -17,13 +17,13 @@ import contextlib
 import difflib
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
 
-from ..config import ConfigError, StageConfig
+from ..config import ConfigError, StageConfig, option
 from ..runs import RunDir, StageError, stage_run
 from .metaworld_env import (
     ACTION_NAMES, CAMERAS, DEFAULT_TASKS, MAX_EPISODE_STEPS, STATE_NAMES, TASK_INSTRUCTIONS,
@@ -38,22 +38,17 @@ DATASET_DIR = "lerobot"
 @dataclass
 class SimCollectConfig(StageConfig):
     """Which Meta-World tasks to record, how many episodes, and how frames are rendered.
+    ``random`` and ``zero`` policies are baselines that (almost) never succeed."""
 
-    ``policy``: ``expert`` (the scripted Meta-World policy) for a corpus; ``random`` and
-    ``zero`` are baselines that (almost) never succeed. ``video_codec``: an encoder PyAV
-    has (default: the LeRobot writer's choice). ``workers``: rendering processes (0 or 1:
-    this process; more: spawned, see ``midtrain.sim.parallel``).
-    """
-
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
-    episodes_per_task: int = 4
-    max_steps: int = 200
-    camera: str = "corner"
-    width: int = 128
-    height: int = 128
-    policy: Literal["expert", "random", "zero"] = "expert"
-    workers: int = 2
-    video_codec: Optional[str] = None
+    tasks: list[str] = option(factory=lambda: list(DEFAULT_TASKS), help="Meta-World v3 tasks to record")
+    episodes_per_task: int = option(4, "episodes recorded per task")
+    max_steps: int = option(200, "most steps per episode (Meta-World's limit at most)")
+    camera: str = option("corner", "the Meta-World camera the frames are rendered from")
+    width: int = option(128, "frame width, pixels (even: the video is yuv420p)")
+    height: int = option(128, "frame height, pixels (even)")
+    policy: Literal["expert", "random", "zero"] = option("expert", "who acts: the scripted expert (a corpus), or a random / zero baseline")
+    workers: int = option(2, "rendering processes (0 or 1: this process; more: spawned, see midtrain.sim.parallel)", throughput=True)
+    video_codec: Optional[str] = option(None, "a video encoder PyAV has (null: the LeRobot writer's choice)")
 
     def validate(self) -> None:
         if not self.tasks:

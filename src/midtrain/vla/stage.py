@@ -294,6 +294,6 @@ def train_vla(config: VLAConfig, run_dir: RunDir, force: bool = False) -> Path:
                 "samples_per_s": round(result.samples / seconds, 2), "final_checkpoint": result.final_checkpoint.name,
                 "metrics_rows": len(rows),
             }  # fmt: skip
-            st.extra["final_policy"] = str(final)
+            st.extra["final_policy"] = str(Path(st.final_dir) / FINAL_POLICY)
             st.log.info("vla done: %d steps, train loss %s, %s", result.steps, result.train_loss, result.eval)
     return st.final_dir

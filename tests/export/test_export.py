@@ -8,11 +8,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from select_fixtures import build_run
+from run_fixtures import build_run
 
 from midtrain.runs import RunDir, SampleError, StageError
-from midtrain.select.export import ExportConfig, export_mixture
-from midtrain.select.selection import SelectConfig, select_mixture
+from midtrain.export.config import ExportConfig
+from midtrain.export.stage import export_mixture
+from midtrain.select.config import SelectConfig
+from midtrain.select.stage import select_mixture
 
 
 @pytest.fixture

@@ -17,16 +17,15 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Optional
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..config import ConfigError
 from ..runs import atomic_path, write_json_atomic
+from .config import TrainSettings
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -148,64 +147,6 @@ def load_estimator(path: Path) -> ProximityEstimator:
 
 
 # --------------------------------------------------------------------------- training
-
-
-@dataclass
-class TrainSettings:
-    """Hyper-parameters of ``train_estimator``; the fit stage's config extends this class.
-
-    ``model``: ``linear`` (the paper's choice) or ``mlp`` with ``hidden`` widths.
-    ``batch_size``: class-balanced (half VLA, half pool). Early stopping: ``patience``
-    epochs without a ``min_delta`` improvement of the ``monitor``ed validation metric (the
-    earliest best epoch's weights are kept), or the validation balanced accuracy reaching
-    ``target_val_accuracy``.
-
-    ``monitor: val_auc`` (default) selects by held-out *ranking*, the only thing selection
-    uses. VLA and VLM features are often separable: the validation AUC is then 1.0 after the
-    first epoch, and every later epoch only grows the margins, driving every pool score to
-    ~0 and leaving the order of the far-away sources to whichever hard negatives set the
-    max-margin direction. The earliest epoch with the best held-out ranking is the least
-    over-fitted estimator that ranks as well. ``monitor: val_loss`` trains to the loss plateau.
-    """
-
-    model: Literal["linear", "mlp"] = "linear"
-    hidden: list[int] = field(default_factory=lambda: [256])
-    dropout: float = 0.0
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    max_epochs: int = 50
-    patience: int = 5
-    min_delta: float = 1e-4
-    target_val_accuracy: Optional[float] = None
-    monitor: Literal["val_auc", "val_loss"] = "val_auc"
-    val_fraction: float = 0.1
-    seed: int = 0
-    num_threads: int = 1
-
-    def check(self) -> None:
-        """Reject bad values (ConfigError naming the key)."""
-        if self.batch_size < 2:
-            raise ConfigError(f"batch_size: must be >= 2 (half VLA, half pool), got {self.batch_size}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
-        if self.max_epochs < 1 or self.patience < 1:
-            raise ConfigError(f"max_epochs / patience: must be >= 1, got {self.max_epochs} / {self.patience}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        if self.target_val_accuracy is not None and not 0.0 < self.target_val_accuracy <= 1.0:
-            raise ConfigError(f"target_val_accuracy: must be in (0, 1], got {self.target_val_accuracy}")
-        if self.model == "mlp" and (not self.hidden or min(self.hidden) < 1):
-            raise ConfigError(f"hidden: model 'mlp' needs positive layer widths, got {self.hidden}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
-        if self.monitor not in ("val_auc", "val_loss"):
-            raise ConfigError(f"monitor: must be 'val_auc' or 'val_loss', got {self.monitor!r}")
-        if self.num_threads < 1:
-            raise ConfigError(f"num_threads: must be >= 1, got {self.num_threads}")
-
-    def training_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(TrainSettings)}
 
 
 @contextlib.contextmanager

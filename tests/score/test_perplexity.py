@@ -8,13 +8,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from select_fixtures import vla_row, vlm_row, write_catalog
+from run_fixtures import vla_row, vlm_row, write_catalog
 
 from midtrain.data.images import encode_image, ref_from_bytes
-from midtrain.models import build_batch, build_tiny_vlm, load_vlm
+from midtrain.models import build_batch, load_vlm
+from midtrain.models.tiny import build_tiny_vlm
 from midtrain.runs import RunDir, SampleError, StageError
-from midtrain.select.perplexity import AnswerPerplexity, render_vla_as_text
-from midtrain.select.score import ScoreConfig, score_pool
+from midtrain.score.perplexity import AnswerPerplexity, render_vla_as_text
+from midtrain.score.config import ScoreConfig
+from midtrain.score.stage import score_pool
 
 
 def image(i: int) -> dict:

@@ -19,82 +19,22 @@ catalog) fingerprint lets ``select`` and ``export`` reject scores from another r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import ConfigError, StageConfig
-from ..runs import RunDir, SampleError, StageError, StageRun, atomic_path, stage_run, write_parquet_atomic
-from .estimator import load_estimator, read_estimator_config, torch_threads
-from ..data.features import npy_layout, stream_feature_chunks
-from .pool import (
-    POOL_KIND, VLA_KIND, FeatureRun, RowLocator, check_sources, empty_set_error, resolve_features, rows_mask, select_rows,
+from ..data.features import (
+    POOL_KIND, VLA_KIND, FeatureRun, check_sources, empty_set_error, load_finite_rows, npy_layout, resolve_features,
+    rows_mask, select_rows, stream_feature_chunks,
 )  # fmt: skip
+from ..fit.estimator import load_estimator, read_estimator_config, torch_threads
+from ..runs import RunDir, SampleError, StageError, StageRun, atomic_path, stage_run, write_parquet_atomic
+from .config import CATALOG_SCORERS, FEATURE_SCORERS, ScoreConfig
 from .scorers import FeatureScorer, MeanDistanceScorer, ProximityScorer, RandomScorer, choose_kernel
 
 SCORES_FILE = "proximity_scores.parquet"
-FEATURE_SCORERS = ("proximity", "random", "mean_distance")
-CATALOG_SCORERS = ("vla_perplexity", "delta_perplexity")
-
-
-@dataclass
-class ScoreConfig(StageConfig):
-    """Pool scoring.
-
-    ``scorer``: ``proximity`` (estimator from ``estimator:`` or ``<run>/fit/estimator``),
-    ``random`` (seeded), ``mean_distance`` (mean L2 distance to up to ``max_reference``
-    VLA rows, or to the ``knn`` nearest; negated so higher = closer), ``vla_perplexity``
-    (``-log ppl`` of the answer tokens under ``vla_model``) or ``delta_perplexity``
-    (``-(log ppl_vla - log ppl_base)``, or the plain perplexity difference with
-    ``delta: ppl``). ``allow_foreign_estimator`` accepts an estimator fitted on another
-    feature run of the same dimension (e.g. the same VLM on a new pool).
-
-    ``kernel`` (``proximity``): ``eager`` (float16 -> float32 copy + ``torch.mv`` per
-    1,024-row block), ``compiled`` (a ``torch.compile``'d fused float16 x float32 dot,
-    ~1.6-2x faster from a warm page cache, compiled once per process in ~4-14 s; needs a
-    C++ compiler, falls back to ``eager`` with a logged reason) or ``auto`` (``compiled``
-    for a linear estimator on a pool of at least 64 GiB of features, where the compile
-    pays for itself; ``eager`` otherwise). The manifest records the kernel that ran
-    (``kernel``, ``kernel_reason``, ``kernel_fallback``, ``kernel_rows``: rows of the
-    shards each kernel scored). ``chunk_rows``: rows per streamed chunk; unset = 16,384
-    for ``compiled``, 1,024 otherwise. ``num_threads``: intra-op threads for the feature
-    scorers (unset = 1; on 2 shared cores 2 threads were 4x slower, not faster).
-    """
-
-    scorer: Literal["proximity", "random", "mean_distance", "vla_perplexity", "delta_perplexity"] = "proximity"
-    features: Optional[Path] = None
-    estimator: Optional[Path] = None
-    allow_foreign_estimator: bool = False
-    pool_sources: list[str] = field(default_factory=list)
-    vla_sources: list[str] = field(default_factory=list)
-    chunk_rows: Optional[int] = None
-    kernel: Literal["auto", "compiled", "eager"] = "auto"
-    num_threads: Optional[int] = None
-    knn: Optional[int] = None
-    max_reference: int = 4096
-    # perplexity scorers
-    vla_model: Optional[Path] = None
-    base_model: Optional[Path] = None
-    batch_size: int = 8
-    max_length: int = 2048
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    trust_remote_code: bool = False
-    delta: Literal["log", "ppl"] = "log"
-
-    def validate(self) -> None:
-        if (self.chunk_rows is not None and self.chunk_rows < 1) or self.batch_size < 1 or self.max_reference < 1:
-            raise ConfigError("chunk_rows / batch_size / max_reference: must be >= 1")
-        if self.knn is not None and self.knn < 1:
-            raise ConfigError(f"knn: must be >= 1 or null, got {self.knn}")
-        if self.scorer in CATALOG_SCORERS and self.vla_model is None:
-            raise ConfigError(f"vla_model: scorer {self.scorer!r} needs the path of the VLA-fine-tuned VLM")
-        if self.scorer == "delta_perplexity" and self.base_model is None:
-            raise ConfigError("base_model: scorer 'delta_perplexity' needs the path of the base VLM")
 
 
 # --------------------------------------------------------------------------- feature scorers
@@ -108,12 +48,12 @@ def build_feature_scorer(config: ScoreConfig, run_dir: RunDir, fr: FeatureRun, s
         rows = select_rows(fr.features, VLA_KIND, config.vla_sources)
         if len(rows) > config.max_reference:
             rows = np.sort(np.random.default_rng(config.seed).choice(rows, config.max_reference, replace=False))
-        ref = fr.features.take(rows)
-        finite = np.isfinite(ref).all(axis=1)
-        if not finite.all():
-            loc = RowLocator(fr.features)
-            bad = int(rows[np.flatnonzero(~finite)[0]])
-            raise StageError(f"{loc.where(bad)}: VLA reference feature has NaN/inf values (id {loc.id_of(bad)}); re-run featurize")
+        fs = fr.features
+
+        def refuse(bad: np.ndarray) -> None:
+            raise StageError(f"{fs.where(int(bad[0]))}: VLA reference feature has NaN/inf values (id {fs.id_of(int(bad[0]))}); re-run featurize")
+
+        ref, _ = load_finite_rows(fs, rows, refuse)
         return MeanDistanceScorer(ref, config.knn), {"reference_rows": int(len(rows))}
     est_dir = Path(config.estimator) if config.estimator is not None else run_dir.require("fit") / "estimator"
     try:
@@ -257,6 +197,6 @@ def score_pool(config: ScoreConfig, run_dir: RunDir, force: bool = False) -> Pat
         st.counts["read"] = sum(d.get("read", 0) for d in done)
         with st.timed("merge"):
             st.counts["written"] = _merge_parts(st)
-        st.extra.update({"scores_file": str(st.dir / SCORES_FILE), "pool_rows": st.counts["written"]})
+        st.extra.update({"scores_file": str(st.final_dir / SCORES_FILE), "pool_rows": st.counts["written"]})
         st.log.info("scored %d pool samples with %s", st.counts["written"], config.scorer)
     return st.dir

@@ -12,12 +12,19 @@ LeRobot frames ``<episode>/<frame>``. Duplicate ids within a source are an error
 both records. Bad samples follow ``on_error``; a source with no samples at all is an
 "empty dataset" error (or a recorded skip). Manifest ``sources`` holds, per source,
 ``kind``, ``format``, ``path``, ``read``, ``written``, ``skipped`` and ``parts``.
+
+Content, not names, decides "nothing to do": every row carries a ``content_hash`` and
+every part a ``<source>/references-NNNNN.parquet`` of the files its rows name (see
+``midtrain.data.content``). A rerun of a complete catalog whose referenced files changed
+reads its sources again (manifest ``rerun_because``); so does a resumed source whose done
+parts reference changed files.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -25,50 +32,29 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..config import ConfigError, StageConfig
-from ..runs import RunDir, SampleError, StageError, StageRun, atomic_path, stage_run
-from .catalog import CATALOG_SCHEMA, rows_to_table
-from .sources import DatasetSource, SampleReader
+from ..data.catalog import CATALOG_SCHEMA, rows_to_table
+from ..data.content import RowHasher, changed_references
+from ..data.sources import DatasetSource, SampleReader
+from ..runs import (
+    RunDir, SampleError, StageError, StageRun, atomic_path, foreign_files, stage_run, write_parquet_atomic,
+)  # fmt: skip
+from .config import CatalogConfig
 
 STAGE = "catalog"
-
-
-@dataclass
-class CatalogConfig(StageConfig):
-    """Config of ``midtrain catalog``: the dataset sources and the part layout."""
-
-    datasets: list[DatasetSource] = field(default_factory=list)
-    rows_per_part: int = 50_000
-    row_group_size: int = 512
-
-    def validate(self) -> None:
-        if not self.datasets:
-            raise ConfigError("datasets: at least one dataset source is required")
-        if self.rows_per_part < 1:
-            raise ConfigError(f"rows_per_part: must be >= 1, got {self.rows_per_part}")
-        if self.row_group_size < 1:
-            raise ConfigError(f"row_group_size: must be >= 1, got {self.row_group_size}")
-        seen: dict[str, int] = {}
-        for i, src in enumerate(self.datasets):
-            for key, message in src.problems():
-                raise ConfigError(f"datasets[{i}].{key}: {message}")
-            if src.name in seen:
-                raise ConfigError(f"datasets[{i}].name: duplicate source name {src.name!r} (also datasets[{seen[src.name]}])")
-            seen[src.name] = i
 
 
 def open_reader(source: DatasetSource, seed: int) -> SampleReader:
     """The reader for ``source.format`` (imported lazily: only the formats in use are loaded)."""
     if source.format == "llava_json":
-        from .llava import LlavaJsonReader as reader_cls
+        from ..data.llava import LlavaJsonReader as reader_cls
     elif source.format == "llava_jsonl":
-        from .llava import LlavaJsonlReader as reader_cls
+        from ..data.llava import LlavaJsonlReader as reader_cls
     elif source.format == "parquet":
-        from .tabular import ParquetReader as reader_cls
+        from ..data.tabular import ParquetReader as reader_cls
     elif source.format == "hf_disk":
-        from .tabular import HFDiskReader as reader_cls
+        from ..data.tabular import HFDiskReader as reader_cls
     elif source.format == "lerobot":
-        from .lerobot import LeRobotReader as reader_cls
+        from ..data.lerobot import LeRobotReader as reader_cls
     else:  # the config type check rejects this first; kept for direct callers
         raise StageError(f"{source.name}: unknown format {source.format!r}")
     return reader_cls(source, seed)
@@ -101,6 +87,7 @@ def _write_part(
     """
     path = st.dir / src.name / f"part-{part:05d}.parquet"
     info = {"rows": 0, "read": 0, "skipped": 0, "next_position": None}
+    hasher = RowHasher(cfg.verify_references)
     exhausted = True
     buffer: list[dict] = []
     with contextlib.ExitStack() as stack:
@@ -127,6 +114,7 @@ def _write_part(
                 continue
             item["id"] = f"{src.name}/{item['id']}"
             item["source"], item["kind"] = src.name, src.kind
+            item["content_hash"] = hasher(item)
             buffer.append(item)
             info["rows"] += 1
             if len(buffer) >= cfg.row_group_size:
@@ -136,7 +124,27 @@ def _write_part(
                 break
         if buffer:
             flush()
+    if info["rows"]:
+        write_parquet_atomic(_references_path(st, src, part), hasher.references())
     return info, exhausted
+
+
+def _references_path(st: StageRun, src: DatasetSource, part: int) -> Path:
+    return st.dir / src.name / f"references-{part:05d}.parquet"
+
+
+def _references_changed(tables: list[Path], cfg: CatalogConfig) -> Optional[dict]:
+    """``rerun_because`` for the manifest if any file these reference tables name has changed."""
+    checked, changed, examples = changed_references(tables, cfg.verify_references)
+    return {"changed_references": changed, "of": checked, "examples": examples} if changed else None
+
+
+class _ReferencesChanged(Exception):
+    """Done parts of an interrupted run name files that changed since: start over (forced)."""
+
+    def __init__(self, because: dict):
+        super().__init__(f"referenced files changed since the interrupted run's done parts were written: {because}")
+        self.because = because
 
 
 def _check_unique_ids(out_dir: Path, src: DatasetSource, index: int) -> None:
@@ -164,6 +172,9 @@ def _build_source(st: StageRun, cfg: CatalogConfig, src: DatasetSource, index: i
     """Read one source into its parts (resuming after done parts); returns its manifest entry."""
     complete = f"{src.name}.complete"
     summary = {"kind": src.kind, "format": src.format, "path": str(src.path)}
+    because = _references_changed(sorted((st.dir / src.name).glob("references-*.parquet")), cfg)
+    if because:
+        raise _ReferencesChanged(because)
     if st.shard_done(complete):
         info = st.shard_info(complete)
         st.counts["read"] += info["read"]
@@ -214,15 +225,64 @@ def _build_source(st: StageRun, cfg: CatalogConfig, src: DatasetSource, index: i
     return {**summary, **info}
 
 
+def _changed_since_complete(run_dir: RunDir, config: CatalogConfig) -> Optional[dict]:
+    """Whether the files named by a complete catalog with this config changed since it was built.
+
+    Its inputs' hashes cover the data files; this covers what they reference. ``None``
+    when there is no such catalog or nothing it references changed.
+    """
+    prev = run_dir.manifest(STAGE)
+    if not prev or prev.get("status") != "complete":
+        return None
+    if prev.get("config") != json.loads(json.dumps(config.to_dict(), default=str)):
+        return None  # a different config reruns anyway
+    return _references_changed(sorted(run_dir.stage_dir(STAGE).glob("*/references-*.parquet")), config)
+
+
 def build_catalog(config: CatalogConfig, run_dir: RunDir, force: bool = False) -> Path:
-    """Run the catalog stage; returns ``<run>/catalog``."""
+    """Run the catalog stage; returns ``<run>/catalog``.
+
+    Reads the sources again (as if forced) when files that a complete catalog, or the done
+    parts of an interrupted one, reference have changed since.
+    """
     for i, src in enumerate(config.datasets):
         if not Path(src.path).exists():
             raise StageError(f"datasets[{i}].path: {src.path} not found (source {src.name!r})")
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    because = None if force else _changed_since_complete(run_dir, config)
+    try:
+        return _build(config, run_dir, force or _rebuild(run_dir, because), because)
+    except _ReferencesChanged as exc:
+        return _build(config, run_dir, _rebuild(run_dir, exc.because), exc.because)
+
+
+def _rebuild(run_dir: RunDir, because: Optional[dict]) -> bool:
+    """Whether to read the sources again, from scratch (a forced run), because references changed.
+
+    A forced run replaces the catalog folder whole, so files in it that midtrain did not
+    write are refused by name here, as the swap would refuse them, rather than deleted.
+    """
+    if because is None:
+        return False
+    foreign = foreign_files(run_dir.stage_dir(STAGE))
+    if foreign:
+        raise StageError(
+            f"{run_dir.stage_dir(STAGE)}: {because['changed_references']} referenced file(s) changed (e.g. "
+            f"{because['examples'][0]}), so the catalog must be rebuilt, but it holds files midtrain did not write "
+            f"({', '.join(foreign[:5])}); move them out and rerun, or rerun with --force to delete them"
+        )
+    return True
+
+
+def _build(config: CatalogConfig, run_dir: RunDir, force: bool, rerun_because: Optional[dict]) -> Path:
     inputs = {str(Path(src.path).resolve()): src.path for src in config.datasets}
     with stage_run(run_dir, STAGE, config, inputs=inputs, force=force) as st:
         if st.skipped_as_complete:
             return st.dir
+        st.extra["reference_fingerprints"] = "content" if config.verify_references else "stat"
+        if rerun_because:
+            st.extra["rerun_because"] = rerun_because
+            st.log.info("referenced files changed since they were read (%s): reading the sources again", rerun_because)
         sources = {}
         for i, src in enumerate(config.datasets):
             sources[src.name] = _build_source(st, config, src, i)

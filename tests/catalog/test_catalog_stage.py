@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from catalog_fixtures import llava_records
+from catalog_fixtures import interrupt_second_part, llava_records
 
-import midtrain.data.build as build
+import midtrain.catalog.stage as build
 from midtrain.cli import run_stage
 from midtrain.config import ConfigError, load_config
-from midtrain.data.build import CatalogConfig
+from midtrain.catalog.config import CatalogConfig
 from midtrain.data.catalog import CATALOG_SCHEMA, catalog_files, catalog_num_rows, iter_catalog
 from midtrain.runs import StageError
 
@@ -64,27 +64,19 @@ def test_complete_stage_is_skipped_and_force_recomputes(tmp_path, sources, caplo
 
 
 def test_interrupted_run_resumes_after_done_parts(tmp_path, sources, monkeypatch):
-    calls = {"n": 0}
     real = build._write_part
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(build, "_write_part", interrupted)
+    interrupt_second_part(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, sources, rows_per_part=4)
-    out = tmp_path / "run/catalog"
-    assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
-    done = out / "pool/part-00000.parquet"
-    stamp = done.stat().st_mtime_ns
-    assert not (out / "pool/part-00001.parquet").exists()
+    attempt = tmp_path / "run/.partial/catalog"  # a failed run publishes nothing
+    assert json.loads((attempt / "manifest.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "run/catalog").exists()
+    stamp = (attempt / "pool/part-00000.parquet").stat().st_mtime_ns
+    assert not (attempt / "pool/part-00001.parquet").exists()
 
     monkeypatch.setattr(build, "_write_part", real)
     out = run(tmp_path, sources, rows_per_part=4)
-    assert done.stat().st_mtime_ns == stamp  # the finished part was not rewritten
+    assert (out / "pool/part-00000.parquet").stat().st_mtime_ns == stamp  # the finished part was not rewritten
     ids = [i for b in iter_catalog(out, columns=["id"]) for i in b.column("id").to_pylist()]
     assert ids[:6] == ["pool/s0", "pool/s1", "pool/2", "pool/s3", "pool/s4", "pool/5"] and len(ids) == 18
     m = json.loads((out / "manifest.json").read_text())

@@ -11,7 +11,7 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.linear_model import LogisticRegression
 
-from midtrain.select.estimator import (
+from midtrain.fit.estimator import (
     ProximityEstimator,
     TrainSettings,
     balanced_batches,

@@ -14,6 +14,22 @@ from PIL import Image
 FPS = 10
 
 
+def interrupt_second_part(monkeypatch) -> None:
+    """Make the catalog stage stop (KeyboardInterrupt) as it starts its second part, as a kill would."""
+    import midtrain.catalog.stage as build
+
+    calls = {"n": 0}
+    real = build._write_part
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "_write_part", interrupted)
+
+
 def write_png(path: Path, value: int, size=(24, 32)) -> Path:
     """A small image whose pixels encode ``value`` (so tests can tell images apart)."""
     path.parent.mkdir(parents=True, exist_ok=True)

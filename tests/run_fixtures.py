@@ -1,4 +1,5 @@
-"""Synthetic run directories for the select package: a catalog, a feature run and helpers.
+"""Synthetic run directories for the fit, score, select and export tests: a catalog, a feature
+run and helpers, plus the fixtures their ``conftest.py`` files import.
 
 Features are Gaussian so the density ratio is known: pool source ``near`` sits closer to
 the VLA mean than ``far``; the estimator should prefer ``near``.
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from midtrain.config import StageConfig
 from midtrain.data.catalog import rows_to_table
@@ -101,3 +103,20 @@ def build_run(tmp_path, n_near=150, n_far=250, n_vla=200, dim=16, image_files: b
     write_catalog(run, rows)
     write_features(run, [("near", "vlm", near), ("far", "vlm", far), ("robot", "vla", vla)])
     return run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models and matrices: one intra-op thread is as fast, and does not collapse when
+    other processes share the cores (restored after each module)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def synthetic_run(tmp_path):
+    return build_run(tmp_path)

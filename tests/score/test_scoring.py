@@ -9,16 +9,18 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from select_fixtures import FakeFeaturizeConfig, build_run, gaussian_features, write_features
+from run_fixtures import FakeFeaturizeConfig, build_run, gaussian_features, write_features
 
 from midtrain.config import ConfigError, load_config
 from midtrain.data.features import open_features
 from midtrain.runs import RunDir, SampleError, StageError
-from midtrain.select.estimator import ProximityEstimator, load_estimator
-from midtrain.select.fit import FitConfig, fit_estimator
+from midtrain.fit.estimator import ProximityEstimator, load_estimator
+from midtrain.fit.config import FitConfig
+from midtrain.fit.stage import fit_estimator
 from midtrain.data.features import stream_feature_chunks
-from midtrain.select.score import ScoreConfig, score_feature_shard, score_pool
-from midtrain.select.scorers import MeanDistanceScorer, ProximityScorer, RandomScorer
+from midtrain.score.config import ScoreConfig
+from midtrain.score.stage import score_feature_shard, score_pool
+from midtrain.score.scorers import MeanDistanceScorer, ProximityScorer, RandomScorer
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +72,16 @@ def test_score_resumes_at_shard_granularity(fitted_run, tmp_path):
     first = pq.read_table(out / "proximity_scores.parquet")
     parts = sorted((out / "shards").glob("*.parquet"))
     mtimes = {p.name: p.stat().st_mtime_ns for p in parts}
-    # simulate a crash after all shards but one: manifest 'running', one shard unfinished
-    man = json.loads((out / "manifest.json").read_text())
+    # simulate a crash after all shards but one: the run's partial folder, manifest 'running', one shard unfinished
+    partial = run.root / ".partial" / "score"
+    partial.parent.mkdir(exist_ok=True)
+    out.rename(partial)
+    man = json.loads((partial / "manifest.json").read_text())
     man["status"] = "running"
-    (out / "manifest.json").write_text(json.dumps(man))
-    (out / "shards" / "shard-00002.done").unlink()
-    (out / "shards" / "shard-00002.parquet").unlink()
-    (out / "proximity_scores.parquet").unlink()
+    (partial / "manifest.json").write_text(json.dumps(man))
+    (partial / "shards" / "shard-00002.done").unlink()
+    (partial / "shards" / "shard-00002.parquet").unlink()
+    (partial / "proximity_scores.parquet").unlink()
     score_pool(ScoreConfig(), run)
     assert pq.read_table(out / "proximity_scores.parquet").equals(first)
     for p in parts:

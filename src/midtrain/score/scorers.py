@@ -5,7 +5,7 @@ Two families:
 - ``FeatureScorer`` (``proximity``, ``random``, ``mean_distance``) scores chunks of raw
   float16 feature rows;
 - ``CatalogScorer`` (``vla_perplexity``, ``delta_perplexity``) scores catalog rows
-  (text + images) with VLMs; see ``midtrain.select.perplexity``.
+  (text + images) with VLMs; see ``midtrain.score.perplexity``.
 
 Every scorer returns a dict of float columns with at least ``score``; ``order_column``
 names the column selection ranks by and uses as a log-weight for Gumbel-top-K
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy.special import expit
 
-from .estimator import ProximityEstimator
+from ..fit.estimator import ProximityEstimator
 
 _log = logging.getLogger("midtrain.select")
 

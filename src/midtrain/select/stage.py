@@ -26,7 +26,7 @@ image bytes - image files are read) hashes equal are duplicates; the best-ranked
 is kept, the others are not eligible and are listed in ``duplicates.parquet``.
 
 Outputs: ``selection.parquet`` (``id, source, score, rank, selected``, sorted by rank),
-``selection_metrics.json`` and ``report/`` (see ``selection_report``).
+``selection_metrics.json`` and ``report/`` (see :mod:`midtrain.select.report`).
 """
 
 from __future__ import annotations
@@ -34,67 +34,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..config import ConfigError, StageConfig
-from ..data.catalog import iter_catalog
+from ..data.catalog import iter_catalog_with_ids
+from ..data.features import FeatureRun, resolve_features
 from ..runs import RunDir, SampleError, StageError, StageRun, stage_run, write_json_atomic, write_parquet_atomic
-from .pool import FeatureRun, resolve_features
-from .score import SCORES_FILE
+from ..score.stage import SCORES_FILE
+from .config import SelectConfig
 
 SELECTION_FILE = "selection.parquet"
 METRICS_FILE = "selection_metrics.json"
-
-
-@dataclass
-class SelectConfig(StageConfig):
-    """Selection from ``<run>/score/proximity_scores.parquet`` (or ``scores:``).
-
-    Exactly one of ``k`` (count) and ``fraction`` (of the eligible pool) is set.
-    ``pool_sources`` restricts the eligible pool; ``vla_sources`` the VLA set the report
-    compares with (default: all VLA sources of the feature run). ``report`` writes the figures,
-    gallery and metrics (MMD to the VLA set for the selection and for a random
-    selection of the same K, on up to ``metric_samples`` rows per set).
-    """
-
-    k: Optional[int] = None
-    fraction: Optional[float] = None
-    method: Literal["top_k", "gumbel"] = "top_k"
-    temperature: float = 1.0
-    source_floors: dict[str, Union[int, float]] = field(default_factory=dict)
-    source_caps: dict[str, Union[int, float]] = field(default_factory=dict)
-    pool_sources: list[str] = field(default_factory=list)
-    vla_sources: list[str] = field(default_factory=list)
-    dedup: bool = False
-    scores: Optional[Path] = None
-    features: Optional[Path] = None
-    report: bool = True
-    gallery_size: int = 8
-    thumbnail_px: int = 256
-    metric_samples: int = 2000
-
-    def validate(self) -> None:
-        if (self.k is None) == (self.fraction is None):
-            raise ConfigError(f"k / fraction: set exactly one (got k={self.k}, fraction={self.fraction})")
-        if self.k is not None and self.k < 1:
-            raise ConfigError(f"k: must be >= 1, got {self.k}")
-        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
-            raise ConfigError(f"fraction: must be in (0, 1], got {self.fraction}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
-        for key in ("source_floors", "source_caps"):
-            for src, v in getattr(self, key).items():
-                if v < 0 or (isinstance(v, float) and v > 1.0):
-                    raise ConfigError(f"{key}.{src}: expected a count >= 0 or a fraction in [0, 1], got {v}")
-        if self.gallery_size < 0 or self.metric_samples < 2:
-            raise ConfigError("gallery_size must be >= 0 and metric_samples >= 2")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -226,11 +181,8 @@ def catalog_digests(st: StageRun, catalog_dir: Path, ids: pa.Array) -> tuple[np.
     ``ids``; and a mask of rows whose content could not be read (recorded skips)."""
     wanted = pa.array(ids) if not isinstance(ids, pa.Array) else ids
     found_ids, found_digests, unreadable = [], [], []
-    for batch in iter_catalog(catalog_dir, columns=["id", "messages", "instruction", "image_refs", "origin"]):
-        mask = pc.is_in(batch.column("id"), value_set=wanted)
-        if not pc.any(mask).as_py():
-            continue
-        for row in batch.filter(mask).to_pylist():
+    for batch in iter_catalog_with_ids(catalog_dir, wanted, ["id", "messages", "instruction", "image_refs", "origin"]):
+        for row in batch.to_pylist():
             where = row.get("origin") or f"catalog id {row['id']}"
             try:
                 digest = content_digest(row, where)
@@ -283,7 +235,7 @@ def select_mixture(config: SelectConfig, run_dir: RunDir, force: bool = False) -
         table = read_scores(scores_path, score_manifest)
         result = _select(st, config, table, score_manifest, scores_path, catalog_dir)
         if config.report:
-            from .selection_report import write_selection_report
+            from .report import write_selection_report
 
             with st.timed("report"):
                 metrics = write_selection_report(st, config, result, fr, catalog_dir)

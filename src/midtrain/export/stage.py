@@ -16,40 +16,20 @@ the catalog: an id the catalog does not hold means the selection came from anoth
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..config import ConfigError, StageConfig
-from ..data.catalog import iter_catalog
+from ..data.catalog import iter_catalog_with_ids
 from ..data.llava import write_llava_json
 from ..data.tabular import write_catalog_parquet
 from ..runs import RunDir, SampleError, StageError, StageRun, stage_run
-from .selection import SELECTION_FILE
-
-
-@dataclass
-class ExportConfig(StageConfig):
-    """``format``: JSON array or JSON Lines; ``image_mode``: ``copy`` images into
-    ``export/images``, ``link`` (symlinks) or ``reference`` (absolute paths, no copy);
-    ``dataset_name``: the LLaMA-Factory ``dataset_info.json`` key; ``parquet``: also write
-    ``mixture.parquet`` (``embed_images``: with image bytes inside, self-contained)."""
-
-    format: Literal["json", "jsonl"] = "json"
-    image_mode: Literal["copy", "link", "reference"] = "copy"
-    dataset_name: str = "midtrain_mixture"
-    parquet: bool = True
-    embed_images: bool = False
-    selection: Optional[Path] = None
-
-    def validate(self) -> None:
-        if not self.dataset_name.strip():
-            raise ConfigError("dataset_name: must not be empty")
+from ..select.stage import SELECTION_FILE
+from .config import ExportConfig
 
 
 def selected_ids(selection_path: Path) -> pa.Array:
@@ -62,21 +42,11 @@ def selected_ids(selection_path: Path) -> pa.Array:
     return ids
 
 
-def _mixture_batches(catalog_dir: Path, ids: pa.Array) -> Iterator[pa.RecordBatch]:
-    for batch in iter_catalog(catalog_dir):
-        mask = pc.is_in(batch.column("id"), value_set=ids)
-        if pc.any(mask).as_py():
-            yield batch.filter(mask)
-
-
 def _check_against_catalog(catalog_dir: Path, ids: pa.Array, selection_path: Path) -> None:
     found, wrong_kind = [], []
-    for batch in iter_catalog(catalog_dir, columns=["id", "kind"]):
-        mask = pc.is_in(batch.column("id"), value_set=ids)
-        if pc.any(mask).as_py():
-            sub = batch.filter(mask)
-            found.append(sub.column("id"))
-            wrong_kind += [i for i, k in zip(sub.column("id").to_pylist(), sub.column("kind").to_pylist()) if k != "vlm"]
+    for sub in iter_catalog_with_ids(catalog_dir, ids, columns=["id", "kind"]):
+        found.append(sub.column("id"))
+        wrong_kind += [i for i, k in zip(sub.column("id").to_pylist(), sub.column("kind").to_pylist()) if k != "vlm"]
     have = pa.chunked_array(found, type=pa.string()) if found else pa.chunked_array([], type=pa.string())
     missing = np.flatnonzero(~pc.is_in(ids, value_set=have.combine_chunks()).to_numpy(zero_copy_only=False))
     if len(missing):
@@ -119,7 +89,7 @@ def export_mixture(config: ExportConfig, run_dir: RunDir, force: bool = False) -
         out_json = st.dir / f"mixture.{config.format}"
         with st.timed("json"):
             counts = write_llava_json(
-                _checked_rows(st, _mixture_batches(catalog_dir, ids), config.image_mode), out_json,
+                _checked_rows(st, iter_catalog_with_ids(catalog_dir, ids), config.image_mode), out_json,
                 st.dir / "images", image_mode=config.image_mode, llamafactory_name=config.dataset_name,
             )  # fmt: skip
         st.counts["written"] = counts["records"]
@@ -131,9 +101,9 @@ def export_mixture(config: ExportConfig, run_dir: RunDir, force: bool = False) -
                 kept = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=pa.array(sorted(skipped), type=pa.string()))))
             with st.timed("parquet"):
                 st.counts["parquet_rows"] = write_catalog_parquet(
-                    _mixture_batches(catalog_dir, kept), st.dir / "mixture.parquet", embed_images=config.embed_images
+                    iter_catalog_with_ids(catalog_dir, kept), st.dir / "mixture.parquet", embed_images=config.embed_images
                 )
         st.extra.update({"files": sorted(p.name for p in st.dir.iterdir() if p.is_file() and not p.name.startswith(".")),
-                         "dataset_name": config.dataset_name, "image_root": str(st.dir)})  # fmt: skip
+                         "dataset_name": config.dataset_name, "image_root": str(st.final_dir)})  # fmt: skip
         st.log.info("exported %d samples (%d images) to %s", counts["records"], counts["images"], out_json)
     return st.dir

@@ -13,9 +13,8 @@ Written into ``select/``:
   highest- and lowest-scoring pool samples with text and image references, Fig. 4b/c)
   and ``report/gallery_{top,bottom}_NN.png`` thumbnails.
 
-Distribution metrics use seeded subsamples of at most ``metric_samples`` rows per set.
-The MMD here is a minimal self-contained estimator (stages do not import each other);
-the ``gap`` stage has the full treatment (permutation tests).
+Distribution metrics use seeded subsamples of at most ``metric_samples`` rows per set. The MMD
+is the gap stage's estimator (:mod:`midtrain.gap.mmd`), without permutation tests.
 """
 
 from __future__ import annotations
@@ -24,14 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import torch
 
-from ..data.catalog import iter_catalog
-from ..data.features import FeatureSet
+from ..data.catalog import catalog_rows_by_id
+from ..data.features import VLA_KIND, FeatureRun, FeatureSet, load_finite_rows, select_rows
 from ..data.images import load_image
-from ..runs import SampleError, StageError, StageRun, write_json_atomic
-from .pool import VLA_KIND, FeatureRun, select_rows
+from ..runs import SampleError, StageError, StageRun, atomic_path, write_json_atomic
 
 TEXT_CHARS = 1000
 
@@ -39,68 +35,47 @@ TEXT_CHARS = 1000
 # --------------------------------------------------------------------------- distribution metrics
 
 
-def pairwise_sq_dists(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(x, y).pow_(2)
+def selection_mmd(x_sel: np.ndarray, x_rand: np.ndarray, x_vla: np.ndarray, seed: int) -> dict:
+    """Unbiased MMD^2 of the selection and of the random selection to the VLA set, with one RBF
+    bandwidth ``sigma`` (median heuristic over the three subsamples pooled), computed by the gap
+    stage's estimator (:func:`midtrain.gap.mmd.mmd_matrix`, float32 kernel tiles, float64 sums)."""
+    from ..gap.mmd import GapInputError, median_heuristic, mmd_matrix
 
-
-def median_bandwidth(z: np.ndarray, max_rows: int = 2000, seed: int = 0) -> float:
-    """Median pairwise L2 distance (distinct pairs) of up to ``max_rows`` rows of ``z``."""
-    if len(z) > max_rows:
-        z = z[np.random.default_rng(seed).choice(len(z), max_rows, replace=False)]
-    t = torch.from_numpy(np.asarray(z, dtype=np.float64))
-    d = torch.cdist(t, t)
-    iu = torch.triu_indices(len(t), len(t), offset=1)
-    med = float(d[iu[0], iu[1]].median())
-    return med if med > 0 else 1.0
-
-
-def mmd2_unbiased(x: np.ndarray, y: np.ndarray, sigma: float) -> float:
-    """Unbiased MMD^2 with the RBF kernel ``exp(-||a - b||^2 / (2 sigma^2))`` (paper eq. 1)."""
-    X, Y = torch.from_numpy(np.asarray(x, np.float64)), torch.from_numpy(np.asarray(y, np.float64))
-    g = 1.0 / (2.0 * sigma * sigma)
-    m, n = len(X), len(Y)
-    kxx = torch.exp(-g * pairwise_sq_dists(X, X))
-    kyy = torch.exp(-g * pairwise_sq_dists(Y, Y))
-    kxy = torch.exp(-g * pairwise_sq_dists(X, Y))
-    return float((kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1)) - 2 * kxy.mean())
+    try:
+        sigma = median_heuristic(np.concatenate([x_sel, x_rand, x_vla]), max_points=2000, seed=seed)
+    except GapInputError:  # every pooled point equal: any bandwidth gives MMD 0
+        sigma = 1.0
+    m = mmd_matrix({"selection": x_sel, "random": x_rand, "vla": x_vla}, (sigma,), statistic="unbiased", device="cpu")
+    return {"sigma": sigma, "selection": float(m.mmd2_unbiased[0, 2]), "random": float(m.mmd2_unbiased[1, 2])}
 
 
 def inverse_uniformity(x: np.ndarray) -> float:
     """``1 / E_{u != v}[exp(-2 ||u - v||^2)]`` on L2-normalised rows (higher = more diverse)."""
-    X = torch.from_numpy(np.asarray(x, np.float64))
-    X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    k = torch.exp(-2.0 * pairwise_sq_dists(X, X))
+    from ..gap.mmd import rbf_kernel
+
+    X = np.asarray(x, np.float64)
+    X = X / np.clip(np.linalg.norm(X, axis=1, keepdims=True), 1e-12, None)
+    k = rbf_kernel(X, X, (0.5,)).double()  # exp(-d^2 / (2 * 0.5^2)) = exp(-2 d^2)
     m = len(X)
     return float(m * (m - 1) / (k.sum() - k.diagonal().sum()))
 
 
-def feature_rows_for_ids(fs: FeatureSet, ids: pa.Array) -> np.ndarray:
-    """Global feature rows of ``ids`` (aligned; -1 where absent), streaming the shards' id files."""
-    out = np.full(len(ids), -1, dtype=np.int64)
-    offset = 0
-    for name in fs.names:
-        shard_ids = fs.ids(name).column("id")
-        pos = pc.index_in(shard_ids, value_set=ids)
-        hit = np.flatnonzero(pc.is_valid(pos).to_numpy(zero_copy_only=False))
-        if len(hit):
-            out[pos.to_numpy(zero_copy_only=False)[hit].astype(np.int64)] = hit + offset
-        offset += len(shard_ids)
-    return out
-
-
 def _features_of(fs: FeatureSet, ids: pa.Array, what: str, st: StageRun) -> np.ndarray:
-    rows = feature_rows_for_ids(fs, ids)
+    rows = fs.rows_of_ids(ids)
     missing = int((rows < 0).sum())
     if missing:
         raise StageError(
             f"{fs.root}: {missing} {what} sample(s) have no features (first: {ids[int(np.flatnonzero(rows < 0)[0])]}); "
             "the score file and the feature run do not match - re-run `midtrain score`"
         )
-    x = fs.take(rows)
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        st.log.warning("%d %s feature row(s) with NaN/inf left out of the distribution metrics", int((~finite).sum()), what)
-    return x[finite]
+    return _finite(fs, rows, what, st)
+
+
+def _finite(fs: FeatureSet, rows: np.ndarray, what: str, st: StageRun) -> np.ndarray:
+    def warn(bad: np.ndarray) -> None:
+        st.log.warning("%d %s feature row(s) with NaN/inf left out of the distribution metrics", len(bad), what)
+
+    return load_finite_rows(fs, rows, warn)[0]
 
 
 def distribution_metrics(st: StageRun, config, result, fr: FeatureRun) -> dict:
@@ -119,13 +94,12 @@ def distribution_metrics(st: StageRun, config, result, fr: FeatureRun) -> dict:
     X_sel = _features_of(fs, ids.take(pa.array(sel)), "selected", st)
     X_rand = _features_of(fs, ids.take(pa.array(rand)), "random-selection", st)
     X_pool = _features_of(fs, ids.take(pa.array(pool)), "pool", st)
-    X_vla = fs.take(vla_rows)
-    X_vla = X_vla[np.isfinite(X_vla).all(axis=1)]
+    X_vla = _finite(fs, vla_rows, "VLA", st)
     if min(len(X_sel), len(X_rand), len(X_vla)) < 2:
         return {"distribution_metrics": f"skipped: need >= 2 rows per set, got selection {len(X_sel)}, "
                                         f"random {len(X_rand)}, VLA {len(X_vla)}"}  # fmt: skip
-    sigma = median_bandwidth(np.concatenate([X_sel, X_rand, X_vla]), seed=config.seed)
-    mmd_sel, mmd_rand = mmd2_unbiased(X_sel, X_vla, sigma), mmd2_unbiased(X_rand, X_vla, sigma)
+    mmd = selection_mmd(X_sel, X_rand, X_vla, config.seed)
+    sigma, mmd_sel, mmd_rand = mmd["sigma"], mmd["selection"], mmd["random"]
     return {
         "mmd_selection_vla": float(np.sqrt(max(mmd_sel, 0.0))),
         "mmd_random_vla": float(np.sqrt(max(mmd_rand, 0.0))),
@@ -158,14 +132,12 @@ def per_source_shares(result) -> list[dict]:
 
 
 def plot_pool_vs_selection(shares: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..gap.plots import new_figure, save_png
 
     names = [s["source"] for s in shares]
     y = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(names)))
+    fig = new_figure(7, 1.2 + 0.45 * len(names), dpi=100)
+    ax = fig.subplots()
     ax.barh(y - 0.2, [s["pool_share"] for s in shares], 0.4, label="pool")
     ax.barh(y + 0.2, [s["selection_share"] for s in shares], 0.4, label="selection")
     ax.set_yticks(y, names)
@@ -174,21 +146,18 @@ def plot_pool_vs_selection(shares: list[dict], path: Path) -> None:
     ax.set_title("Per-source share: pool vs selection")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_score_distributions(result, path: Path, threshold: float | None, scorer: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..gap.plots import new_figure, save_png
 
     scores = result.table.column("score").to_numpy(zero_copy_only=False)[result.eligible]
     sources = result.table.column("source").to_numpy(zero_copy_only=False)[result.eligible]
     lo, hi = float(scores.min()), float(scores.max())
     bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 51)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = new_figure(7, 4, dpi=100)
+    ax = fig.subplots()
     for name in np.unique(sources):
         s = scores[sources == name]
         ax.hist(s, bins=bins, histtype="step", density=True, linewidth=1.5, label=f"{name} (mean {s.mean():.3g})")
@@ -199,25 +168,10 @@ def plot_score_distributions(result, path: Path, threshold: float | None, scorer
     ax.set_title("Per-source score distributions")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 # --------------------------------------------------------------------------- gallery
-
-
-def _catalog_rows(catalog_dir: Path, ids: list[str]) -> dict[str, dict]:
-    wanted = pa.array(ids, type=pa.string())
-    found: dict[str, dict] = {}
-    cols = ["id", "source", "messages", "instruction", "image_refs", "origin"]
-    for batch in iter_catalog(catalog_dir, columns=cols):
-        mask = pc.is_in(batch.column("id"), value_set=wanted)
-        if pc.any(mask).as_py():
-            for row in batch.filter(mask).to_pylist():
-                found[row["id"]] = row
-            if len(found) == len(ids):
-                break
-    return found
 
 
 def write_gallery(st: StageRun, config, result, catalog_dir: Path | None, report_dir: Path) -> dict:
@@ -234,7 +188,8 @@ def write_gallery(st: StageRun, config, result, catalog_dir: Path | None, report
         gallery["note"] = "catalog stage not complete in this run: no text or images"
         st.log.warning("selection gallery without text/images: the catalog stage is not complete")
         return gallery
-    rows = _catalog_rows(catalog_dir, [it["id"] for side in items.values() for it in side])
+    cols = ["id", "source", "messages", "instruction", "image_refs", "origin"]
+    rows = catalog_rows_by_id(catalog_dir, [it["id"] for side in items.values() for it in side], cols)
     for side, side_items in items.items():
         for i, item in enumerate(side_items):
             row = rows.get(item["id"])
@@ -252,7 +207,8 @@ def write_gallery(st: StageRun, config, result, catalog_dir: Path | None, report
                     img = load_image(refs[0], row.get("origin") or item["id"], item["id"])
                     img.thumbnail((config.thumbnail_px, config.thumbnail_px))
                     name = f"gallery_{side}_{i:02d}.png"
-                    img.save(report_dir / name)
+                    with atomic_path(report_dir / name) as tmp:
+                        img.save(tmp, format="PNG")
                     item["thumbnail"] = name
                 except SampleError as exc:
                     item["image_error"] = str(exc)

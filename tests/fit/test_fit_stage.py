@@ -6,13 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from select_fixtures import FakeFeaturizeConfig, gaussian_features, write_features
+from run_fixtures import FakeFeaturizeConfig, gaussian_features, write_features
 
 from midtrain.cli import main as cli_main
 from midtrain.config import ConfigError, load_config
 from midtrain.runs import RunDir, SampleError, StageError
-from midtrain.select.estimator import load_estimator
-from midtrain.select.fit import FitConfig, fit_estimator
+from midtrain.fit.estimator import load_estimator
+from midtrain.fit.config import FitConfig
+from midtrain.fit.stage import fit_estimator
 
 FAST = dict(max_epochs=8)
 

@@ -143,7 +143,7 @@ def score_catalog_with_perplexity(st: StageRun, config, catalog_dir: Path, write
     """Stream the catalog's pool rows through the perplexity model(s); one score part per catalog file."""
     import torch
 
-    from .estimator import torch_threads
+    from ..fit.estimator import torch_threads
 
     vla = AnswerPerplexity(config.vla_model, device=config.device, dtype=config.dtype,
                            trust_remote_code=config.trust_remote_code, max_length=config.max_length)  # fmt: skip
