@@ -93,14 +93,11 @@ def tokens_agree_with_training_forward(policy: VLAPolicy, data: list[dict]) -> b
     generated = policy.predict_normalized(batch["inputs"], batch["state"])
     target = [dict(r, action=policy.io.action_normalizer.unnormalize(generated[i].numpy()).tolist()) for i, r in enumerate(data)]
     tf = policy.io.collate(target)
-    ids = tf["inputs"]["input_ids"]
-    with torch.no_grad(), policy.backbone.injected(policy._injected(len(data), tf["state"])):
-        hidden = policy.backbone.hidden_states(tf["inputs"])
-    pos = torch.nonzero(torch.isin(ids, policy.io.bin_ids))[:, 1].reshape(len(data), -1)
-    logits = policy.backbone.vlm.get_output_embeddings()(hidden.gather(1, (pos - 1)[..., None].expand(-1, -1, hidden.shape[-1])))
+    with torch.no_grad():
+        logits, labels = policy.action_token_logits(tf["inputs"], tf["state"])
     argmax = policy.io.bin_ids[logits[..., policy.io.bin_ids].argmax(-1)]
     continuous = ~policy.binary.cpu().repeat(policy.config.chunk_size)
-    return bool(torch.equal(argmax[:, continuous], ids.gather(1, pos)[:, continuous]))
+    return bool(torch.equal(argmax[:, continuous], labels[:, continuous]))
 
 
 def train_rate(backbone: Path, head: str, data: list[dict], chunk: int, batch_size: int, steps: int) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ACTION_NAMES = ["delta_x", "delta_y", "delta_z", "gripper_effort"]
 STATE_NAMES = ["hand_x", "hand_y", "hand_z", "gripper_opening"]
@@ -78,3 +79,15 @@ def observation(t: int = 0, e: int = 0, size: int = 32) -> dict:
     """One live observation in the evaluator's format."""
     frames, state, _ = episode(e, max(t + 1, 2), size)
     return {CAMERA: frames[t], "observation.state": state[t], "task": INSTRUCTIONS[e % 3]}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread per test module: the suite shares a small, busy machine, where two OpenMP
+    threads per process mostly wait for each other. (Imported by the policy and vla conftests.)"""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -189,13 +189,9 @@ def test_greedy_decoding_matches_the_training_forward(tiny_vlm, arch):
     as_target = [dict(r, action=policy.io.action_normalizer.unnormalize(generated[i].numpy()).tolist(), action_mask=[True, True])
                  for i, r in enumerate(rows)]  # fmt: skip
     tf = policy.io.collate(as_target)
-    ids = tf["inputs"]["input_ids"]
-    with torch.no_grad(), policy.backbone.injected(policy._injected(len(rows), tf["state"])):
-        hidden = policy.backbone.hidden_states(tf["inputs"])
-    pos = torch.nonzero(torch.isin(ids, policy.io.bin_ids))[:, 1].reshape(len(rows), -1)
-    logits = policy.backbone.vlm.get_output_embeddings()(hidden.gather(1, (pos - 1)[..., None].expand(-1, -1, hidden.shape[-1])))
-    argmax = policy.io.bin_ids[logits[..., policy.io.bin_ids].argmax(-1)]
-    assert torch.equal(argmax, ids.gather(1, pos))
+    with torch.no_grad():
+        logits, labels = policy.action_token_logits(tf["inputs"], tf["state"])
+    assert torch.equal(policy.io.bin_ids[logits[..., policy.io.bin_ids].argmax(-1)], labels)
 
 
 def test_tokens_loss_is_causal(tiny_vlm):

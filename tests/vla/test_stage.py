@@ -69,6 +69,21 @@ def test_trains_on_a_lerobot_dataset_and_writes_a_loadable_policy(tiny_vlm, data
     assert json.loads((again / "manifest.json").read_text())["timings"] == man["timings"]  # complete: skipped
 
 
+def test_reads_a_lerobot_v21_dataset_natively(tiny_vlm, tmp_path):
+    from catalog_fixtures import make_lerobot_v21
+
+    episodes = make_lerobot_v21(tmp_path / "v21", lengths=(6, 5, 4))
+    out = run(tmp_path / "run", args(tiny_vlm("qwen2_vl"), [f"data.lerobot={tmp_path / 'v21'}", "backbone.trainable=frozen"], steps=2))
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["counts"]["frames"] == 15 and man["counts"]["action_dim"] == 3 and man["counts"]["state_dim"] == 4
+    assert man["data"]["camera_keys"] == ["observation.images.top"] and man["data"]["image_size"] == [16, 24]
+    policy = VLAPolicy.from_pretrained(out / "policy", device="cpu")
+    assert policy.config.gripper_dims == [] and policy.config.action_names == []  # the dataset names no dimension
+    frames, state, _, task = episodes[0]
+    chunk = policy.predict_action_chunk({"observation.images.top": frames["observation.images.top"][0], "observation.state": state[0], "task": task})
+    assert chunk.shape == (1, 4, 3)
+
+
 def test_frozen_probe_runs_the_backbone_once_per_sample(tiny_vlm, tmp_path, monkeypatch):
     from catalog_rows import write_catalog
 

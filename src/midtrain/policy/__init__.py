@@ -8,12 +8,23 @@
 - :class:`PolicyProcessor` (``processor``): prompts, targets and observations to model inputs;
 - :class:`PolicyConfig` / :class:`PolicySettings` (``configuration``): what a checkpoint is.
 
-Importing this package loads torch; ``midtrain.policy.configuration`` alone does not.
+The names load on first use, so ``midtrain.policy.configuration`` (what ``midtrain vla --help``
+reads) does not import torch.
 """
 
-from .configuration import PolicyConfig, PolicySettings
-from .modeling import VLAPolicy
-from .normalize import Normalizer, compute_stats
-from .processor import PolicyProcessor
+from __future__ import annotations
 
-__all__ = ["Normalizer", "PolicyConfig", "PolicyProcessor", "PolicySettings", "VLAPolicy", "compute_stats"]
+import importlib
+
+_WHERE = {
+    "PolicyConfig": "configuration", "PolicySettings": "configuration", "VLAPolicy": "modeling",
+    "Normalizer": "normalize", "compute_stats": "normalize", "PolicyProcessor": "processor",
+}  # fmt: skip
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'midtrain.policy' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

@@ -183,8 +183,10 @@ class VLAPolicy(nn.Module):
         logs = {"loss": float(loss.detach()), **logs}
         return loss, logs
 
-    def _token_loss(self, inputs, target, mask, state):
-        """Cross-entropy of the LM on the action tokens only (logits computed at those positions)."""
+    def action_token_logits(self, inputs: dict[str, Any], state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced ``(logits [B, H*A, vocab], labels [B, H*A])`` of the action tokens in
+        ``inputs`` (training format): each token's logits come from the hidden state before it, and
+        only those rows go through the LM head (no ``[B, T, vocab]`` tensor)."""
         ids = inputs["input_ids"].to(self.device)
         with self.backbone.injected(self._injected(ids.shape[0], state)):
             hidden = self.backbone.hidden_states(inputs)
@@ -192,8 +194,12 @@ class VLAPolicy(nn.Module):
         b, n = ids.shape[0], self.config.chunk_size * self.config.action_dim
         pos = torch.nonzero(is_action)[:, 1].reshape(b, n)
         prev = hidden.gather(1, (pos - 1)[..., None].expand(-1, -1, hidden.shape[-1]))
-        logits = self.backbone.vlm.get_output_embeddings()(prev).float()
-        labels = ids.gather(1, pos)
+        return self.backbone.vlm.get_output_embeddings()(prev).float(), ids.gather(1, pos)
+
+    def _token_loss(self, inputs, target, mask, state):
+        """Cross-entropy of the LM on the action tokens only, over valid chunk steps."""
+        logits, labels = self.action_token_logits(inputs, state)
+        b, n = labels.shape
         ce = nn.functional.cross_entropy(logits.reshape(b * n, -1), labels.reshape(-1), reduction="none").reshape(b, n)
         weights = mask[:, :, None].expand(-1, -1, self.config.action_dim).reshape(b, n)
         loss = masked_mean(ce, weights)

@@ -284,7 +284,8 @@ def train_vla(config: VLAConfig, run_dir: RunDir, force: bool = False) -> Path:
             if final.exists():
                 shutil.rmtree(final)
             with st.timed("save_policy"):
-                shutil.copytree(result.final_checkpoint, final, ignore=shutil.ignore_patterns("trainer_state"))
+                last = Path(st.dir) / "checkpoints" / result.final_checkpoint.name  # where it is until the swap
+                shutil.copytree(last, final, ignore=shutil.ignore_patterns("trainer_state"))
             rows = read_metrics(Path(st.dir) / "metrics.jsonl")
             seconds = max(result.seconds, 1e-9)
             st.extra["train"] = {
