@@ -88,6 +88,7 @@ class VLATask:
             }  # fmt: skip
         else:
             batch = self.model.io.collate(samples)
+            batch["num_tokens"] = int(batch["inputs"]["attention_mask"].sum())
         batch["loss_weight"] = int(batch["action_mask"].sum())  # losses average over valid chunk steps
         return batch
 
