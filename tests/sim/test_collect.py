@@ -63,7 +63,7 @@ def test_dataset_matches_episodes_recorded_in_process(collected):
 
 @pytest.mark.slow
 def test_dataset_reads_back_through_the_catalog(collected):
-    """The catalog's LeRobot reader decodes the videos: frames close to the rendered ones,
+    """The catalog's LeRobot reader decodes the videos: the rendered frames exactly (lossless video),
     instructions per task."""
     from midtrain.catalog.config import CatalogConfig
     from midtrain.catalog.stage import build_catalog
@@ -80,8 +80,40 @@ def test_dataset_reads_back_through_the_catalog(collected):
     assert len(first) == len(reference.frames)
     assert {r["instruction"] for r in rows} == {TASK_INSTRUCTIONS[t] for t in TASKS}
     decoded = np.stack([np.asarray(load_image(r["image_refs"][0])) for r in sorted(first, key=lambda r: r["frame"])])
-    error = np.abs(decoded.astype(np.int16) - reference.frames.astype(np.int16)).mean()
-    assert error < 8.0, error  # lossy video, but the same images
+    np.testing.assert_array_equal(decoded, reference.frames)
+
+
+@pytest.mark.slow
+def test_ground_truth_is_recorded_per_frame_with_calibration_and_names(collected):
+    """Extra features in info.json, stats and data (equal to the episode recorded in process), the
+    calibration and object names in meta/."""
+    from midtrain.data.calibration import load_calibration, project_points
+    from midtrain.sim.metaworld_env import TASK_OBJECTS, ground_truth_features
+
+    run, config, out = collected
+    root = out / "lerobot"
+    info = json.loads((root / "meta" / "info.json").read_text())
+    stats = json.loads((root / "meta" / "stats.json").read_text())
+    for key, names in ground_truth_features("corner").items():
+        assert info["features"][key] == {"dtype": "float32", "shape": [len(names)], "names": names}
+        assert len(np.atleast_1d(stats[key]["mean"])) == len(names)
+    data = pq.read_table(sorted((root / "data").rglob("*.parquet"))[0]).to_pydict()
+    episode_index = np.array(data["episode_index"])
+    reference = _reference_episode(config, TASKS[0], 0)
+    for key, values in reference.ground_truth.items():
+        column = np.array(data[key], dtype=np.float32).reshape(len(episode_index), -1)[episode_index == 0]
+        np.testing.assert_array_equal(column, values)
+    cameras = load_calibration(root / "meta" / "calibration.json")
+    cam = cameras["observation.images.corner"]
+    assert (cam.width, cam.height, cam.static) == (64, 64, True)
+    assert cam.extrinsics_feature == "observation.cameras.corner.extrinsics"
+    np.testing.assert_allclose(cam.extrinsics.reshape(12), reference.ground_truth[cam.extrinsics_feature][0], rtol=1e-6)
+    pixels, depth = project_points(reference.ground_truth["observation.ee_pos"], cam.intrinsics, cam.extrinsics)
+    assert (depth > 0).all() and ((pixels >= 0) & (pixels < 64)).all()  # the gripper stays in view
+    objects = json.loads((root / "meta" / "objects.json").read_text())["tasks"]
+    assert {v["task"] for v in objects.values()} == set(TASKS)
+    assert objects[TASK_INSTRUCTIONS["reach-v3"]]["objects"] == list(TASK_OBJECTS["reach-v3"].objects)
+    assert info["features"]["observation.images.corner"]["info"]["video.pix_fmt"] == "gbrp"
 
 
 @pytest.mark.slow
