@@ -275,3 +275,20 @@ def test_tokens_head_refuses_a_bidirectional_language_model():
     vlm = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text))
     with pytest.raises(ValueError, match="causal language model"):
         VLAPolicy(policy_config("tokens", rows), vlm, None)
+
+
+def test_the_evaluator_loads_the_checkpoint_and_reads_its_interface(tiny_vlm, tmp_path):
+    from midtrain.eval.policies import interface_of, load_policy
+
+    rows = robot_rows(episodes=1, length=2, chunk=4)
+    _policy(tiny_vlm, "qwen2_vl", "flow", rows).save_pretrained(tmp_path / "p")
+    policy = load_policy(tmp_path / "p")
+    assert isinstance(policy, VLAPolicy)
+    info = interface_of(policy)
+    assert (info.action_dim, info.camera_keys, info.image_size, info.state_dim) == (4, (CAMERA,), (32, 32), 4)
+    actions = []
+    for _ in range(2):  # seeded episodes act the same
+        policy.seed(7)
+        policy.reset()
+        actions.append([policy.select_action(observation(t)) for t in range(5)])
+    np.testing.assert_array_equal(np.stack(actions[0]), np.stack(actions[1]))

@@ -6,7 +6,8 @@
 - ``predict_action_chunk(batch) -> [B, H, A]`` in the dataset's action units;
 - ``select_action(observation) -> np.ndarray [A]``: pops actions from a queue filled with the
   first ``n_action_steps`` of a predicted chunk, predicting again only when it is empty;
-- ``reset()`` empties the queue (call it at every episode start);
+- ``reset()`` empties the queue (call it at every episode start); ``seed(n)`` makes the flow
+  head's noise a function of ``n`` (the closed-loop evaluator seeds every episode);
 - ``save_pretrained(dir)`` / ``VLAPolicy.from_pretrained(dir)``: a self-describing directory::
 
       config.json          PolicyConfig ("type": "midtrain_vla"): head, chunking, cameras, image
@@ -64,6 +65,7 @@ class VLAPolicy(nn.Module):
             self.state_proj = nn.Linear(sd, d) if sd else None
         self.frozen_backbone = False
         self._eval_modules: list[nn.Module] = []
+        self._noise: torch.Generator | None = None
         self.reset()
 
     # -- construction --------------------------------------------------------------------
@@ -253,6 +255,8 @@ class VLAPolicy(nn.Module):
         self.eval()
         try:
             rows, state = self.io.observation_rows(batch)
+            if noise is None and self._noise is not None and self.config.head == "flow":
+                noise = torch.randn(len(rows), self.config.chunk_size, self.config.action_dim, generator=self._noise)
             y = self.predict_normalized(self.io.encode(rows), state, noise)
         finally:
             self.train(was_training)
@@ -261,6 +265,11 @@ class VLAPolicy(nn.Module):
     def reset(self) -> None:
         """Empty the action queue; call at the start of every episode."""
         self._queue: deque = deque()
+
+    def seed(self, seed: int) -> None:
+        """Draw the flow head's noise from a generator seeded with ``seed`` (the evaluator calls this
+        with each episode's seed, so an episode acts the same in whichever worker runs it)."""
+        self._noise = torch.Generator().manual_seed(int(seed))
 
     @torch.no_grad()
     def select_action(self, observation: dict[str, Any]) -> np.ndarray:
