@@ -4,6 +4,7 @@ step, and SIGKILL + rerun continuing the uninterrupted run exactly."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -129,6 +130,24 @@ def test_continuing_a_policy_checks_the_action_dimension(tiny_vlm, dataset, tmp_
     over = [a for a in args("", [f"data.lerobot={three}"], steps=1) if not a.startswith("model=")]
     with pytest.raises(StageError, match=f"3-D actions, but the policy checkpoint {first / 'policy'} predicts 4-D"):
         run(tmp_path / "run2", over + [f"init_policy={first / 'policy'}"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("metaworld") is None, reason="needs the sim extra (metaworld, mujoco)")
+def test_closed_loop_success_is_logged_during_training(tiny_vlm, dataset, tmp_path):
+    """The training-loop callback runs midtrain eval's protocol on the policy being trained, with
+    observations like the training frames (the dataset's camera, size and codec)."""
+    from midtrain.eval.rollout import import_triton_before_gl
+    from midtrain.sim.metaworld_env import ensure_gl_backend
+
+    ensure_gl_backend()
+    import_triton_before_gl()  # episodes render in this process (see midtrain.eval.rollout)
+    closed = ["closed_loop_every=2", "closed_loop.tasks=[reach-v3]", "closed_loop.episodes_per_task=1",
+              "closed_loop.max_steps=6", "closed_loop.workers=1", "closed_loop.videos_per_task=0"]  # fmt: skip
+    out = run(tmp_path / "run", args(tiny_vlm("qwen2_vl"), [f"data.lerobot={dataset}", "backbone.trainable=frozen", *closed], steps=2))
+    rows = [r for r in metrics(out) if r.get("callback") == "closed_loop"]
+    assert [r["step"] for r in rows] == [2] and 0.0 <= rows[0]["success"] <= 1.0 and "success_reach-v3" in rows[0]
+    results = json.loads((out / "closed_loop" / "step-000002" / "results.json").read_text())
+    assert results["policy_interface"]["camera_keys"] == [CAMERA] and results["observation"]["height"] == 32
 
 
 def test_config_errors_name_the_key():

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ..config import ConfigError, Device, Settings, StageConfig, option
+from ..eval.config import EvalSettings
 from ..policy.configuration import LoraSettings, PolicySettings
 from ..train.settings import TrainSettings
 
@@ -83,6 +84,12 @@ class VLAConfig(StageConfig):
     policy: PolicySettings = option(factory=PolicySettings, help="head, chunking, normalisation")
     backbone: BackboneSettings = option(factory=BackboneSettings, help="trainable parts of the VLM")
     train: TrainSettings = option(factory=TrainSettings, help="optimisation settings")
+    closed_loop_every: int = option(
+        0, "closed-loop success rate (midtrain eval's protocol, closed_loop.*) every N steps and after the last; 0: off"
+    )
+    closed_loop: EvalSettings = option(
+        factory=EvalSettings, help="closed-loop evaluation during training (closed_loop.corpus defaults to data.lerobot)"
+    )
     device: Device = option("auto", "auto (GPU if visible), cpu or cuda; under accelerate launch, one GPU per process", throughput=True)
     feature_batch_size: int = option(16, "samples per backbone pass when a frozen backbone's features are precomputed", throughput=True)
 
@@ -93,6 +100,8 @@ class VLAConfig(StageConfig):
             raise ConfigError("init_policy: give a backbone model or a policy to continue, not both")
         if not self.name or "/" in self.name or self.name.startswith(".") or self.name != self.name.strip():
             raise ConfigError(f"name: {self.name!r} must be a folder name without '/' or a leading '.'")
+        if self.closed_loop_every < 0:
+            raise ConfigError(f"closed_loop_every: must be >= 0, got {self.closed_loop_every}")
         if self.feature_batch_size < 1:
             raise ConfigError(f"feature_batch_size: must be >= 1, got {self.feature_batch_size}")
         if self.policy.head == "tokens" and self.backbone.trainable == "frozen":

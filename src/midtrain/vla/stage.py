@@ -12,7 +12,8 @@ Steps, top to bottom:
    reads those features (:class:`FrozenFeatures`);
 4. :func:`~midtrain.train.train`: same optimiser, schedule, accumulation, accelerate, checkpoint
    and SIGKILL-resume semantics as ``midtrain sft``; held-out loss plus offline metrics (L1 per
-   action dimension on the normalised scale, gripper accuracy) every ``train.eval_every`` steps;
+   action dimension on the normalised scale, gripper accuracy) every ``train.eval_every`` steps,
+   and with ``closed_loop_every`` the closed-loop success rate (``midtrain eval``'s protocol);
 5. the final policy in ``<run>/<name>/policy/`` (``VLAPolicy.from_pretrained`` loads it; every
    ``checkpoints/step-NNNNNN/`` is a loadable policy directory too), ``metrics.jsonl``, and the
    manifest (data counts, held-out episodes, parameters, final metrics).
@@ -20,6 +21,7 @@ Steps, top to bottom:
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,22 @@ class VLATask:
         if bool(binary.any()):
             out["gripper_accuracy"] = float(sums["correct"][binary].sum() / count[binary].sum())
         return out
+
+
+def closed_loop_callback(settings, st, every: int):
+    """A training-loop callback that runs the policy in closed loop (:func:`midtrain.eval.api.evaluate_policy`)
+    into ``<stage>/closed_loop/step-NNNNNN/`` and logs the mean and per-task success rates."""
+    from ..eval.api import evaluate_policy
+    from ..train import Callback
+
+    def run(ctx) -> dict | None:
+        if not ctx.accelerator.is_main_process:
+            return None
+        out = Path(st.dir) / "closed_loop" / f"step-{ctx.step:06d}"
+        results = evaluate_policy(ctx.model, settings, out, log=st.log)
+        return {"success": results["mean_success"], **{f"success_{t}": v["success_rate"] for t, v in results["tasks"].items()}}
+
+    return Callback(every, run, "closed_loop")
 
 
 # --------------------------------------------------------------------------- data
@@ -276,8 +294,14 @@ def train_vla(config: VLAConfig, run_dir: RunDir, force: bool = False) -> Path:
         task = VLATask(policy, train_data, val_data, frozen, config.seed)
 
         # -- train ------------------------------------------------------------------------------
+        callbacks = []
+        if config.closed_loop_every:
+            cl = config.closed_loop
+            if cl.corpus is None and kind == "lerobot":  # observations as the training frames were recorded
+                cl = dataclasses.replace(cl, corpus=path)
+            callbacks.append(closed_loop_callback(cl, st, config.closed_loop_every))
         with st.timed("train"):
-            result = train(task, config.train, st, accelerator=accelerator)
+            result = train(task, config.train, st, accelerator=accelerator, callbacks=callbacks)
 
         # -- the final policy -------------------------------------------------------------------
         if main:
