@@ -70,6 +70,8 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("sft", "midtrain.sft.stage", "SFTConfig", "run_sft",
                   "supervised fine-tuning (mid-training) of a VLM on the mixture: full or LoRA, resumable, multi-GPU",
                   "midtrain.sft.config"),
+        StageSpec("vla", "midtrain.vla.stage", "VLAConfig", "train_vla",
+                  "train a VLA policy (VLM backbone + mlp / flow / tokens action head) on robot data", "midtrain.vla.config"),
         StageSpec("report", "midtrain.report.stage", "ReportConfig", "write_report",
                   "one self-contained HTML report of every stage's figures, tables and counts", "midtrain.report.config"),
         StageSpec("etc", "midtrain.etc.stage", "EtcConfig", "generate_etc",
