@@ -183,8 +183,9 @@ class MetaWorldSim:
         self._obs: Optional[np.ndarray] = None
 
     def reset(self, seed: int, init_state: Optional[int]) -> None:
-        self.env.seed(seed)
-        self._obs, _ = self.env.reset()
+        from ..sim.metaworld_env import reset_env
+
+        self._obs = reset_env(self.env, seed)  # the same reset sim collect records from (first frame up to date)
 
     def observe(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         t0 = time.perf_counter()
