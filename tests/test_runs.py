@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from midtrain.config import StageConfig
+from midtrain.config import StageConfig, option
 from midtrain.runs import (
     RunDir,
     SampleError,
@@ -134,8 +134,10 @@ def test_shard_resume_keeps_done_shards(tmp_path, src):
     log: list = []
     with pytest.raises(KeyboardInterrupt):
         toy_stage(run, ToyConfig(), src, crash_at=2, log=log)
-    assert manifest(run)["status"] == "failed" and "KeyboardInterrupt" in manifest(run)["error"]
-    stamp = (run / "toy/shard-0.txt").stat().st_mtime_ns
+    attempt = json.loads((run / ".partial/toy/manifest.json").read_text())
+    assert attempt["status"] == "failed" and "KeyboardInterrupt" in attempt["error"]
+    assert not (run / "toy").exists()  # nothing is published before the stage completes
+    stamp = (run / ".partial/toy/shard-0.txt").stat().st_mtime_ns
     toy_stage(run, ToyConfig(), src, log=log)
     assert log == ["shard-0", "shard-1", "shard-2"]  # shards 0 and 1 were not redone
     assert (run / "toy/shard-0.txt").stat().st_mtime_ns == stamp
@@ -181,3 +183,157 @@ def test_require_names_the_missing_stage(tmp_path, src):
     with pytest.raises(StageError, match="input not found"):
         with stage_run(run, "toy", ToyConfig(), inputs=[tmp_path / "absent.txt"]):
             pass
+
+
+# --------------------------------------------------------------------------- validate, compute, then swap
+
+
+def test_a_failed_rerun_leaves_the_previous_output_exactly_as_it_was(tmp_path, src):
+    run = tmp_path / "run"
+    toy_stage(run, ToyConfig(), src)
+    before = {p.relative_to(run / "toy").as_posix(): p.read_bytes() for p in (run / "toy").rglob("*") if p.is_file()}
+    with pytest.raises(KeyboardInterrupt):  # a new config, interrupted before it completes
+        toy_stage(run, ToyConfig(shards=4), src, crash_at=1)
+    after = {p.relative_to(run / "toy").as_posix(): p.read_bytes() for p in (run / "toy").rglob("*") if p.is_file()}
+    log_name = "log.txt"
+    assert {k: v for k, v in after.items() if k != log_name} == {k: v for k, v in before.items() if k != log_name}
+    assert manifest(run)["status"] == "complete" and manifest(run)["config"]["shards"] == 3
+    # the rerun resumes the failed attempt's finished shard and then replaces the old output
+    log: list = []
+    toy_stage(run, ToyConfig(shards=4), src, log=log)
+    assert log == ["shard-1", "shard-2", "shard-3"]
+    assert manifest(run)["config"]["shards"] == 4 and not (run / ".partial/toy").exists()
+    assert "stage 'toy' started" in (run / "toy/log.txt").read_text().split("resuming")[0]  # history kept
+
+
+def test_files_midtrain_did_not_write_are_never_deleted_silently(tmp_path, src):
+    run = tmp_path / "run"
+    toy_stage(run, ToyConfig(), src)
+    assert set(manifest(run)["output_files"]) == {"shard-0.txt", "shard-1.txt", "shard-2.txt", "shards/shard-0.done",
+                                                  "shards/shard-1.done", "shards/shard-2.done"}
+    (run / "toy/my_notes.txt").write_text("mine")
+    toy_stage(run, ToyConfig(), src)  # complete: nothing to do, nothing touched
+    log: list = []
+    with pytest.raises(StageError, match=r"toy: holds files midtrain did not write \(my_notes.txt\); move them out"):
+        toy_stage(run, ToyConfig(shards=2), src, log=log)
+    assert (run / "toy/my_notes.txt").read_text() == "mine" and manifest(run)["config"]["shards"] == 3
+    (run / "toy/my_notes.txt").rename(tmp_path / "my_notes.txt")
+    toy_stage(run, ToyConfig(shards=2), src, log=log)  # the waiting output is put in place, not recomputed
+    assert log == ["shard-0", "shard-1"] and manifest(run)["config"]["shards"] == 2
+    (run / "toy/other.txt").write_text("x")
+    toy_stage(run, ToyConfig(shards=1), src, force=True)
+    assert not (run / "toy/other.txt").exists() and "deleting files midtrain did not write" in (run / "toy/log.txt").read_text()
+
+
+def test_a_swap_cut_between_its_two_renames_is_repaired(tmp_path, src):
+    run = tmp_path / "run"
+    toy_stage(run, ToyConfig(), src)
+    # state after a crash between "old aside" and "new in": no stage folder, the old one aside
+    (run / "toy").rename(run / ".partial/toy.old")
+    toy_stage(run, ToyConfig(), src)  # the old output is restored and found complete
+    assert manifest(run)["status"] == "complete" and not (run / ".partial/toy.old").exists()
+    assert "nothing to do" in (run / "toy/log.txt").read_text()
+
+
+def test_outputs_respect_the_umask(tmp_path, src):
+    import os
+
+    old = os.umask(0o002)
+    try:
+        toy_stage(tmp_path / "run", ToyConfig(), src)
+        write_json_atomic(tmp_path / "x.json", {})
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "run/toy/manifest.json", tmp_path / "run/toy/shard-0.txt", tmp_path / "x.json"]:
+        assert path.stat().st_mode & 0o777 == 0o664, path
+
+
+def test_a_run_directory_that_is_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StageError, match="run directory .*file is a file"):
+        RunDir(tmp_path / "file")
+
+
+@dataclass
+class ThroughputConfig(ToyConfig):
+    batch_size: int = option(8, "rows per step", throughput=True)
+
+
+def test_throughput_settings_do_not_change_the_fingerprint(tmp_path, src):
+    run = tmp_path / "run"
+    log: list = []
+    with pytest.raises(KeyboardInterrupt):
+        toy_stage(run, ThroughputConfig(batch_size=64), src, crash_at=2, log=log)
+    toy_stage(run, ThroughputConfig(batch_size=8), src, log=log)  # a retry with a smaller batch resumes
+    assert log == ["shard-0", "shard-1", "shard-2"]
+    m = manifest(run)
+    assert m["throughput_settings"] == {"batch_size": 8} and m["config"]["batch_size"] == 8
+    toy_stage(run, ThroughputConfig(batch_size=2), src, log=log)
+    assert len(log) == 3  # complete: a throughput change alone is nothing to do
+    toy_stage(run, ThroughputConfig(shards=2), src, log=log)
+    assert len(log) == 5  # an output setting reruns
+
+
+# --------------------------------------------------------------------------- one writer per stage
+
+_HOLDER = """
+import os, sys, time
+from midtrain.runs import RunDir, stage_lock
+with stage_lock(RunDir(sys.argv[1]), "toy"):
+    if os.fork() == 0:  # a forked worker (as a DataLoader's) that outlives its killed parent
+        time.sleep(30)
+        os._exit(0)
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_writer_fails_at_once_naming_the_holder_and_a_killed_holder_releases(tmp_path, src):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StageError, match=rf"stage 'toy' in .* is already running \(pid {holder.pid} on "
+                                             rf"{socket.gethostname()} since \d{{4}}-"):
+            toy_stage(run, ToyConfig(), src)
+        assert not (run / "toy").exists() and not (run / ".partial/toy").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    toy_stage(run, ToyConfig(), src)  # the kernel released the dead holder's lock (its forked child holds none)
+    assert manifest(run)["status"] == "complete"
+
+
+def test_a_changed_input_recomputes_exactly_the_shards_it_touches(tmp_path, src):
+    import hashlib
+
+    def summing_stage(run_dir: Path, force: bool = False, log: list | None = None) -> None:
+        numbers = src.read_text().split()
+        with stage_run(run_dir, "toy", ToyConfig(), inputs=[src], force=force) as st:
+            if st.skipped_as_complete:
+                return
+            for s in range(3):
+                name, part = f"shard-{s}", numbers[s::3]
+                key = hashlib.sha1(" ".join(part).encode()).hexdigest()
+                if st.reuse_shard(name, key, [f"{name}.txt"]):
+                    continue
+                write_text_atomic(st.dir / f"{name}.txt", str(sum(map(int, part))))
+                st.mark_shard_done(name, {"key": key})
+                log.append(name)
+
+    run, log = tmp_path / "run", []
+    summing_stage(run, log=log)
+    src.write_text(" ".join(["1", "2", "99"] + src.read_text().split()[3:]))  # changes shard 2 only (index 2)
+    summing_stage(run, log=log)
+    assert log == ["shard-0", "shard-1", "shard-2", "shard-2"]
+    assert (run / "toy/shard-2.txt").read_text() == str(99 + 6 + 9 + 12) and (run / "toy/shard-0.txt").read_text() == "22"
+    assert json.loads((run / "toy/shards/shard-0.done").read_text())["reused"] is True
+    summing_stage(run, force=True, log=log)  # --force recomputes everything
+    assert log[4:] == ["shard-0", "shard-1", "shard-2"]

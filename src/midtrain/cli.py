@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, help_text, load_config, load_yaml
+from .extras import missing_extra_message
 from .runs import RunDir, SampleError, StageError
-from .stages import STAGES
+from .stages import PIPELINE, STAGES
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -100,7 +101,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="midtrain",
-        description="Mid-training data engine for VLAs: catalog -> featurize -> gap -> fit -> score -> select -> export.",
+        description="Mid-training for vision-language-action models: " + " -> ".join(PIPELINE),
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", metavar="<stage>")
@@ -143,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             print(out)
     except (ConfigError, StageError, SampleError, FileNotFoundError) as exc:
         print(f"midtrain: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(exc)
+        if message is None:
+            raise
+        print(f"midtrain: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -2,6 +2,8 @@
 
     sim collect -> sim pool -> catalog -> featurize -> gap -> fit -> score -> select -> export -> report
 
+(the stages of ``midtrain.stages.PIPELINE`` the demo has a config for, in that order).
+
 Every step is the ordinary stage function with an ordinary config (the same call the CLI
 makes), so re-running the demo skips completed stages and ``model=<hub id or path>`` runs
 the identical pipeline on a real VLM.
@@ -30,17 +32,15 @@ from __future__ import annotations
 import json
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import pyarrow.parquet as pq
 
-from .config import ConfigError, StageConfig, load_config, option, to_plain
+from .config import ConfigError, Device, StageConfig, load_config, option, to_plain
 from .runs import RunDir, write_json_atomic
-from .stages import STAGES
-
-PIPELINE_ORDER = ("sim collect", "sim pool", "catalog", "featurize", "gap", "fit", "score", "select", "export", "report")
+from .stages import PIPELINE, STAGES
 
 # The robot corpus enters the catalog as two VLA sources, one per task family, as the paper
 # compares several robot datasets: tasks that move objects vs tasks that work articulated parts.
@@ -85,39 +85,42 @@ TEXT_CENTRIC_SOURCE = "book_covers"
 
 @dataclass
 class DemoConfig(StageConfig):
-    """Sizes default to a run of a few minutes on 2 CPU cores.
+    """Sizes default to a run of a few minutes on 2 CPU cores. Without ``model`` the demo builds
+    its featurizer (pretrained EfficientNet-Lite0 + the ``demo_vlm`` language model in the LLaVA
+    architecture), or with ``random_init_arch`` a randomly initialised VLM of that architecture."""
 
-    ``model``: a hub id or local path of a real VLM; empty builds the demo featurizer
-    (pretrained EfficientNet-Lite0 + the ``demo_vlm`` language model in the LLaVA architecture), or, with
-    ``random_init_arch`` set, a randomly initialised VLM of that architecture at
-    ``random_init_size``. ``pooling``: empty = the demo featurizer's own
-    (``DEMO_VLM_POOLING``: ``image_mean`` with MiniLM, ``mean`` with SmolLM2), ``mean`` for any other model. ``overrides``: per-stage config
-    keys applied on top of the demo's choices, e.g. ``{"gap": {"permutations": 500}}``.
-    """
-
-    model: str = ""
+    model: str = option("", "a real VLM (hub id or local path); empty: the demo featurizer (or random_init_arch)")
     demo_vlm: Literal["minilm", "smollm2"] = option(
         "smollm2", "the built demo featurizer's language model: smollm2 (causal LM) or minilm (bidirectional encoder)"
     )
     demo_vlm_layers: Optional[int] = option(
         None, f"smollm2 only: decoder layers the featurizer keeps, of 30 (empty: {DEMO_SMOLLM2_LAYERS})"
     )
-    random_init_arch: Optional[Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "paligemma", "internvl"]] = None
-    random_init_size: str = "bench"
-    tasks: list[str] = field(default_factory=list)
-    episodes_per_task: int = 4
-    image_size: int = 128
-    samples_per_source: int = 200
-    frame_stride: int = 4
-    chunk_size: int = 16
-    select_fraction: float = 0.2
-    pooling: Optional[Literal["mean", "last", "image_mean", "text_mean"]] = None
-    device: str = "auto"
-    batch_size: int = 16
-    workers: int = 2
-    report: bool = True
-    vla_groups: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in MT50_GROUPS.items()})
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    random_init_arch: Optional[Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "paligemma", "internvl"]] = option(
+        None, "featurize with a randomly initialised VLM of this architecture instead of the demo featurizer"
+    )
+    random_init_size: str = option("bench", "size preset of the random-init VLM (see midtrain.models.tiny)")
+    tasks: list[str] = option(factory=list, help="Meta-World tasks to record (empty: sim collect's defaults)")
+    episodes_per_task: int = option(4, "robot episodes recorded per task")
+    image_size: int = option(128, "side of the robot frames and pool images, pixels")
+    samples_per_source: int = option(200, "samples of every synthetic VLM pool source")
+    frame_stride: int = option(4, "every n-th robot frame enters the catalog")
+    chunk_size: int = option(16, "action chunk length of the robot frames")
+    select_fraction: float = option(0.2, "fraction of the pool the selection keeps")
+    pooling: Optional[Literal["mean", "last", "image_mean", "text_mean"]] = option(
+        None, "featurizer pooling (null: the demo featurizer's, see DEMO_VLM_POOLING; mean for any other model)"
+    )
+    device: Device = option("auto", "where the featurizer runs (auto, cpu, cuda, cuda:N, mps)", throughput=True)
+    batch_size: int = option(16, "featurize batch size", throughput=True)
+    workers: int = option(2, "simulator processes of sim collect and sim pool", throughput=True)
+    report: bool = option(True, "finish with the HTML report")
+    vla_groups: dict[str, list[str]] = option(
+        factory=lambda: {k: list(v) for k, v in MT50_GROUPS.items()},
+        help="VLA sources of the catalog: source name -> the Meta-World tasks whose episodes it holds",
+    )
+    overrides: dict[str, dict[str, Any]] = option(
+        factory=dict, help='per-stage config keys on top of the demo\'s choices, e.g. {"gap": {"permutations": 500}}'
+    )
 
     def validate(self) -> None:
         if not 0 < self.select_fraction <= 1:
@@ -127,9 +130,9 @@ class DemoConfig(StageConfig):
                 f"demo_vlm_layers: {self.demo_vlm_layers} needs demo_vlm=smollm2 and a depth in [1, 30] "
                 f"(demo_vlm is {self.demo_vlm})"
             )
-        unknown = set(self.overrides) - set(PIPELINE_ORDER)
+        unknown = set(self.overrides) - set(PIPELINE)
         if unknown:
-            raise ConfigError(f"overrides: unknown stage(s) {sorted(unknown)}; stages: {', '.join(PIPELINE_ORDER)}")
+            raise ConfigError(f"overrides: unknown stage(s) {sorted(unknown)}; stages: {', '.join(PIPELINE)}")
 
 
 def episodes_by_group(lerobot_root: Path, groups: dict[str, list[str]]) -> dict[str, list[int]]:
@@ -312,7 +315,7 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
     costs: list[dict[str, Any]] = []
     out = run_dir.root
     configs = _stage_configs(config, run_dir, model)
-    for name in list(configs):
+    for name in [n for n in PIPELINE if n in configs]:
         base = configs[name]
         spec = STAGES[name]
         config_cls, fn = spec.load()

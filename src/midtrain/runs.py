@@ -10,10 +10,30 @@ Layout::
       <stage>/...             the stage's artefacts
 
 A stage is *complete* when its manifest says ``status: complete`` and its
-``fingerprint`` (hash of config + input hashes) matches; such a stage is not
-re-run unless forced. Within a stage, work is split into shards whose files are
-written under a temporary name and renamed into place, so a shard that exists is
-whole; an interrupted stage recomputes only the missing shards.
+``fingerprint`` (hash of the config's output settings + input hashes) matches; such a stage
+is not re-run unless forced. Throughput settings (device, batch size, workers, ...; see
+:func:`midtrain.config.option`) are not in the fingerprint, so a retry with a smaller batch
+resumes the same work.
+
+Validate, compute, then swap. A run writes into ``<run_dir>/.partial/<stage>/`` and only a
+complete run replaces ``<run_dir>/<stage>/`` (two renames, recovered on the next start if a
+crash falls between them). A failed, interrupted or invalid run leaves the previous complete
+output and manifest exactly as they were; its log, manifest (``status: failed``) and finished
+shards stay in ``.partial/<stage>/``, and a rerun with the same fingerprint resumes there.
+Within a stage, work is split into shards whose files are written under a temporary name and
+renamed into place, so a shard that exists is whole; an interrupted stage recomputes only the
+missing shards. Files in a stage folder that midtrain did not write (not listed in its
+manifest's ``files``) are never deleted silently: the swap refuses, naming them, unless forced.
+
+One writer per stage: a run holds ``<run_dir>/.locks/<stage>.lock`` (an ``flock``, released by
+the kernel when the process dies, so a killed run's lock is taken over safely); a second
+process fails at once naming the holder (pid, host, start time). On NFS (v4, or v3 with NLM)
+Linux implements ``flock`` as a POSIX lock that other clients see; Lustre needs the ``flock``
+mount option. Where the filesystem has no locks, midtrain falls back to an exclusive lock
+file that is taken over only when its holder is a dead process on the same host.
+
+Files are created with the permissions the user's umask gives (as ``open`` would), not the
+0600 of ``mkstemp``, so a shared run directory stays readable by the group.
 """
 
 from __future__ import annotations
@@ -24,8 +44,10 @@ import json
 import logging
 import os
 import platform
+import secrets
+import shutil
+import socket
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -80,9 +102,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temp_file(path)
     try:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
@@ -92,6 +112,18 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _new_temp_file(path: Path) -> Path:
+    """An empty file beside ``path`` with a unique name, created with mode 0666 & ~umask."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise OSError(f"{path.parent}: cannot create a temporary file")
 
 
 def write_bytes_atomic(path: Path | str, data: bytes) -> None:
@@ -203,7 +235,12 @@ class RunDir:
 
     def __init__(self, root: Path | str):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if self.root.exists() and not self.root.is_dir():
+            raise StageError(f"run directory {self.root} is a file; choose a directory (--run-dir)")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except (NotADirectoryError, FileExistsError, PermissionError) as exc:
+            raise StageError(f"run directory {self.root}: cannot create it ({exc.strerror or exc})") from None
         self.hashes = HashCache(self.root / ".hash_cache.json")
 
     def stage_dir(self, stage: str) -> Path:
@@ -237,6 +274,8 @@ class StageRun:
     fingerprint: str
     dir: Path
     log: logging.Logger
+    final_dir: Path | None = None  # <run>/<stage>: where the output lives once complete
+    previous_dir: Path | None = None  # the previous complete output (other fingerprint), for reuse_shard
     counts: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -274,6 +313,33 @@ class StageRun:
 
     def shard_info(self, name: str) -> dict:
         return json.loads((self.dir / "shards" / f"{name}.done").read_text())
+
+    def reuse_shard(self, name: str, key: str, files: list[str]) -> bool:
+        """Take shard ``name`` from the previous complete output if it was made from the same content.
+
+        ``key`` is the stage's hash of everything the shard's output depends on (its rows' content
+        and the output settings); a shard marked done with ``{"key": key}`` in the previous output,
+        whose ``files`` (relative to the stage folder) are all there, is hard-linked (or copied)
+        into this run and marked done. So a changed input recomputes exactly the shards it touches.
+        Never with ``force``.
+        """
+        prev = self.previous_dir
+        if prev is None:
+            return False
+        info = _read_json(prev / "shards" / f"{name}.done")
+        if not info or info.get("key") != key or not all((prev / f).is_file() for f in files):
+            return False
+        for rel in files:
+            dest = self.dir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                dest.unlink()
+            try:
+                os.link(prev / rel, dest)
+            except OSError:
+                shutil.copy2(prev / rel, dest)
+        self.mark_shard_done(name, {**info, "reused": True})
+        return True
 
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -337,6 +403,11 @@ def _stage_logger(stage: str, log_file: Path) -> logging.Logger:
     return logger
 
 
+PARTIAL = ".partial"  # <run>/.partial/<stage>/: the run in progress (or the last failed one)
+LOCKS = ".locks"  # <run>/.locks/<stage>.lock: who is running the stage
+OUTPUT_FILES = "output_files"  # manifest key: the files the stage wrote (relative paths)
+
+
 @contextlib.contextmanager
 def stage_run(
     run_dir: RunDir | Path | str,
@@ -353,50 +424,264 @@ def stage_run(
             if st.skipped_as_complete:
                 return st.dir
             ... write artefacts into st.dir, count with st.counts[...] ...
+        return st.final_dir
 
-    On normal exit the manifest is written with ``status: complete``; on an exception,
-    ``status: failed`` (and the exception propagates). Shard markers from an
-    interrupted run with the same fingerprint are kept so work resumes; a changed
-    fingerprint or ``force`` clears them.
+    ``st.dir`` is where the run writes: ``<run>/.partial/<stage>/`` while it runs (the stage's
+    own folder when it is skipped as complete); ``st.final_dir`` is ``<run>/<stage>/``, where
+    the output is once complete - use it for any path recorded in an artefact. On normal exit
+    the manifest is written with ``status: complete`` and the output replaces the previous one;
+    on an exception the manifest says ``status: failed`` (in the partial folder), the previous
+    output is untouched and the exception propagates. Shard markers from an interrupted run
+    with the same fingerprint are kept so work resumes; a changed fingerprint or ``force``
+    starts the partial folder over. See the module docstring for the lock and the swap.
     """
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    items = inputs.items() if isinstance(inputs, dict) else ((str(p), p) for p in inputs)
-    hashes = {str(name): run.hashes.path_hash(Path(p)) for name, p in items}
-    run.hashes.save()
-    fp = _fingerprint(stage, config, hashes)
-    out = run.stage_dir(stage)
-    out.mkdir(parents=True, exist_ok=True)
-    log = _stage_logger(stage, out / LOG)
-    prev = run.manifest(stage)
-    st = StageRun(run, stage, config, hashes, fp, out, log)
+    with stage_lock(run, stage):
+        _recover_interrupted_swap(run, stage)
+        items = inputs.items() if isinstance(inputs, dict) else ((str(p), p) for p in inputs)
+        hashes = {str(name): run.hashes.path_hash(Path(p)) for name, p in items}
+        run.hashes.save()
+        fp = _fingerprint(stage, config, hashes)
+        final = run.stage_dir(stage)
+        prev = run.manifest(stage)
 
-    if prev and prev.get("status") == "complete" and prev.get("fingerprint") == fp and not force:
-        log.info("stage '%s' is complete with the same config and inputs; nothing to do (use --force to recompute)", stage)
-        st.skipped_as_complete = True
-        st.extra = {k: v for k, v in prev.items() if k not in st.manifest("complete")}
-        yield st
-        return
+        if prev and prev.get("status") == "complete" and prev.get("fingerprint") == fp and not force:
+            log = _stage_logger(stage, final / LOG)
+            st = StageRun(run, stage, config, hashes, fp, final, log, final_dir=final)
+            log.info("stage '%s' is complete with the same config and inputs; nothing to do (use --force to recompute)", stage)
+            st.skipped_as_complete = True
+            st.extra = {k: v for k, v in prev.items() if k not in st.manifest("complete")}
+            yield st
+            return
 
-    if force or not prev or prev.get("fingerprint") != fp:
-        _clear_stage_dir(out)
-    else:
-        done = {p.name[: -len(".done")] for p in (out / "shards").glob("*.done")} if (out / "shards").exists() else set()
-        log.info("resuming stage '%s': %d shard(s) already complete", stage, len(done))
-        _keep_errors_of_done_shards(st, done)
-    st.write_manifest("running")
-    log.info("stage '%s' started (fingerprint %s)", stage, fp)
+        work = run.root / PARTIAL / stage
+        attempt = _read_json(work / MANIFEST)
+        same = bool(attempt) and attempt.get("fingerprint") == fp and not force
+        if not same:
+            _start_partial(work, final)
+        log = _stage_logger(stage, work / LOG)
+        reusable = final if prev and prev.get("status") == "complete" and not force else None
+        st = StageRun(run, stage, config, hashes, fp, work, log, final_dir=final, previous_dir=reusable)
+        if same and attempt.get("status") == "complete":
+            # computed earlier, not yet in place (the swap refused: files midtrain did not write)
+            log.info("stage '%s': the output computed earlier is complete; putting it in place", stage)
+            st.extra = {k: v for k, v in attempt.items() if k not in st.manifest("complete")}
+            _swap_into_place(run, stage, work, final, force, log)
+            st.dir = final
+            st.skipped_as_complete = True
+            yield st
+            return
+        if same:
+            done = {p.name[: -len(".done")] for p in (work / "shards").glob("*.done")} if (work / "shards").exists() else set()
+            log.info("resuming stage '%s': %d shard(s) already complete", stage, len(done))
+            _keep_errors_of_done_shards(st, done)
+        st.write_manifest("running")
+        log.info("stage '%s' started (fingerprint %s) in %s", stage, fp, work)
+        try:
+            yield st
+        except BaseException as exc:
+            st.extra["error"] = f"{type(exc).__name__}: {exc}"
+            st.write_manifest("failed")
+            kept = "the previous output is unchanged; " if final.exists() else ""
+            log.error("stage '%s' failed: %s (%sthis attempt's log and finished shards are in %s)", stage, exc, kept, work)
+            raise
+        st.extra[OUTPUT_FILES] = _files_under(work)
+        st.write_manifest("complete")
+        _swap_into_place(run, stage, work, final, force, log)
+        st.dir = final
+        log.info(
+            "stage '%s' complete in %.1fs: %s", stage, time.time() - st.started,
+            ", ".join(f"{k}={v}" for k, v in st.counts.items()) or "no counts",
+        )  # fmt: skip
+
+
+def _read_json(path: Path) -> dict | None:
     try:
-        yield st
-    except BaseException as exc:
-        st.extra["error"] = f"{type(exc).__name__}: {exc}"
-        st.write_manifest("failed")
-        log.error("stage '%s' failed: %s", stage, exc)
-        raise
-    st.write_manifest("complete")
-    log.info(
-        "stage '%s' complete in %.1fs: %s", stage, time.time() - st.started,
-        ", ".join(f"{k}={v}" for k, v in st.counts.items()) or "no counts",
-    )  # fmt: skip
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError):
+        return None
+
+
+def _files_under(root: Path) -> list[str]:
+    """Relative paths of the files a stage wrote (hidden temporaries and the bookkeeping left out)."""
+    out = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.as_posix() not in (MANIFEST, LOG, ERRORS):
+            out.append(rel.as_posix())
+    return out
+
+
+def _start_partial(work: Path, final: Path) -> None:
+    """An empty partial folder (a previous attempt's is midtrain's own and goes), whose log
+    continues the stage's log history."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    if (final / LOG).is_file():
+        shutil.copyfile(final / LOG, work / LOG)
+
+
+def foreign_files(stage_dir: Path) -> list[str]:
+    """Files in a stage folder that midtrain did not write (not in its manifest's output files).
+
+    A folder without a manifest is all foreign; a manifest from before ``output_files`` was
+    recorded vouches for every file.
+    """
+    if not stage_dir.exists():
+        return []
+    man = _read_json(stage_dir / MANIFEST)
+    if man is not None and OUTPUT_FILES not in man:
+        return []
+    known = set((man or {}).get(OUTPUT_FILES, []))
+    return [f for f in _files_under(stage_dir) if f not in known]
+
+
+def _swap_into_place(run: RunDir, stage: str, work: Path, final: Path, force: bool, log: logging.Logger) -> None:
+    """Replace ``final`` by the complete ``work`` folder: rename the old one aside, rename the new
+    one in, delete the old one. A crash between the renames is repaired by the next start
+    (:func:`_recover_interrupted_swap`)."""
+    if final.exists() and not final.is_dir():
+        raise StageError(f"{final}: is a file, not a stage folder; move it away and rerun")
+    if final.exists():
+        foreign = foreign_files(final)
+        if foreign and not force:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise StageError(
+                f"{final}: holds files midtrain did not write ({shown}); move them out and rerun (the new output "
+                f"waits, complete, in {work}), or rerun with --force to delete them"
+            )
+        if foreign:
+            log.warning("--force: deleting files midtrain did not write in %s: %s", final, ", ".join(foreign))
+        old = run.root / PARTIAL / f"{stage}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(work, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(work, final)
+
+
+def _recover_interrupted_swap(run: RunDir, stage: str) -> None:
+    """Finish or undo a swap that a crash interrupted between its two renames."""
+    old = run.root / PARTIAL / f"{stage}.old"
+    if not old.exists():
+        return
+    final, work = run.stage_dir(stage), run.root / PARTIAL / stage
+    if final.exists():
+        shutil.rmtree(old)
+        return
+    attempt = _read_json(work / MANIFEST)
+    if attempt and attempt.get("status") == "complete":
+        os.replace(work, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(old, final)
+
+
+# --------------------------------------------------------------------------- one writer per stage
+
+
+def _lock_info(path: Path) -> str:
+    info = _read_json(path) or {}
+    if not info:
+        return "another process (no details recorded)"
+    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}"
+
+
+_held_lock_fds: set[int] = set()
+_fork_hook_registered = False
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child (e.g. a DataLoader worker), drop the copies of the parent's lock fds: an
+    flock belongs to the open file, so a child that kept one would hold the lock after the
+    parent was killed."""
+    for fd in list(_held_lock_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_lock_fds.clear()
+
+
+@contextlib.contextmanager
+def stage_lock(run: RunDir, stage: str) -> Iterator[None]:
+    """Hold ``<run>/.locks/<stage>.lock`` while the stage runs; fail at once if another process does.
+
+    ``flock`` is released by the kernel when its process dies, so a lock left by ``kill -9``
+    is simply taken. The file is never deleted (deleting a lock file races with a process that
+    opened it). Filesystems without locks: see :func:`_exclusive_lock_file`.
+    """
+    import fcntl
+
+    global _fork_hook_registered
+    if not _fork_hook_registered:
+        os.register_at_fork(after_in_child=_close_inherited_locks)
+        _fork_hook_registered = True
+    path = run.root / LOCKS / f"{stage}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StageError(
+                f"stage '{stage}' in {run.root} is already running ({_lock_info(path)}); wait for it or stop it"
+            ) from None
+        except OSError:  # no lock support on this filesystem
+            with _exclusive_lock_file(path.with_suffix(".lock.excl"), stage, run, me):
+                yield
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        _held_lock_fds.add(fd)
+        try:
+            yield
+        finally:
+            _held_lock_fds.discard(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _exclusive_lock_file(path: Path, stage: str, run: RunDir, me: dict) -> Iterator[None]:
+    """Fallback lock: a file created with O_EXCL. Taken over only when its holder is a process of
+    this host that no longer exists; a holder on another host must be cleared by hand."""
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            info = _read_json(path) or {}
+            if attempt == 0 and info.get("host") == me["host"] and not _pid_alive(int(info.get("pid", -1))):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            raise StageError(
+                f"stage '{stage}' in {run.root} is locked ({_lock_info(path)}); if that process is gone, "
+                f"delete {path}"
+            ) from None
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(me) + "\n")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _keep_errors_of_done_shards(st: StageRun, done: set[str]) -> None:
@@ -413,16 +698,3 @@ def _keep_errors_of_done_shards(st: StageRun, done: set[str]) -> None:
                 kept.append(line)
                 st.skipped[rec["reason"]] += 1
     write_text_atomic(path, "".join(k + "\n" for k in kept))
-
-
-def _clear_stage_dir(out: Path) -> None:
-    """Remove a previous attempt's artefacts (keep the log, which appends)."""
-    import shutil
-
-    for child in out.iterdir():
-        if child.name == LOG:
-            continue
-        if child.is_dir():
-            shutil.rmtree(child)
-        else:
-            child.unlink()

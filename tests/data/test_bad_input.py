@@ -60,7 +60,7 @@ def test_bad_sample_raises_naming_file_and_line(tmp_path, mutate, reason, detail
     assert exc.value.reason == reason
     assert exc.value.where == f"{src['path']}:4"
     assert str(exc.value).startswith(f"{src['path']}:4: {reason}") and detail in str(exc.value)
-    manifest = json.loads((tmp_path / "run/catalog/manifest.json").read_text())
+    manifest = json.loads((tmp_path / "run/.partial/catalog/manifest.json").read_text())  # the failed attempt
     assert manifest["status"] == "failed" and reason in manifest["error"]
 
 

@@ -9,7 +9,8 @@ from catalog_rows import vla_rows, vlm_rows
 from midtrain.data.catalog import rows_to_table
 from midtrain.featurize.featurizer import BatchPreparer, FeatureExtractor
 from midtrain.featurize.pooling import POOLINGS
-from midtrain.models import TINY_ARCHS, multimodal_token_ids
+from midtrain.models import multimodal_token_ids
+from midtrain.models.tiny import ARCHS as TINY_ARCHS
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -85,6 +86,7 @@ def test_prepare_shard_buckets_by_length_and_covers_every_row(loaded_vlm):
         assert len({bool(table.column("image_refs")[int(p)].as_py()) for p in b.positions}) == 1
 
 
+@pytest.mark.slow
 def test_compiled_extractor_matches_eager(tiny_vlm, loaded_vlm):
     """``compile: true`` (decoder layers and vision MLPs through inductor) gives the eager features."""
     from midtrain.models import load_vlm

@@ -7,8 +7,11 @@ import pytest
 
 from catalog_rows import vla_rows, vlm_rows, write_catalog
 from midtrain.data.features import open_features
-from midtrain.featurize.stage import FeaturizeConfig, RayOptions, featurize
+from midtrain.featurize.config import FeaturizeConfig, RayOptions
+from midtrain.featurize.stage import featurize
 from midtrain.runs import RunDir
+
+pytestmark = pytest.mark.slow  # starts a Ray cluster
 
 ray = pytest.importorskip("ray")
 

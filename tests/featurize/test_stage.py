@@ -9,7 +9,8 @@ import pytest
 from catalog_rows import vla_rows, vlm_rows, write_catalog
 from midtrain.config import ConfigError, load_config
 from midtrain.data.features import open_features
-from midtrain.featurize.stage import FeaturizeConfig, featurize
+from midtrain.featurize.config import FeaturizeConfig
+from midtrain.featurize.stage import featurize
 from midtrain.models import ModelLoadError
 from midtrain.runs import RunDir, SampleError, StageError
 
@@ -108,6 +109,7 @@ def test_image_pooling_skips_text_only_samples(tmp_path, tiny_vlm):
     assert set(text_only).isdisjoint(all_features(out)[1].column("id").to_pylist())
 
 
+@pytest.mark.slow
 def test_compile_option_gives_the_eager_features_and_records_its_time(tmp_path, tiny_vlm):
     model = str(tiny_vlm("qwen2_vl"))
     rows = {"robot": vla_rows(6, seed=12)}

@@ -15,7 +15,8 @@ from midtrain.cli import run_stage
 from midtrain.config import ConfigError, load_config
 from midtrain.data.features import shard_name, write_feature_shard
 from midtrain.gap.mmd import mmd_matrix
-from midtrain.gap.stage import GapConfig, measure_gap
+from midtrain.gap.config import GapConfig
+from midtrain.gap.stage import measure_gap
 from midtrain.gap.tsne import stratified_quota, umap_available
 from midtrain.runs import RunDir, SampleError, StageError
 
@@ -198,7 +199,7 @@ def test_dataset_with_one_sample_is_named(tmp_path):
     features = write_features(tmp_path / "f", sources)
     with pytest.raises(StageError, match="dataset 'lonely' has 1 sample"):
         measure_gap(GapConfig(features=features, tsne=False), RunDir(tmp_path / "run"))
-    assert json.loads((tmp_path / "run" / "gap" / "manifest.json").read_text())["status"] == "failed"
+    assert json.loads((tmp_path / "run" / ".partial" / "gap" / "manifest.json").read_text())["status"] == "failed"
 
 
 def test_mismatched_feature_dimension_names_the_datasets(tmp_path):

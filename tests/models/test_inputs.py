@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from catalog_rows import png_ref
-from midtrain.models import TINY_ARCHS, build_batch, conversation_of
+from midtrain.models import build_batch, conversation_of
+from midtrain.models.tiny import ARCHS as TINY_ARCHS
 from midtrain.runs import SampleError
 
 RNG = np.random.default_rng(0)
@@ -93,3 +94,23 @@ def test_max_length_truncates_text_or_skips(arch, loaded_vlm):
     _, tiny = build_batch(ROWS[1:2], processor, max_length=3)
     assert tiny.positions.tolist() == [] and tiny.errors[0].reason == "over-long sample"
     assert "image tokens" in tiny.errors[0].detail and tiny.errors[0].sample_id == "r/0/0"
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_answer_masks_of_batches_that_start_with_a_text_only_sample(arch, loaded_vlm):
+    """A text-only sample first (transformers then tried to tensorise Idefics3's ragged replacement
+    offsets and failed) or alone (InternVL returned an empty tensor): rows with images go first,
+    positions say where each row went, and the masks are those of the rows batched alone."""
+    _, processor = loaded_vlm(arch)
+    rows = [ROWS[2], ROWS[0]]
+    batch, info = build_batch(rows, processor, answer_mask=True)
+    if arch == "paligemma":  # PaliGemma needs an image per prompt: mixed batches pass, text-only rows alone do not
+        assert build_batch(rows[:1], processor, answer_mask=True)[1].errors[0].reason == "processor rejected the sample"
+        return
+    assert info.positions.tolist() == [1, 0] and not info.errors
+    for i, pos in enumerate(info.positions):
+        alone, alone_info = build_batch([rows[pos]], processor, answer_mask=True)
+        n = int(alone_info.lengths[0])
+        assert batch["input_ids"][i, :n].tolist() == alone["input_ids"][0, :n].tolist()
+        assert info.answer_mask[i, :n].tolist() == alone_info.answer_mask[0, :n].tolist()
+        assert alone_info.answer_mask[0].any()

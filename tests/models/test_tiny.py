@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from midtrain.models import TINY_ARCHS, load_vlm, processor_settings
+from midtrain.models import load_vlm, processor_settings
+from midtrain.models.tiny import ARCHS as TINY_ARCHS
 from midtrain.models.tiny import tiny_vlm_parts
 
 EXPECTED = {
@@ -68,7 +69,7 @@ def test_bench_preset_keeps_the_released_vocabulary_with_a_tied_head():
 
 
 def test_build_records_the_vocabulary(tmp_path):
-    from midtrain.models import build_tiny_vlm
+    from midtrain.models.tiny import build_tiny_vlm
 
     path = build_tiny_vlm("qwen2_vl", tmp_path / "m", size="test", vocab_size=1000)
     info = json.loads((path / "midtrain_tiny.json").read_text())

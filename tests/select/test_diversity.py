@@ -12,7 +12,8 @@ import pytest
 
 from midtrain.runs import RunDir
 from midtrain.select.diversity import source_diversity
-from midtrain.select.selection import SelectConfig, select_mixture
+from midtrain.select.config import SelectConfig
+from midtrain.select.stage import select_mixture
 
 POOL = ["a"] * 10 + ["b"] * 10 + ["c"] * 10 + ["d"] * 10
 

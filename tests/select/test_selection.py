@@ -10,15 +10,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from select_fixtures import FakeFeaturizeConfig, build_run, gaussian_features, vlm_row, write_catalog, write_features
+from run_fixtures import FakeFeaturizeConfig, build_run, gaussian_features, vlm_row, write_catalog, write_features
 
 from midtrain.cli import main as cli_main
 from midtrain.config import ConfigError, load_config
 from midtrain.data.images import encode_image, ref_from_bytes
 from midtrain.runs import RunDir, StageError
-from midtrain.select.fit import FitConfig, fit_estimator
-from midtrain.select.score import ScoreConfig, score_pool
-from midtrain.select.selection import SelectConfig, choose_with_source_limits, gumbel_keys, select_mixture
+from midtrain.fit.config import FitConfig
+from midtrain.fit.stage import fit_estimator
+from midtrain.score.config import ScoreConfig
+from midtrain.score.stage import score_pool
+from midtrain.select.config import SelectConfig
+from midtrain.select.stage import choose_with_source_limits, gumbel_keys, select_mixture
 
 
 def write_scores(dirpath, ids, sources, scores, order_column="score"):

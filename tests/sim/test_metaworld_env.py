@@ -7,7 +7,7 @@ import pytest
 
 from midtrain.runs import StageError
 from midtrain.sim.metaworld_env import (
-    TASK_INSTRUCTIONS, CameraView, episode_seed, make_env, make_policy, run_episode,
+    TASK_INSTRUCTIONS, TASK_OBJECTS, CameraView, episode_seed, make_env, make_policy, reset_env, run_episode,
 )  # fmt: skip
 
 
@@ -55,6 +55,73 @@ def test_corner_camera_is_upright(pick_place):
     floor_rows = np.nonzero((seg == pick_place.model.geom("floor").id).any(axis=1))[0]
     if len(floor_rows):  # the floor, when visible, is in the lower half
         assert floor_rows.mean() > 32
+
+
+@pytest.mark.parametrize("camera", ["corner", "topview"])
+def test_extrinsics_are_the_camera_pose_in_opencv_axes(pick_place, camera):
+    """[R|t] maps the camera centre (MuJoCo's cam_xpos) to 0, R is a rotation, and a point on the
+    viewing axis (MuJoCo cameras look along their -z) projects to the principal point (cx, cy)."""
+    view = CameraView(pick_place.model, camera, 80, 60)
+    try:
+        ext, intr = view.extrinsics(pick_place.data), view.intrinsics()
+    finally:
+        view.close()
+    cid = view.camera_id
+    centre, axes = pick_place.data.cam_xpos[cid], pick_place.data.cam_xmat[cid].reshape(3, 3)
+    rotation = ext[:, :3]
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-9)
+    assert np.linalg.det(rotation) == pytest.approx(1.0)
+    np.testing.assert_allclose(rotation @ centre + ext[:, 3], 0, atol=1e-9)
+    ahead = centre - 0.7 * axes[:, 2]
+    cam = rotation @ ahead + ext[:, 3]
+    assert cam[2] == pytest.approx(0.7)
+    np.testing.assert_allclose(intr[2:] + intr[:2] * cam[:2] / cam[2], [40, 30], atol=1e-9)
+
+
+def test_first_frame_shows_the_goal_where_it_is():
+    """reset_env brings site poses up to date: the reach goal (a red sphere) is drawn at its position in
+    frame 0, which a bare env.reset() does not do."""
+    env = make_env("reach-v3")
+    view = CameraView(env.model, "corner", 64, 64)
+    try:
+        colours = []
+        for fixed in (True, False):
+            if fixed:
+                obs = reset_env(env, 5)
+            else:
+                env.seed(5)
+                obs, _ = env.reset()
+            (x, y), = view.project(env.data, obs[36:39])[0]
+            colours.append(view.rgb(env.data)[int(y), int(x)].astype(int))
+    finally:
+        view.close()
+    (r, g, b), stale = colours
+    assert r > 180 and g < 60 and b < 60
+    assert not (stale[0] > 180 and stale[1] < 60), stale
+
+
+def test_rendering_then_importing_triton_does_not_crash():
+    """llvmpipe's LLVM and Triton's: a process that renders and then imports Triton (torch.compile,
+    torchvision.ops) used to segfault; CameraView loads Triton first."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    code = ("from midtrain.sim.metaworld_env import CameraView, make_env, reset_env\n"
+            "env = make_env('reach-v3'); view = CameraView(env.model, 'corner', 16, 16); reset_env(env, 0)\n"
+            "view.rgb(env.data); view.close()\nimport triton\nprint('survived')")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "survived" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_every_task_names_its_objects():
+    assert set(TASK_OBJECTS) == set(TASK_INSTRUCTIONS)
+    for task, names in TASK_OBJECTS.items():
+        assert 1 <= len(names.objects) <= 2 and names.verb and names.target in ("object", "goal")
+        if names.target == "goal":
+            assert names.goal, task
 
 
 def test_unknown_camera_names_the_choices(pick_place):

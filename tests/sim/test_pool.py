@@ -47,6 +47,7 @@ def test_every_source_is_a_llava_json_dataset_with_images(pool):
             assert all(t["value"].strip() for t in turns)
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_at_any_worker_count(pool, tmp_path):
     again = generate_vlm_pool(SimPoolConfig(workers=2, **SMALL), RunDir(tmp_path / "again"))
     assert _tree(again) == _tree(pool)
@@ -60,13 +61,15 @@ def test_interrupted_pool_redoes_only_unfinished_sources(pool, tmp_path):
 
     run_root = tmp_path / "resume"
     shutil.copytree(pool.parent, run_root)
-    out = run_root / "sim_pool"
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["status"] = "running"  # as if killed while writing captions
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    shutil.rmtree(out / "captions")
-    (out / "shards" / "captions.done").unlink()
-    kept_mtime = (out / "counting" / "data.json").stat().st_mtime_ns
+    out, partial = run_root / "sim_pool", run_root / ".partial" / "sim_pool"
+    partial.parent.mkdir(exist_ok=True)
+    out.rename(partial)  # as if killed while writing captions: the run's partial folder
+    manifest = json.loads((partial / "manifest.json").read_text())
+    manifest["status"] = "running"
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(partial / "captions")
+    (partial / "shards" / "captions.done").unlink()
+    kept_mtime = (partial / "counting" / "data.json").stat().st_mtime_ns
     generate_vlm_pool(SimPoolConfig(workers=1, **SMALL), RunDir(run_root))
     assert (out / "counting" / "data.json").stat().st_mtime_ns == kept_mtime
     assert _tree(out) == _tree(pool)
@@ -74,7 +77,8 @@ def test_interrupted_pool_redoes_only_unfinished_sources(pool, tmp_path):
 
 
 def test_pool_reads_through_the_catalog(pool, tmp_path):
-    from midtrain.data.build import CatalogConfig, build_catalog
+    from midtrain.catalog.config import CatalogConfig
+    from midtrain.catalog.stage import build_catalog
     from midtrain.data.catalog import iter_catalog
     from midtrain.data.sources import DatasetSource
 

@@ -14,6 +14,9 @@ Columns (``CATALOG_SCHEMA``):
   chunk ran past the episode end and was padded): VLA frames only
 - ``origin`` (string): where the sample came from (``file:line``, ``file:row``,
   ``episode e frame f``), so errors downstream can name it
+- ``content_hash`` (string): fingerprint of everything the row's features depend on - its
+  text, numbers and its images' content (see ``midtrain.data.content``), so a stage can
+  tell which rows changed when a referenced file did
 
 Catalog directories hold ``<source>/part-NNNNN.parquet`` files (see ``catalog_files``).
 """
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 IMAGE_STRUCT = pa.struct([("path", pa.string()), ("bytes", pa.binary())])
@@ -43,6 +47,7 @@ CATALOG_SCHEMA = pa.schema(
         ("action", pa.list_(pa.list_(pa.float32()))),
         ("action_mask", pa.list_(pa.bool_())),
         ("origin", pa.string()),
+        ("content_hash", pa.string()),
     ]
 )
 
@@ -79,3 +84,32 @@ def iter_catalog(
 
 def catalog_num_rows(catalog_dir: Path | str) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in catalog_files(catalog_dir))
+
+
+def iter_catalog_with_ids(
+    catalog_dir: Path | str, ids: pa.Array | list[str], columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream the catalog rows whose ``id`` is in ``ids`` (non-empty filtered batches, catalog order).
+
+    ``columns`` must include ``id`` when given. Memory is bounded by a batch plus ``ids``.
+    """
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    wanted = ids if isinstance(ids, pa.Array) else pa.array(ids, type=pa.string())
+    for batch in iter_catalog(catalog_dir, columns=columns):
+        mask = pc.is_in(batch.column("id"), value_set=wanted)
+        if pc.any(mask).as_py():
+            yield batch.filter(mask)
+
+
+def catalog_rows_by_id(catalog_dir: Path | str, ids: list[str], columns: list[str] | None = None) -> dict[str, dict]:
+    """``{id: row}`` of the catalog rows with these ids (a few: galleries, spot checks); ids not in
+    the catalog are absent. Reading stops once every id is found."""
+    found: dict[str, dict] = {}
+    wanted = set(ids)
+    for batch in iter_catalog_with_ids(catalog_dir, list(wanted), columns):
+        for row in batch.to_pylist():
+            found[row["id"]] = row
+        if len(found) == len(wanted):
+            break
+    return found

@@ -55,7 +55,14 @@ VIDEO_FILES_SIZE_MB = 500
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
 EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
-DEFAULT_CRF = {"libx264": 23, "libsvtav1": 30, "libx265": 28}  # x264/x265 defaults; LeRobot's AV1 setting
+DEFAULT_CRF = {"libx264": 23, "libsvtav1": 30, "libx265": 28, "libx264rgb": 0}  # x264/x265 defaults; LeRobot's AV1
+# setting; libx264rgb at crf 0 is lossless
+# Pixel format each encoder is fed. yuv420p halves the chroma resolution (every decoder reads it); the RGB
+# formats keep every pixel exactly (libx264rgb stores planar GBR, ffv1 its own lossless RGB coding).
+DEFAULT_PIX_FMT = {"libx264rgb": "rgb24", "ffv1": "bgr0"}
+STORED_PIX_FMT = {"libx264rgb": "gbrp"}  # what the stream holds (and decoders report), where not the input format
+CODEC_NAMES = {"libsvtav1": "av1", "libaom-av1": "av1", "libx264": "h264", "libx264rgb": "h264", "libx265": "hevc"}
+NO_CRF = frozenset({"ffv1"})  # encoders without a quality setting (lossless only)
 INDEX_FEATURES = {
     "timestamp": {"dtype": "float32", "shape": [1], "names": None},
     "frame_index": {"dtype": "int64", "shape": [1], "names": None},
@@ -302,13 +309,17 @@ class LeRobotReader(SampleReader):
         if self._data[0] != path:
             if not path.is_file():
                 raise SampleError("missing data file", where, str(path))
-            names = pq.read_schema(path).names
-            wanted = ["episode_index", "frame_index", "timestamp", "task_index", self.source.action_key]
-            wanted += [k for k in [self.state_key, *self.cameras] if k and self.features[k].get("dtype") != "video"]
-            absent = [c for c in wanted if c not in names]
-            if absent:
-                raise SampleError("missing required field", where, f"{path}: columns {absent}")
-            self._data = (path, pq.read_table(path, columns=wanted))
+            try:
+                names = pq.read_schema(path).names
+                wanted = ["episode_index", "frame_index", "timestamp", "task_index", self.source.action_key]
+                wanted += [k for k in [self.state_key, *self.cameras] if k and self.features[k].get("dtype") != "video"]
+                absent = [c for c in wanted if c not in names]
+                if absent:
+                    raise SampleError("missing required field", where, f"{path}: columns {absent}")
+                table = pq.read_table(path, columns=wanted)
+            except (pa.ArrowException, OSError) as exc:  # truncated or corrupt: every episode in it is skipped
+                raise SampleError("undecodable data file", where, f"{path}: {exc}") from None
+            self._data = (path, table)
         return self._data[1]
 
     def _video(self, camera: str, path: Path, where: str) -> VideoFrames:
@@ -365,7 +376,8 @@ class LeRobotReader(SampleReader):
             else:
                 values = rows.column(cam).take(pa.array(keep)).to_pylist()
                 for i, v in enumerate(values):
-                    images[i].append(checked_image_ref(v, self.root, f"{where} frame {frame_ids[i]}", None, False))
+                    ref = checked_image_ref(v, self.root, f"{where} frame {frame_ids[i]}", None, self.source, verify=False)
+                    images[i].append(ref)
         out = []
         for i in range(len(keep)):
             f = int(frame_ids[i])
@@ -394,6 +406,11 @@ class LeRobotReader(SampleReader):
                     continue
                 try:
                     rows = self._episode_rows(ep, wanted * stride)
+                except (pa.ArrowException, ValueError, TypeError, IndexError) as exc:  # values of the wrong type/shape
+                    detail = f"{type(exc).__name__}: {exc}; {len(wanted)} frame(s) of this episode skipped"
+                    err = SampleError("malformed episode data", f"{self.root} episode {ep.index}", detail)
+                    yield lo + int(wanted[-1]), err
+                    continue
                 except SampleError as err:
                     err.detail = f"{err.detail}; {len(wanted)} frame(s) of this episode skipped".lstrip("; ")
                     yield lo + int(wanted[-1]), err
@@ -447,6 +464,13 @@ def aggregate_stats(per_episode: list[dict[str, np.ndarray]]) -> dict[str, np.nd
     }  # fmt: skip
 
 
+def _vector_column(values: np.ndarray) -> pa.Array:
+    """``[T, d]`` float32 -> a fixed-size list column, or a scalar column when d == 1 (LeRobot's layout)."""
+    if values.shape[1] == 1:
+        return pa.array(values[:, 0])
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
 class _RollingFile:
     """A file written under a hidden temporary name and renamed into place when finished."""
 
@@ -480,9 +504,9 @@ class _VideoStream:
         self.file = _RollingFile(path)
         self.container = av.open(str(self.file.tmp), mode="w", format="mp4")
         stream = self.container.add_stream(self.w.video_codec, rate=Fraction(self.w.fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = self.width, self.height, self.w.pix_fmt
         stream.time_base = Fraction(1, 1) / Fraction(self.w.fps).limit_denominator(1001)
-        stream.options = {"g": str(self.w.gop), "crf": str(self.w.crf)}
+        stream.options = {"g": str(self.w.gop)} | ({} if self.w.crf is None else {"crf": str(self.w.crf)})
         self.stream = stream
         self.frames_in_file = 0
 
@@ -538,10 +562,22 @@ class LeRobotDatasetWriter:
                           task="pick up the red block")
 
     Frames are encoded to MP4, many episodes per file, with ``gop`` 2 as LeRobot's encoder
-    does for fast random access. The default codec is H.264 (``libx264``, crf 23): every
-    decoder (torchcodec, torchvision, PyAV) reads it, and here it encodes faster than AV1.
-    ``video_codec="libsvtav1"`` gives LeRobot's own default, AV1 at crf 30 (smaller files;
-    in a stress run SVT-AV1 once failed a mux under heavy CPU contention, so it is opt-in).
+    does for fast random access. The default codec is H.264 (``libx264``, crf 23, yuv420p):
+    every decoder (torchcodec, torchvision, PyAV, browsers) reads it, and here it encodes
+    faster than AV1. ``video_codec="libsvtav1"`` gives LeRobot's own default, AV1 at crf 30
+    (smaller files; in a stress run SVT-AV1 once failed a mux under heavy CPU contention, so
+    it is opt-in). Both are lossy: at 128 px crf 23 is off by ~4/255 per pixel on average.
+    ``video_codec="libx264rgb"`` (crf 0) is lossless H.264 in RGB: decoded frames equal the
+    input bit for bit, for ~10x the size, and FFmpeg-based decoders (PyAV, torchcodec,
+    torchvision) read it (browsers and hardware decoders do not: High 4:4:4 profile).
+    ``pix_fmt`` overrides the encoder's input format (e.g. ``yuv444p`` with libx264).
+
+    ``extra_features``: further per-frame float32 vectors, key -> entry names (e.g.
+    ``{"observation.ee_pos": ["x", "y", "z"]}``), passed to ``add_episode(extra=...)`` as
+    ``[T, d]`` arrays; they are Parquet columns with ``info.json`` features and stats like
+    ``observation.state``. ``meta``: further JSON documents written under ``meta/`` (file
+    name -> object), e.g. ``{"calibration.json": ...}``.
+
     ``meta/info.json``, ``tasks.parquet``, episode metadata with per-episode
     stats, and ``meta/stats.json`` are written when the ``with`` block ends; data and
     video files are renamed into place when complete. If the block raises, temporary
@@ -564,29 +600,42 @@ class LeRobotDatasetWriter:
         gop: int = 2,
         data_file_mb: int = DATA_FILES_SIZE_MB,
         video_file_mb: int = VIDEO_FILES_SIZE_MB,
+        pix_fmt: Optional[str] = None,
+        extra_features: Optional[dict[str, list[str]]] = None,
+        meta: Optional[dict[str, Any]] = None,
     ):
         import av
 
         self.root = Path(root)
         if self.root.exists() and any(self.root.iterdir()):
             raise FileExistsError(f"{self.root}: already exists and is not empty; choose a new dataset folder")
+        video_codec = video_codec or "libx264"
+        pix_fmt = pix_fmt or DEFAULT_PIX_FMT.get(video_codec, "yuv420p")
         for key, (h, w) in cameras.items():
-            if h % 2 or w % 2 or h < 2 or w < 2:
+            if h < 2 or w < 2 or (pix_fmt == "yuv420p" and (h % 2 or w % 2)):
                 raise ValueError(f"cameras[{key!r}]: height and width must be even (yuv420p video), got {(h, w)}")
         for name, names, dim in (("state_names", state_names, state_dim), ("action_names", action_names, action_dim)):
             if names is not None and len(names) != dim:
                 raise ValueError(f"{name}: {len(names)} names for dimension {dim}")
-        video_codec = video_codec or "libx264"
-        crf = crf if crf is not None else DEFAULT_CRF.get(video_codec, 23)
+        reserved = set(INDEX_FEATURES) | set(cameras) | {"observation.state", "action"}
+        for key, names in (extra_features or {}).items():
+            if key in reserved or not names:
+                raise ValueError(f"extra_features[{key!r}]: a new feature key with at least one entry name is needed")
+        crf = None if video_codec in NO_CRF else crf if crf is not None else DEFAULT_CRF.get(video_codec, 23)
         try:
-            av.codec.Codec(video_codec, "w")
+            codec = av.codec.Codec(video_codec, "w")
         except Exception:
             raise ValueError(f"video_codec: PyAV has no encoder {video_codec!r} here (try libx264 or libsvtav1)") from None
+        supported = {f.name for f in codec.video_formats or ()}
+        if supported and pix_fmt not in supported:
+            raise ValueError(f"pix_fmt: {video_codec} does not encode {pix_fmt!r}; it takes {', '.join(sorted(supported))}")
         os.environ.setdefault("SVT_LOG", "2")  # SVT-AV1 prints its config banner at info level otherwise
         self.fps, self.robot_type, self.cameras = fps, robot_type, dict(cameras)
         self.state_dim, self.action_dim = state_dim, action_dim
         self.state_names, self.action_names = state_names, action_names
-        self.video_codec, self.crf, self.gop = video_codec, crf, gop
+        self.video_codec, self.crf, self.gop, self.pix_fmt = video_codec, crf, gop, pix_fmt
+        self.extra_features = {k: list(v) for k, v in (extra_features or {}).items()}
+        self.meta = dict(meta or {})
         self.data_file_mb, self.video_file_mb = data_file_mb, video_file_mb
         self.root.mkdir(parents=True, exist_ok=True)
         self.tasks: dict[str, int] = {}
@@ -602,26 +651,31 @@ class LeRobotDatasetWriter:
     # -- schema ----------------------------------------------------------------------------
     def features(self) -> dict[str, dict]:
         feats: dict[str, dict] = {}
-        codec_name = {"libsvtav1": "av1", "libaom-av1": "av1", "libx264": "h264", "libx265": "hevc"}.get(
-            self.video_codec, self.video_codec
-        )
+        codec_name = CODEC_NAMES.get(self.video_codec, self.video_codec)
+        pix_fmt = STORED_PIX_FMT.get(self.video_codec, self.pix_fmt)
         for key, (h, w) in self.cameras.items():
             feats[key] = {
                 "dtype": "video", "shape": [h, w, 3], "names": ["height", "width", "channels"],
-                "info": {"video.height": h, "video.width": w, "video.codec": codec_name, "video.pix_fmt": "yuv420p",
+                "info": {"video.height": h, "video.width": w, "video.codec": codec_name, "video.pix_fmt": pix_fmt,
                          "video.is_depth_map": False, "video.fps": self.fps, "video.channels": 3, "has_audio": False},
             }  # fmt: skip
         feats["observation.state"] = {"dtype": "float32", "shape": [self.state_dim], "names": self.state_names}
         feats["action"] = {"dtype": "float32", "shape": [self.action_dim], "names": self.action_names}
+        for key, names in self.extra_features.items():
+            feats[key] = {"dtype": "float32", "shape": [len(names)], "names": names}
         return {**feats, **INDEX_FEATURES}
 
     def _data_schema(self) -> pa.Schema:
         from datasets import Features, List, Value
 
+        def vector(d: int):  # LeRobot stores shape-[1] features as scalars (datasets.Value), longer ones as lists
+            return Value("float32") if d == 1 else List(Value("float32"), length=d)
+
         feats = Features(
             {
-                "observation.state": List(Value("float32"), length=self.state_dim),
-                "action": List(Value("float32"), length=self.action_dim),
+                "observation.state": vector(self.state_dim),
+                "action": vector(self.action_dim),
+                **{key: vector(len(names)) for key, names in self.extra_features.items()},
                 "timestamp": Value("float32"), "frame_index": Value("int64"), "episode_index": Value("int64"),
                 "index": Value("int64"), "task_index": Value("int64"),
             }
@@ -629,8 +683,12 @@ class LeRobotDatasetWriter:
         return feats.arrow_schema
 
     # -- episodes --------------------------------------------------------------------------
-    def add_episode(self, frames: dict[str, np.ndarray], state: np.ndarray, action: np.ndarray, task: str) -> int:
-        """Append one episode; returns its episode index. Arrays are validated, not coerced silently."""
+    def add_episode(
+        self, frames: dict[str, np.ndarray], state: np.ndarray, action: np.ndarray, task: str,
+        extra: Optional[dict[str, np.ndarray]] = None,
+    ) -> int:  # fmt: skip
+        """Append one episode; returns its episode index. Arrays are validated, not coerced silently;
+        ``extra`` holds a ``[T, d]`` array for every declared extra feature."""
         if self._closed:
             raise RuntimeError(f"{self.root}: writer is closed")
         state = np.asarray(state, dtype=np.float32)
@@ -650,6 +708,13 @@ class LeRobotDatasetWriter:
                 raise ValueError(f"add_episode: frames[{key!r}] is {arr.dtype} {arr.shape}, expected uint8 {(T, h, w, 3)}")
         if not isinstance(task, str) or not task.strip():
             raise ValueError("add_episode: task must be a non-empty string")
+        extra = dict(extra or {})
+        if set(extra) != set(self.extra_features):
+            raise ValueError(f"add_episode: extra features {sorted(extra)}, expected {sorted(self.extra_features)}")
+        for key, names in self.extra_features.items():
+            extra[key] = np.asarray(extra[key], dtype=np.float32)
+            if extra[key].shape != (T, len(names)):
+                raise ValueError(f"add_episode: extra[{key!r}] shape {extra[key].shape}, expected ({T}, {len(names)})")
 
         ep_index = len(self.episodes)
         task_index = self.tasks.setdefault(task, len(self.tasks))
@@ -658,10 +723,11 @@ class LeRobotDatasetWriter:
             chunk, file, t0, t1 = video.append(frames[key])
             meta.update({f"videos/{key}/chunk_index": chunk, f"videos/{key}/file_index": file,
                          f"videos/{key}/from_timestamp": t0, f"videos/{key}/to_timestamp": t1})  # fmt: skip
-        chunk, file = self._write_data(state, action, ep_index, task_index)
+        chunk, file = self._write_data(state, action, ep_index, task_index, extra)
         meta.update({"data/chunk_index": chunk, "data/file_index": file,
                      "dataset_from_index": self.total_frames, "dataset_to_index": self.total_frames + T})  # fmt: skip
         stats = {"observation.state": _episode_stats(state), "action": _episode_stats(action)}
+        stats.update({key: _episode_stats(values) for key, values in extra.items()})
         stats.update({k: _image_stats(frames[k]) for k in self.cameras})
         frame_index = np.arange(T)
         for name, col in (("timestamp", frame_index / self.fps), ("frame_index", frame_index),
@@ -676,14 +742,17 @@ class LeRobotDatasetWriter:
         self.total_frames += T
         return ep_index
 
-    def _write_data(self, state: np.ndarray, action: np.ndarray, ep_index: int, task_index: int) -> tuple[int, int]:
+    def _write_data(
+        self, state: np.ndarray, action: np.ndarray, ep_index: int, task_index: int, extra: dict[str, np.ndarray]
+    ) -> tuple[int, int]:  # fmt: skip
         T = len(action)
         schema = self._data_schema()
         frame_index = np.arange(T, dtype=np.int64)
         table = pa.table(
             {
-                "observation.state": pa.FixedSizeListArray.from_arrays(pa.array(state.reshape(-1)), self.state_dim),
-                "action": pa.FixedSizeListArray.from_arrays(pa.array(action.reshape(-1)), self.action_dim),
+                "observation.state": _vector_column(state),
+                "action": _vector_column(action),
+                **{key: _vector_column(v) for key, v in extra.items()},
                 "timestamp": pa.array((frame_index / self.fps).astype(np.float32)),
                 "frame_index": pa.array(frame_index),
                 "episode_index": pa.array(np.full(T, ep_index, dtype=np.int64)),
@@ -727,6 +796,8 @@ class LeRobotDatasetWriter:
                 agg = aggregate_stats([s[key] for s in self.stats])
                 stats[key] = {k: v.tolist() for k, v in agg.items()}
         write_json_atomic(self.root / "meta" / "stats.json", stats)
+        for name, doc in self.meta.items():
+            write_json_atomic(self.root / "meta" / name, doc)
         info = {
             "codebase_version": CODEBASE_VERSION, "robot_type": self.robot_type,
             "total_episodes": len(self.episodes), "total_frames": self.total_frames, "total_tasks": len(self.tasks),

@@ -19,7 +19,12 @@ fine-tuning scripts)::
   which LLaMA-Factory also applies); any other count mismatch is a bad sample.
 - Relative image paths resolve against ``image_root`` (default: the JSON file's folder).
 
-Large JSON arrays are streamed with ``ijson`` (never ``json.load``); memory is per record.
+Large JSON arrays are streamed element by element (never ``json.load``; see
+``midtrain.data.jsonstream``): memory is per record, and a broken record is skipped alone.
+Each record is bounded before anything downstream tokenises it: ``max_text_chars`` over the
+conversation, ``8 * max_text_chars`` bytes over the raw line or element; text that is not
+valid Unicode (a lone UTF-16 surrogate such as ``"\\ud800"``, or invalid UTF-8 bytes) is an
+``undecodable text`` sample error, not a crash of the whole stage.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Optional
 
 from ..runs import SampleError, atomic_path, write_json_atomic
-from .sources import Item, SampleReader, Selection, checked_image_ref
+from .sources import DatasetSource, Item, SampleReader, Selection, checked_image_ref, max_record_bytes
 
 IMAGE_TOKEN = "<image>"
 
@@ -141,16 +146,45 @@ def normalize_conversation(record: dict, where: str, sample_id: str) -> tuple[li
     return messages, images
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(messages: list[dict], where: str, sample_id: str, max_chars: int) -> None:
+    """Refuse a conversation that is too long to featurize or is not valid Unicode.
+
+    ``conversation too long``: more than ``max_chars`` characters over all turns (bounded
+    here, at read time, so the tokeniser never sees it). ``undecodable text``: a lone UTF-16
+    surrogate, which JSON's ``\\uD800`` escapes (and invalid UTF-8 read with
+    ``surrogateescape``) produce and which no UTF-8 encoder, Arrow included, accepts.
+    """
+    total = sum(len(m["content"]) for m in messages)
+    if total > max_chars:
+        raise SampleError(
+            "conversation too long", where, f"{total:,} characters, over max_text_chars {max_chars:,}", sample_id
+        )
+    for i, m in enumerate(messages):
+        bad = _SURROGATE.search(m["content"])
+        if bad:
+            raise SampleError(
+                "undecodable text", where,
+                f"turn {i}: lone UTF-16 surrogate U+{ord(bad.group()):04X} at character {bad.start()} "
+                "(not valid Unicode; re-export the file as UTF-8)", sample_id,
+            )  # fmt: skip
+
+
 def conversation_row(
-    record: Any, index: int, where: str, id_field: Optional[str], image_root: Path, verify_images: bool
+    record: Any, index: int, where: str, id_field: Optional[str], image_root: Path, source: DatasetSource
 ) -> dict:
     """One conversation record -> a catalog row (local id; the stage adds source and kind)."""
     if not isinstance(record, dict):
         raise SampleError("malformed record", where, f"expected a JSON object, got {type(record).__name__}")
     own_id = record.get(id_field) if id_field else None
     local_id = str(own_id) if own_id is not None and str(own_id) != "" else str(index)
+    if _SURROGATE.search(local_id):
+        raise SampleError("undecodable text", where, f"{id_field}: lone UTF-16 surrogate in the id {local_id!a}")
     messages, images = normalize_conversation(record, where, local_id)
-    refs = [checked_image_ref(v, image_root, where, local_id, verify_images) for v in images]
+    check_text(messages, where, local_id, source.max_text_chars)
+    refs = [checked_image_ref(v, image_root, where, local_id, source) for v in images]
     return {"id": local_id, "image_refs": refs, "messages": messages, "origin": where}
 
 
@@ -168,7 +202,7 @@ class _ConversationReader(SampleReader):
 
     def _row(self, record: Any, index: int, where: str) -> Item:
         try:
-            return conversation_row(record, index, where, self.source.id_field, self.image_root, self.source.verify_images)
+            return conversation_row(record, index, where, self.source.id_field, self.image_root, self.source)
         except SampleError as err:
             return err
 
@@ -176,14 +210,31 @@ class _ConversationReader(SampleReader):
 class LlavaJsonlReader(_ConversationReader):
     """JSON Lines: one record per non-blank line; errors name ``file:line``."""
 
-    def _lines(self) -> Iterator[tuple[int, int, bytes]]:
-        """(record index, 1-based line number, raw line) for every non-blank line."""
+    def _lines(self) -> Iterator[tuple[int, int, Optional[bytes]]]:
+        """(record index, 1-based line number, raw line) for every non-blank line.
+
+        A line over ``max_record_bytes`` is read past in blocks (memory stays bounded) and
+        given as ``None``.
+        """
+        limit = max_record_bytes(self.source)
         index = 0
         with open(self.path, "rb") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    yield index, lineno, line
-                    index += 1
+            lineno = 0
+            while True:
+                line: Optional[bytes] = fh.readline(limit + 1)
+                if not line:
+                    return
+                lineno += 1
+                if len(line) > limit and not line.endswith(b"\n"):
+                    while True:
+                        rest = fh.readline(1 << 20)
+                        if not rest or rest.endswith(b"\n"):
+                            break
+                    line = None
+                elif not line.strip():
+                    continue
+                yield index, lineno, line
+                index += 1
 
     def count_records(self, need: bool) -> Optional[int]:
         return sum(1 for _ in self._lines()) if need else None
@@ -193,59 +244,58 @@ class LlavaJsonlReader(_ConversationReader):
             if not selection.wants(index):
                 continue
             where = f"{self.path}:{lineno}"
+            if line is None:
+                limit = max_record_bytes(self.source)
+                yield index, SampleError("record too long", where, f"line over {limit:,} bytes (see max_text_chars)")
+                continue
             try:
                 record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                yield index, SampleError("malformed JSON", where, str(exc), None)
+            except UnicodeDecodeError as exc:
+                yield index, SampleError("undecodable text", where, f"not UTF-8: {exc}")
+                continue
+            except json.JSONDecodeError as exc:
+                yield index, SampleError("malformed JSON", where, str(exc))
                 continue
             yield index, self._row(record, index, where)
 
 
-_ITEM_END = ("end_map", "end_array", "string", "number", "boolean", "null")  # events that complete an item
+def _is_conversation_record(value: Any) -> bool:
+    """What the JSON array reader resynchronises on after a broken record."""
+    return isinstance(value, dict) and ("conversations" in value or "messages" in value or "instruction" in value)
 
 
 class LlavaJsonReader(_ConversationReader):
-    """A JSON array of records, streamed with ijson; errors name ``file[index]``."""
+    """A JSON array of records, read element by element; errors name ``file[index]``.
 
-    def _check_array(self, fh) -> None:
+    A broken element is one bad sample and reading continues at the next record (see
+    ``midtrain.data.jsonstream``); its report names the lines it spans.
+    """
+
+    def _elements(self):
         from ..runs import StageError
+        from .jsonstream import NotAnArray, iter_array
 
-        head = fh.read(4096).lstrip()
-        fh.seek(0)
-        if head.startswith(b"\xef\xbb\xbf"):
-            head = head[3:].lstrip()
-        if not head.startswith(b"["):
-            hint = " (it looks like JSON Lines: use format: llava_jsonl)" if head.startswith(b"{") else ""
-            raise StageError(f"{self.path}: expected a JSON array of records{hint}")
+        with open(self.path, "rb") as fh:
+            try:
+                yield from iter_array(fh, _is_conversation_record, max_record_bytes(self.source))
+            except NotAnArray:
+                fh.seek(0)
+                head = fh.read(4096).lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()
+                hint = " (it looks like JSON Lines: use format: llava_jsonl)" if head.startswith(b"{") else ""
+                raise StageError(f"{self.path}: expected a JSON array of records{hint}") from None
 
     def count_records(self, need: bool) -> Optional[int]:
-        if not need:
-            return None
-        import ijson
-
-        count = 0
-        with open(self.path, "rb") as fh:
-            self._check_array(fh)
-            try:
-                for prefix, event, _ in ijson.parse(fh):
-                    count += prefix == "item" and event in _ITEM_END
-            except ijson.JSONError:
-                count += 1  # the record that fails to parse is a (bad) record too; records() reports it
-        return count
+        return sum(1 for _ in self._elements()) if need else None
 
     def records(self, selection: Selection) -> Iterator[tuple[int, Item]]:
-        import ijson
-
-        with open(self.path, "rb") as fh:
-            self._check_array(fh)
-            index = -1
-            try:
-                for index, record in enumerate(ijson.items(fh, "item", use_float=True)):
-                    if selection.wants(index):
-                        yield index, self._row(record, index, f"{self.path}[{index}]")
-            except ijson.JSONError as exc:
-                where = f"{self.path}[{index + 1}]"
-                yield index + 1, SampleError("malformed JSON", where, f"{exc}; nothing after this point can be read")
+        for element in self._elements():
+            if not selection.wants(element.index):
+                continue
+            where = f"{self.path}[{element.index}]"
+            if element.error is not None:
+                yield element.index, SampleError(element.error[0], where, element.error[1])
+            else:
+                yield element.index, self._row(element.value, element.index, where)
 
 
 # --------------------------------------------------------------------------- writer

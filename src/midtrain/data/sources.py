@@ -17,6 +17,7 @@ stage that stopped after position ``p`` resumes with ``iter_samples(p + 1)``.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Union
@@ -24,6 +25,7 @@ from typing import Iterator, Literal, Optional, Union
 import numpy as np
 
 from ..runs import SampleError
+from .images import DEFAULT_MAX_IMAGE_PIXELS
 
 FORMATS = ("llava_json", "llava_jsonl", "parquet", "hf_disk", "lerobot")
 
@@ -41,6 +43,19 @@ class DatasetSource:
       ``id_field`` (record field / column giving the sample's own id; ``null`` uses the
       record index), ``verify_images`` (open every referenced image file once; catches
       corrupt files at catalog time instead of mid-featurization).
+
+    Safety keys (each failure is a bad sample naming the file and record, skipped under
+    ``on_error: skip``):
+      ``allow_outside_root`` (default false: an image path must stay inside ``image_root``;
+      ``..`` that climbs out, ``~`` and absolute paths elsewhere are refused, so a hostile
+      dataset cannot pull local files into a mixture. Symlinks inside the root are
+      followed: datasets such as the Hugging Face cache link to blobs elsewhere);
+      ``max_text_chars`` (default 1,000,000: a conversation longer than this, summed over
+      its turns, is refused at read time, before anything tokenises it; a JSON Lines line
+      or JSON array element over ``8 * max_text_chars`` bytes is refused unparsed);
+      ``max_image_pixels`` (default 89,478,485, PIL's warning threshold: images whose
+      header declares more pixels are refused before decoding; checked when
+      ``verify_images`` opens them, and again wherever images are decoded).
 
     Parquet / HF-on-disk keys (``None`` = auto-detect, see ``midtrain.data.tabular``):
       ``split``, ``image_column``, ``messages_column``, ``prompt_column``, ``response_column``.
@@ -64,6 +79,9 @@ class DatasetSource:
     seed: Optional[int] = None
     id_field: Optional[str] = "id"
     verify_images: bool = True
+    allow_outside_root: bool = False
+    max_text_chars: int = 1_000_000
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     # parquet / hf_disk
     split: Optional[str] = None
     image_column: Optional[str] = None
@@ -86,6 +104,10 @@ class DatasetSource:
             out.append(("name", f"{self.name!r} must be a non-empty folder name without '/' or a leading '.'"))
         if self.max_samples is not None and self.max_samples < 1:
             out.append(("max_samples", f"must be >= 1 (or null for all samples), got {self.max_samples}"))
+        if self.max_text_chars < 1:
+            out.append(("max_text_chars", f"must be >= 1, got {self.max_text_chars}"))
+        if self.max_image_pixels < 1:
+            out.append(("max_image_pixels", f"must be >= 1, got {self.max_image_pixels}"))
         if self.chunk_size < 1:
             out.append(("chunk_size", f"must be >= 1, got {self.chunk_size}"))
         if self.frame_stride < 1:
@@ -184,24 +206,57 @@ class SampleReader:
             yield selection.position(record), item
 
 
-def resolve_image_path(value: str, image_root: Path) -> Path:
-    """A relative image path is relative to ``image_root``; ``~`` is expanded."""
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else image_root / p
+def max_record_bytes(source: DatasetSource) -> int:
+    """Bytes beyond which one raw record (a JSON line or array element) is refused unparsed:
+    room for ``max_text_chars`` characters written as 6-byte ``\\uXXXX`` escapes, plus keys."""
+    return 8 * source.max_text_chars + 65_536
 
 
-def checked_image_ref(value: object, image_root: Path, where: str, sample_id: str | None, verify: bool) -> dict:
+def resolve_image_path(value: str, image_root: Path, allow_outside_root: bool = True) -> Path:
+    """The file an image path names: relative paths are relative to ``image_root``.
+
+    Unless ``allow_outside_root``, the path must stay inside ``image_root`` once ``.`` and
+    ``..`` are resolved (lexically: symlinks inside the root are followed as the dataset
+    laid them out); ``~`` paths, and absolute paths outside the root, raise ``ValueError``.
+    """
+    if allow_outside_root:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else image_root / p
+    if value.startswith("~"):
+        raise ValueError("a '~' path points into a home directory, outside image_root")
+    root = Path(os.path.normpath(Path(image_root).absolute()))
+    target = Path(os.path.normpath(root / value))  # an absolute value replaces root here
+    if target != root and root not in target.parents:
+        kind = "an absolute path" if Path(value).is_absolute() else "it climbs out with '..'"
+        raise ValueError(f"{kind} outside image_root {root}")
+    return target
+
+
+def checked_image_ref(
+    value: object, image_root: Path, where: str, sample_id: str | None, source: DatasetSource, verify: bool | None = None
+) -> dict:
     """One image given as a path string, raw bytes or an HF ``{path, bytes}`` dict -> an image ref.
 
-    Raises ``SampleError`` ``missing image file`` / ``undecodable image`` / ``bad image
-    reference`` naming ``where``. With ``verify`` the file is opened and checked by PIL
-    (header and, for PNG, checksums; cheap compared to a full decode).
+    Raises ``SampleError`` ``missing image file`` / ``undecodable image`` / ``image too
+    large`` / ``image path outside root`` / ``bad image reference`` naming ``where``.
+    ``verify`` (default: the source's ``verify_images``) opens the image: the pixel limit
+    (``max_image_pixels``) is checked from the header, then PIL checks the file (header
+    and, for PNG, checksums; cheap compared to a full decode).
     """
     import io
 
-    from PIL import Image, UnidentifiedImageError
+    from .images import ImageTooLarge, open_image, ref_from_bytes, ref_from_path
 
-    from .images import ref_from_bytes, ref_from_path
+    verify = source.verify_images if verify is None else verify
+
+    def check(file, label: str) -> None:
+        try:
+            with open_image(file, source.max_image_pixels) as img:
+                img.verify()
+        except ImageTooLarge as exc:
+            raise SampleError("image too large", where, f"{label}: {exc}", sample_id) from None
+        except Exception as exc:  # whatever PIL raises on a broken or hostile file
+            raise SampleError("undecodable image", where, f"{label}: {exc}", sample_id) from None
 
     data = None
     path = None
@@ -217,21 +272,18 @@ def checked_image_ref(value: object, image_root: Path, where: str, sample_id: st
         raise SampleError("bad image reference", where, f"expected a path string, got {value!r:.80}", sample_id)
     if data is not None:
         if verify:
-            try:
-                with Image.open(io.BytesIO(data)) as img:
-                    img.verify()
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-                raise SampleError("undecodable image", where, f"embedded bytes: {exc}", sample_id) from None
+            check(io.BytesIO(data), "embedded bytes")
         return ref_from_bytes(data)
     if "://" in str(path):
         raise SampleError("missing image file", where, f"{path}: remote URLs are not fetched; download first", sample_id)
-    file = resolve_image_path(str(path), image_root)
+    try:
+        file = resolve_image_path(str(path), image_root, source.allow_outside_root)
+    except ValueError as exc:
+        raise SampleError(
+            "image path outside root", where, f"{path}: {exc}; set allow_outside_root: true to allow it", sample_id
+        ) from None
     if not file.is_file():
         raise SampleError("missing image file", where, str(file), sample_id)
     if verify:
-        try:
-            with Image.open(file) as img:
-                img.verify()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise SampleError("undecodable image", where, f"{file}: {exc}", sample_id) from None
+        check(file, str(file))
     return ref_from_path(file)

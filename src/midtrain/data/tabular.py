@@ -118,7 +118,7 @@ class _TabularReader(SampleReader):
                     missing = self.cmap.response if response is None else self.cmap.prompt
                     raise SampleError("missing required field", where, str(missing), str(rec.get(self.cmap.id, index)))
                 record["conversations"] = [{"from": "human", "value": prompt}, {"from": "gpt", "value": response}]
-            return conversation_row(record, index, where, "id" if self.cmap.id else None, image_root, src.verify_images)
+            return conversation_row(record, index, where, "id" if self.cmap.id else None, image_root, src)
         except SampleError as err:
             return err
 
@@ -128,27 +128,55 @@ class _TabularReader(SampleReader):
         row = {"id": local_id, "origin": where}
         if rec.get("messages"):
             record = {"messages": rec["messages"], "images": _image_list(rec.get("image_refs"))}
-            row.update(conversation_row(record, index, where, None, image_root, self.source.verify_images))
+            row.update(conversation_row(record, index, where, None, image_root, self.source))
             row["id"] = local_id
         else:
             if rec.get("action") is None:
                 raise SampleError("missing required field", where, "'messages' or 'action'", local_id)
             row["image_refs"] = [
-                checked_image_ref(v, image_root, where, local_id, self.source.verify_images)
+                checked_image_ref(v, image_root, where, local_id, self.source)
                 for v in _image_list(rec.get("image_refs"))
             ]
         for key in VLA_FIELDS:
             if rec.get(key) is not None:
-                row[key] = rec[key]
+                row[key] = _checked_value(rec[key], key, where, local_id)
         row["origin"] = where
         return row
 
     def _emit(self, batch: pa.RecordBatch, first: int, mask: np.ndarray, where_of, image_root: Path):
-        """Rows of ``batch`` (global indices ``first..``) selected by ``mask``."""
+        """Rows of ``batch`` (global indices ``first..``) selected by ``mask``.
+
+        A row whose values Arrow cannot turn into Python (e.g. invalid UTF-8 in a string
+        column) is a ``malformed row`` of its own; the others are read as usual.
+        """
         idx = np.flatnonzero(mask)
-        for offset, rec in zip(idx, batch.take(pa.array(idx)).to_pylist()):
+        try:
+            recs = batch.take(pa.array(idx)).to_pylist()
+        except (pa.ArrowException, ValueError):
+            recs = []
+            for offset in idx:
+                try:
+                    recs.append(batch.slice(int(offset), 1).to_pylist()[0])
+                except (pa.ArrowException, ValueError) as exc:
+                    recs.append(SampleError("malformed row", where_of(first + int(offset)), str(exc)))
+        for offset, rec in zip(idx, recs):
             index = first + int(offset)
-            yield index, self._row(rec, index, where_of(index), image_root)
+            yield index, rec if isinstance(rec, SampleError) else self._row(rec, index, where_of(index), image_root)
+
+
+def _checked_value(value: Any, key: str, where: str, sample_id: str) -> Any:
+    """A VLA field of a catalog-format row, checked against the catalog column type (``malformed row`` if not).
+
+    Checked per row, so one row with, say, a text ``episode`` is one bad sample rather than
+    a failed write of the whole part.
+    """
+    try:
+        pa.array([value], type=CATALOG_SCHEMA.field(key).type)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+        raise SampleError(
+            "malformed row", where, f"{key}: {value!r:.60} is not {CATALOG_SCHEMA.field(key).type} ({exc})", sample_id
+        ) from None
+    return value
 
 
 class ParquetReader(_TabularReader):
@@ -189,13 +217,29 @@ class ParquetReader(_TabularReader):
                     n = pf.metadata.row_group(rg).num_rows
                     mask = selection.mask(offset, offset + n)
                     if mask.any():
-                        lo = offset
-                        for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[rg], columns=cols):
-                            m = mask[lo - offset : lo - offset + batch.num_rows]
-                            if m.any():
-                                yield from self._emit(batch, lo, m, where_of, image_root)
-                            lo += batch.num_rows
+                        yield from self._row_group(pf, rg, cols, offset, mask, where_of, image_root)
                     offset += n
+
+    def _row_group(
+        self, pf: pq.ParquetFile, rg: int, cols: list[str], offset: int, mask: np.ndarray, where_of, image_root: Path
+    ):
+        """The wanted rows of one row group. A row group that cannot be read (a truncated or
+        corrupt file) is one bad sample naming the file and its row range, at the position
+        of its last wanted row, like a LeRobot episode whose video is unreadable."""
+        lo = offset
+        try:
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[rg], columns=cols):
+                m = mask[lo - offset : lo - offset + batch.num_rows]
+                if m.any():
+                    yield from self._emit(batch, lo, m, where_of, image_root)
+                lo += batch.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            wanted = np.flatnonzero(mask[lo - offset :]) + lo
+            if len(wanted):
+                first, last = where_of(int(wanted[0])), where_of(int(wanted[-1])).rsplit(" ", 1)[-1]
+                yield int(wanted[-1]), SampleError(
+                    "undecodable Parquet", f"{first}-{last}", f"row group {rg}: {exc}; {len(wanted)} row(s) skipped"
+                )
 
 
 class HFDiskReader(_TabularReader):
@@ -252,7 +296,7 @@ def catalog_hf_features():
             "messages": List({"role": Value("string"), "content": Value("string")}),
             "instruction": Value("string"), "episode": Value("int64"), "frame": Value("int64"),
             "state": List(Value("float32")), "action": List(List(Value("float32"))),
-            "action_mask": List(Value("bool")), "origin": Value("string"),
+            "action_mask": List(Value("bool")), "origin": Value("string"), "content_hash": Value("string"),
         }
     )  # fmt: skip
 

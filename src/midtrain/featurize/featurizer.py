@@ -109,6 +109,14 @@ class BatchPreparer:
         )  # fmt: skip
 
 
+def make_preparer(config, processor) -> BatchPreparer:
+    """The :class:`BatchPreparer` a :class:`~.config.FeaturizeConfig` asks for (the local and Ray backends share it)."""
+    return BatchPreparer(
+        processor, include_assistant=config.include_assistant, max_length=config.max_length,
+        overlong=config.overlong, batch_size=config.batch_size, max_tokens_per_batch=config.max_tokens_per_batch,
+    )  # fmt: skip
+
+
 def vision_tower(model):
     """The vision encoder of a loaded VLM (``visual``, ``vision_tower`` or ``vision_model`` of its
     backbone), or None."""
@@ -221,10 +229,11 @@ class ShardSink:
     always raises, naming the sample: it means the model or its dtype is broken, not the sample.
     """
 
-    def __init__(self, st: StageRun, dim: int, pooling: str):
+    def __init__(self, st: StageRun, dim: int, pooling: str, keys: dict[int, str] | None = None):
         self.st = st
         self.dim = dim
         self.pooling = pooling
+        self.keys = keys or {}  # shard -> content key, recorded in its .done marker (see shard_keys)
         self.shards_dir = st.dir / "shards"
         self.open: dict[int, _OpenShard] = {}
         self.written: list[str] = []
@@ -289,9 +298,11 @@ class ShardSink:
             "truncated": shard.truncated,
             "tokens": shard.tokens,
         }
-        write_feature_shard(self.shards_dir, name, feats[order], ids, info)
         for key, value in info.items():
             self.st.counts[key] += value
+        if shard_no in self.keys:
+            info["key"] = self.keys[shard_no]
+        write_feature_shard(self.shards_dir, name, feats[order], ids, info)
         self.written.append(name)
 
     @property

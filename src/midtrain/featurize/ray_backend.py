@@ -48,8 +48,9 @@ class ShardPreparer:
     def __init__(self, config_dict: dict, catalog_root: str):
         from ..config import from_dict
         from ..models.loading import load_processor
+        from .config import FeaturizeConfig
+        from .featurizer import make_preparer
         from .shards import CatalogIndex
-        from .stage import FeaturizeConfig, make_preparer
 
         config = from_dict(FeaturizeConfig, config_dict)
         processor = load_processor(config.model, config.trust_remote_code, **config.processor_kwargs)
@@ -71,7 +72,7 @@ class FeaturizeActor:
     def __init__(self, config_dict: dict, device: str):
         from ..config import from_dict
         from ..models.loading import load_vlm
-        from .stage import FeaturizeConfig
+        from .config import FeaturizeConfig
 
         config = from_dict(FeaturizeConfig, config_dict)
         model, _ = load_vlm(config.model, config.dtype, device, config.attn_implementation, config.trust_remote_code)

@@ -17,91 +17,20 @@ Backends: ``local`` (DataLoader workers prepare batches while this process runs 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
 
-from ..config import ConfigError, StageConfig
+import pyarrow.parquet as pq
+
+from ..config import output_settings
 from ..data.features import shard_name
-from ..models.loading import ATTN_IMPLEMENTATIONS, check_vlm, load_processor, load_vlm, processor_settings, resolve_device, resolve_dtype
+from ..models.loading import check_vlm, load_processor, load_vlm, processor_settings, resolve_device, resolve_dtype
 from ..runs import RunDir, StageError, stage_run
-from .featurizer import BatchPreparer, FeatureExtractor, PreparedBatch, ShardSink, ShardStart, Throughput, restore_counts
+from .config import FeaturizeConfig
+from .featurizer import FeatureExtractor, PreparedBatch, ShardSink, ShardStart, Throughput, make_preparer, restore_counts
 from .shards import CatalogIndex
-
-
-@dataclass
-class RayOptions:
-    """Ray Data backend settings (``backend: ray``).
-
-    ``address``: None starts a local Ray instance; ``"auto"`` (or ``ray://host:10001``) joins a
-    running cluster. ``num_actors`` model replicas (one model per actor) with ``gpus_per_actor``
-    GPUs and ``cpus_per_actor`` CPUs each; ``num_preprocess_actors`` CPU actors run the processor
-    (image decoding, chat template) and stream batches to them.
-    """
-
-    address: Optional[str] = None
-    num_actors: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-    num_preprocess_actors: int = 1
-    cpus_per_preprocess_actor: float = 1.0
-
-
-@dataclass
-class FeaturizeConfig(StageConfig):
-    """Featurize settings. ``model`` is a hub id or a local checkpoint directory (required).
-
-    Model: ``dtype`` (``auto``: bfloat16/float16 on GPU, float32 on CPU), ``device`` (``auto``,
-    ``cpu``, ``cuda``, ``cuda:1``), ``attn_implementation`` (``sdpa``), ``trust_remote_code``,
-    ``processor_kwargs`` (e.g. ``{max_pixels: 200704}`` for Qwen-VL).
-    Inputs: ``include_assistant`` (answers in VLM conversations), ``max_length`` tokens, and what to
-    do with longer samples: ``overlong: truncate`` (cut the text tail; samples whose images would
-    be cut are skipped) or ``skip``. ``pooling``: ``mean`` | ``last`` | ``image_mean`` | ``text_mean``.
-    Throughput: ``batch_size`` rows and ``max_tokens_per_batch`` padded tokens per batch,
-    ``shard_size`` rows per output shard, ``num_workers`` DataLoader workers (None: 1 on CPU,
-    up to 8 on GPU; 0 prepares in the main process), ``prefetch_factor`` batches per worker,
-    ``compile`` (off by default): ``torch.compile`` the language model's decoder layers and the
-    vision tower's MLPs (:func:`~.featurizer.compile_backbone`). On the 2-core CPU benchmark the
-    compiled model ran about 1.2x the eager one (4.2-4.4x the naive loop in 5 runs, eager 3.1-4.1x
-    in 14), after a compile of 34-40 s once per process plus a recompile of about 10 s at the first
-    batch without padding (both in ``compile_s`` in the manifest): for long runs only.
-    """
-
-    model: str = ""
-    catalog: Optional[Path] = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
-    attn_implementation: str = "sdpa"
-    trust_remote_code: bool = False
-    processor_kwargs: dict[str, Any] = field(default_factory=dict)
-    pooling: Literal["mean", "last", "image_mean", "text_mean"] = "mean"
-    include_assistant: bool = True
-    max_length: int = 4096
-    overlong: Literal["truncate", "skip"] = "truncate"
-    batch_size: int = 32
-    max_tokens_per_batch: int = 32768
-    shard_size: int = 2048
-    num_workers: Optional[int] = None
-    prefetch_factor: int = 4
-    compile: bool = False
-    backend: Literal["local", "ray"] = "local"
-    ray: RayOptions = field(default_factory=RayOptions)
-
-    def validate(self) -> None:
-        if not self.model:
-            raise ConfigError("model: required (a Hugging Face hub id or a local checkpoint directory)")
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ConfigError(f"attn_implementation: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {self.attn_implementation!r}")
-        for key in ("max_length", "batch_size", "max_tokens_per_batch", "shard_size", "prefetch_factor"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
-        if self.ray.num_actors < 1 or self.ray.num_preprocess_actors < 1:
-            raise ConfigError("ray.num_actors and ray.num_preprocess_actors: must be >= 1")
-        if self.ray.gpus_per_actor < 0 or self.ray.cpus_per_actor < 0 or self.ray.cpus_per_preprocess_actor < 0:
-            raise ConfigError("ray.gpus_per_actor / ray.cpus_per_actor / ray.cpus_per_preprocess_actor: must be >= 0")
 
 
 def default_num_workers(device: str) -> int:
@@ -113,19 +42,34 @@ def default_num_workers(device: str) -> int:
     return 1
 
 
-def make_preparer(config: FeaturizeConfig, processor) -> BatchPreparer:
-    return BatchPreparer(
-        processor, include_assistant=config.include_assistant, max_length=config.max_length,
-        overlong=config.overlong, batch_size=config.batch_size, max_tokens_per_batch=config.max_tokens_per_batch,
-    )  # fmt: skip
-
-
 def _inputs(config: FeaturizeConfig, catalog: Path) -> dict[str, Path]:
     inputs = {"catalog": catalog}
     local_model = Path(config.model).expanduser()
     if local_model.is_dir():
         inputs["model"] = local_model  # a changed local checkpoint invalidates the features
     return inputs
+
+
+def shard_keys(config: FeaturizeConfig, st, index: CatalogIndex, ranges: list[tuple[int, int]]) -> dict[int, str]:
+    """Per shard, a hash of everything its features depend on: the output settings, the model (its
+    content hash when local), and its rows' ids and ``content_hash`` (which covers the images they
+    reference). A changed image changes exactly the keys of the shards holding its rows, so a rerun
+    recomputes those and hard-links the rest from the previous output (``StageRun.reuse_shard``).
+    A catalog without ``content_hash`` (written before it existed) gives no keys: no reuse."""
+    settings = {k: v for k, v in output_settings(config).items() if k != "catalog"}
+    base = json.dumps({"settings": settings, "model": st.inputs.get("model", config.model)}, sort_keys=True, default=str)
+    if not index.row_groups or "content_hash" not in pq.ParquetFile(index.row_groups[0].path).schema_arrow.names:
+        return {}
+    keys = {}
+    for k, (a, b) in enumerate(ranges):
+        rows = index.read_rows(a, b, columns=["id", "content_hash"])
+        h = hashlib.blake2b(base.encode(), digest_size=16)
+        for sample_id, content in zip(rows.column("id").to_pylist(), rows.column("content_hash").to_pylist()):
+            if content is None:
+                return {}
+            h.update(f"{sample_id}\0{content}\0".encode())
+        keys[k] = h.hexdigest()
+    return keys
 
 
 def featurize(config: FeaturizeConfig, run_dir: RunDir, force: bool = False) -> Path:
@@ -141,11 +85,16 @@ def featurize(config: FeaturizeConfig, run_dir: RunDir, force: bool = False) -> 
         ranges = index.shard_ranges(config.shard_size)
         shards_dir = st.dir / "shards"
         shards_dir.mkdir(parents=True, exist_ok=True)
+        keys = shard_keys(config, st, index, ranges)
+        reused = [k for k in keys if not st.shard_done(shard_name(k)) and st.reuse_shard(
+            shard_name(k), keys[k], [f"shards/{shard_name(k)}.npy", f"shards/{shard_name(k)}.ids.parquet"])]
         n_done = restore_counts(st, shards_dir)
         pending = [(k, a, b) for k, (a, b) in enumerate(ranges) if not st.shard_done(shard_name(k))]
+        st.extra["reused_shards"] = len(reused)
         st.log.info(
-            "catalog %s: %d rows in %d shard(s) of %d; %d already done, %d to featurize with %s",
-            catalog, index.num_rows, len(ranges), config.shard_size, n_done, len(pending), config.model,
+            "catalog %s: %d rows in %d shard(s) of %d; %d already done (%d reused from the previous output, same "
+            "content), %d to featurize with %s",
+            catalog, index.num_rows, len(ranges), config.shard_size, n_done, len(reused), len(pending), config.model,
         )  # fmt: skip
         device = resolve_device(config.device) if config.backend == "local" else config.device
         with st.timed("load_model"):
@@ -170,7 +119,7 @@ def featurize(config: FeaturizeConfig, run_dir: RunDir, force: bool = False) -> 
             "processor": processor_settings(processor), "shard_size": config.shard_size, "num_shards": len(ranges),
             "backend": config.backend, "compile": config.compile,
         })  # fmt: skip
-        sink = ShardSink(st, dim, config.pooling)
+        sink = ShardSink(st, dim, config.pooling, keys)
         if pending:
             with st.timed("featurize"):
                 if config.backend == "ray":

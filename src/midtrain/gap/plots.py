@@ -1,4 +1,8 @@
-"""Figures of the gap stage: the normalised MMD heatmap and the 2-D feature maps (PNG, Agg)."""
+"""Figures of the gap stage: the normalised MMD heatmap and the 2-D feature maps (PNG, Agg).
+
+:func:`new_figure` and :func:`save_png` are the figure plumbing of every stage that draws (gap,
+select, report): no pyplot or global backend state, and the PNG written atomically.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..runs import atomic_path
-
-
-def _new_figure(width: float, height: float):
-    """A figure drawn by the Agg canvas directly, so no global pyplot/backend state is touched."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
+from ..figures import new_figure, save_png
 
 
 def plot_mmd_heatmap(
@@ -43,7 +32,7 @@ def plot_mmd_heatmap(
     """
     D = len(names)
     size = max(5.0, 0.45 * D + 2.5)
-    fig = _new_figure(size + 1.2, size)
+    fig = new_figure(size + 1.2, size)
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(normalised, cmap="viridis", vmin=0.0, vmax=max(1.0, float(np.nanmax(normalised))))
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="normalised MMD")
@@ -79,7 +68,7 @@ def plot_mmd_heatmap(
             ax.text(centre, -0.6, group, ha="center", va="bottom", fontsize=11, fontweight="bold", color="red")
     note = f"; 'ns' = not significant at alpha={alpha:g}" if p_values is not None else ""
     ax.set_title(f"{title}\n{normalisation}{note}", fontsize=9, pad=30)
-    _save(fig, path)
+    save_png(fig, path, bbox_inches="tight")
 
 
 def plot_feature_map(coords: np.ndarray, sources: Sequence[str], kinds: dict[str, str], path: Path, title: str) -> None:
@@ -87,7 +76,7 @@ def plot_feature_map(coords: np.ndarray, sources: Sequence[str], kinds: dict[str
     import matplotlib
 
     sources = np.asarray(sources)
-    fig = _new_figure(9.0, 7.0)
+    fig = new_figure(9.0, 7.0)
     ax = fig.add_subplot(1, 1, 1)
     muted, strong = matplotlib.colormaps["tab20"], matplotlib.colormaps["Set1"]
     vlm_style = dict(s=5, alpha=0.5, linewidths=0)
@@ -108,4 +97,4 @@ def plot_feature_map(coords: np.ndarray, sources: Sequence[str], kinds: dict[str
     for text in legend.get_texts():
         if text.get_text().endswith("(VLA)"):
             text.set_fontweight("bold")
-    _save(fig, path)
+    save_png(fig, path, bbox_inches="tight")

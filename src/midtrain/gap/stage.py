@@ -27,17 +27,16 @@ heuristic over the pooled subsample unless ``sigma`` is set), optionally summed 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import ConfigError, StageConfig
-from ..data.features import FeatureSet, open_features
+from ..data.features import FeatureSet, load_finite_rows, open_features
 from ..runs import RunDir, SampleError, StageError, StageRun, stage_run, write_json_atomic, write_parquet_atomic
+from .config import GapConfig
 from .mmd import GapInputError, MMDMatrix, bandwidths, median_heuristic, mmd_matrix, mmd_matrix_rff
 from .plots import plot_feature_map, plot_mmd_heatmap
 from .tsne import UMAP_INSTALL_HINT, pca_reduce, stratified_quota, tsne_map, umap_available, umap_map
@@ -45,96 +44,16 @@ from .tsne import UMAP_INSTALL_HINT, pca_reduce, stratified_quota, tsne_map, uma
 KIND_ORDER = {"vlm": 0, "vla": 1}
 
 
-@dataclass
-class GapConfig(StageConfig):
-    """Config of ``midtrain gap``.
-
-    ``subsample``: points per dataset for MMD (all of a smaller dataset). ``sigma``: fixed
-    RBF bandwidth (default: median heuristic over ``median_sample_size`` pooled points).
-    ``bandwidth_factors``: the kernel is ``sum_f k_{sigma f}``. ``estimator``: which MMD^2
-    estimator the ``mmd`` column, heatmap, summary and permutation tests use (both are
-    always written). ``method: rff`` uses ``rff_features`` random Fourier features per
-    bandwidth (linear time) instead of the exact kernel. ``block_budget_mb`` bounds each
-    kernel buffer. ``tsne_max_points``: stratified subsample size of the map; ``tsne_iterations``
-    openTSNE's ``n_iter``. ``n_jobs``: t-SNE threads (0 = all cores).
-    """
-
-    features: Optional[Path] = None
-    sources: Optional[list[str]] = None
-    subsample: int = 2000
-    sigma: Optional[float] = None
-    bandwidth_factors: list[float] = field(default_factory=lambda: [1.0])
-    median_sample_size: int = 2000
-    estimator: Literal["unbiased", "biased"] = "unbiased"
-    permutations: int = 200
-    alpha: float = 0.05
-    method: Literal["exact", "rff"] = "exact"
-    rff_features: int = 2048
-    block_budget_mb: float = 512.0
-    device: str = "auto"
-    tsne: bool = True
-    tsne_max_points: int = 20000
-    pca_dim: int = 50
-    perplexity: float = 30.0
-    tsne_iterations: int = 500
-    umap: bool = False
-    n_jobs: int = 0
-
-    def validate(self) -> None:
-        if self.subsample < 2:
-            raise ConfigError(f"subsample: MMD needs at least 2 points per dataset, got {self.subsample}")
-        if self.sigma is not None and not self.sigma > 0:
-            raise ConfigError(f"sigma: must be > 0 (or null for the median heuristic), got {self.sigma}")
-        if not self.bandwidth_factors or any(not f > 0 for f in self.bandwidth_factors):
-            raise ConfigError(
-                f"bandwidth_factors: expected a non-empty list of positive numbers, got {self.bandwidth_factors}"
-            )
-        if self.median_sample_size < 2:
-            raise ConfigError(f"median_sample_size: must be >= 2, got {self.median_sample_size}")
-        if self.permutations < 0:
-            raise ConfigError(f"permutations: must be >= 0, got {self.permutations}")
-        if not 0 < self.alpha < 1:
-            raise ConfigError(f"alpha: must be in (0, 1), got {self.alpha}")
-        if self.rff_features < 1:
-            raise ConfigError(f"rff_features: must be >= 1, got {self.rff_features}")
-        if not self.block_budget_mb > 0:
-            raise ConfigError(f"block_budget_mb: must be > 0, got {self.block_budget_mb}")
-        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
-        if self.tsne_max_points < 2 or self.pca_dim < 2 or not self.perplexity > 0 or self.tsne_iterations < 1:
-            raise ConfigError(
-                f"tsne_max_points / pca_dim / perplexity / tsne_iterations: expected >= 2, >= 2, > 0, >= 1, got "
-                f"{self.tsne_max_points}, {self.pca_dim}, {self.perplexity}, {self.tsne_iterations}"
-            )
-        if self.umap and not self.tsne:
-            raise ConfigError("umap: true draws a map next to the t-SNE map; set tsne: true as well")
-
-
 # --------------------------------------------------------------------------- reading features
 
 
 @dataclass
 class _Pool:
-    """The features directory, indexed by source: global rows per source, kinds, shard offsets."""
+    """The features directory, indexed by source: global rows per source, kinds."""
 
     fs: FeatureSet
     kinds: dict[str, str]  # source -> kind, in display order (VLM first, then VLA)
     rows: dict[str, np.ndarray]  # source -> sorted global row indices
-    offsets: np.ndarray  # [shards + 1] global row offset of each shard
-
-    def locate(self, row: int) -> tuple[str, int]:
-        shard = int(np.searchsorted(self.offsets, row, side="right") - 1)
-        return self.fs.names[shard], int(row - self.offsets[shard])
-
-    def ids_of(self, rows: np.ndarray) -> list[str]:
-        """Sample ids of (sorted) global rows, reading only the ``id`` column of shards involved."""
-        out: list[str] = []
-        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
-        for s in np.unique(shard_of):
-            local = rows[shard_of == s] - self.offsets[s]
-            ids = pq.read_table(self.fs.shards_dir / f"{self.fs.names[s]}.ids.parquet", columns=["id"]).column("id")
-            out.extend(ids.take(pa.array(local)).to_pylist())
-        return out
 
 
 def _open_pool(features_dir: Path, config: GapConfig) -> _Pool:
@@ -148,7 +67,7 @@ def _open_pool(features_dir: Path, config: GapConfig) -> _Pool:
     first = fs.names[0]
     codes, kinds_seen, sources_seen = [], {}, {}
     for name in fs.names:
-        table = pq.read_table(fs.shards_dir / f"{name}.ids.parquet", columns=["source", "kind"])
+        table = pq.read_table(fs.ids_file(name), columns=["source", "kind"])
         if shapes[name][1] != shapes[first][1]:
             bad = sorted(set(table.column("source").to_pylist()))
             raise StageError(
@@ -179,12 +98,10 @@ def _open_pool(features_dir: Path, config: GapConfig) -> _Pool:
             )
         wanted = list(dict.fromkeys(config.sources))
     wanted.sort(key=lambda s: (KIND_ORDER.get(kinds_seen[s], 2), s))
-    sizes = [shapes[name][0] for name in fs.names]
     return _Pool(
         fs,
         {s: kinds_seen[s] for s in wanted},
         {s: rows[s] for s in wanted},  # ascending: a stable argsort keeps row order within a source
-        np.concatenate([[0], np.cumsum(sizes)]),
     )
 
 
@@ -201,27 +118,25 @@ def _load_finite(
     pool: _Pool, st: StageRun, source: str, rows: np.ndarray, reported: set[int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features of ``rows`` (float32) with non-finite rows handled per ``on_error``; returns (features, kept rows)."""
-    feats = pool.fs.take(rows)
-    finite = np.isfinite(feats).all(axis=1)
-    if not finite.all():
-        bad_rows = rows[~finite]
-        for row, sample_id in zip(bad_rows, pool.ids_of(bad_rows)):
+    fs = pool.fs
+
+    def record(bad_rows: np.ndarray) -> None:
+        for row, sample_id in zip(bad_rows, fs.ids_of(bad_rows)):
             if int(row) in reported:
                 continue
             reported.add(int(row))
-            shard, local = pool.locate(int(row))
-            st.current_shard = shard
+            st.current_shard = fs.locate(int(row))[0]
             st.handle(
                 SampleError(
                     "non-finite features",
-                    f"{pool.fs.shards_dir / shard}.npy row {local}",
+                    fs.where(int(row)),
                     f"dataset {source!r}, sample {sample_id!r}: NaN/inf in the feature vector; re-run featurize on it",
                     sample_id,
                 )
             )
         st.current_shard = None
-        feats, rows = feats[finite], rows[finite]
-    return feats, rows
+
+    return load_finite_rows(fs, rows, record)
 
 
 def _load_subsamples(pool: _Pool, config: GapConfig, st: StageRun, reported: set[int]) -> dict[str, np.ndarray]:
@@ -385,9 +300,7 @@ def _write_maps(st: StageRun, pool: _Pool, config: GapConfig, reported: set[int]
         return
     with st.timed("pca"):
         reduced = pca_reduce(x, config.pca_dim, config.seed)
-    order = np.argsort(all_rows, kind="stable")  # ids_of wants sorted rows
-    ids = np.empty(len(all_rows), dtype=object)
-    ids[order] = pool.ids_of(all_rows[order])
+    ids = np.array(pool.fs.ids_of(all_rows), dtype=object)
     kinds = [pool.kinds[s] for s in labels]
     maps = {"tsne": "t-SNE"} | ({"umap": "UMAP"} if config.umap else {})
     for name, title in maps.items():

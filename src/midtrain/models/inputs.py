@@ -168,7 +168,8 @@ def render_prompt(processor, messages: list[dict], where: str = "", sample_id: s
 class BatchInfo:
     """What ``build_batch`` did with each row.
 
-    ``positions[i]``: index into the input ``rows`` of batch row ``i``; ``lengths``: real tokens
+    ``positions[i]``: index into the input ``rows`` of batch row ``i`` (rows with images come first);
+    ``lengths``: real tokens
     per batch row (after truncation); ``truncated``: rows cut to ``max_length``; ``errors``: rows
     left out, one :class:`SampleError` each (with ``sample_id``); ``answer_mask``: ``[batch, tokens]``
     bool tensor, True on assistant-answer tokens (only when asked for).
@@ -259,7 +260,9 @@ def _answer_mask(processor, batch, samples: list[_Sample]):
     import torch
 
     offsets = batch["offset_mapping"]  # [B, T, 2] char offsets in the expanded text
-    replacements = batch.get("text_replacement_offsets") or [[] for _ in samples]
+    replacements = batch.get("text_replacement_offsets")
+    if replacements is None or (hasattr(replacements, "numel") and replacements.numel() == 0):  # none, or tensorised empty
+        replacements = [[] for _ in samples]
     laid = _laid_out_texts(processor, samples)
     mask = torch.zeros(offsets.shape[:2], dtype=torch.bool)
     starts, ends = offsets[..., 0], offsets[..., 1]
@@ -311,6 +314,9 @@ def build_batch(
             samples.append(_prepare_sample(row, position, processor, include_assistant, answer_mask))
         except SampleError as err:
             errors.append(err)
+    # Samples with images first: transformers decides from the first sample whether a ragged output
+    # (text_replacement_offsets) can become a tensor, and a text-only first sample makes it try and fail.
+    samples.sort(key=lambda s: not s.images)
     batch, samples = _process(processor, samples, answer_mask, errors) if samples else (None, [])
     if batch is not None and max_length is not None:
         batch, samples, truncated = _apply_max_length(processor, batch, samples, max_length, overlong, answer_mask, errors)

@@ -1,2 +1,1 @@
-"""Selection: proximity estimator (fit), pool scoring with the estimator or a baseline
-(score), top-K / sampled selection with a report (select), and export of the mixture."""
+"""The select stage: the top-K (or sampled) mixture chosen from the pool scores, with a selection report."""

@@ -3,9 +3,18 @@ a LeRobot v3.0 dataset in ``<run>/sim_collect/lerobot/``.
 
 For every task, ``episodes_per_task`` episodes start from seeded random initial states and
 run the task's scripted policy until Meta-World reports success or ``max_steps`` pass. Every
-step records the upright camera frame, the proprioceptive state (hand xyz, gripper opening)
-and the executed action; only successful episodes are written, and the per-task success
-rate goes into the manifest. Episodes are rendered in parallel worker processes; each
+step records the upright camera frame, the proprioceptive state (hand xyz, gripper opening),
+the executed action and the simulator's ground truth (extra LeRobot features, see
+``metaworld_env.ground_truth_features``: end-effector position, gripper opening, gripper-object
+contact, the task's object and goal positions, the camera's intrinsics and extrinsics); the
+calibration and the names of each task's objects also go to ``meta/calibration.json`` and
+``meta/objects.json``. Only successful episodes are written, and the per-task success
+rate goes into the manifest.
+
+Frames are stored losslessly by default (H.264 ``libx264rgb`` at crf 0: decoded frames equal
+the renders bit for bit), because a policy trained on lossy decoded frames fails on raw renders
+(CALIBRATION.md: H.264 crf 23 took success from 0.49 to 0.04); ``benchmarks/sim_codec.py``
+measures the options. Episodes are rendered in parallel worker processes; each
 episode's seed depends only on (seed, task, episode index), so the dataset is the same
 whatever the number of workers. An interrupted run starts the dataset over (a LeRobot
 dataset is written in one pass).
@@ -17,17 +26,18 @@ import contextlib
 import difflib
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
 
-from ..config import ConfigError, StageConfig
+from ..config import ConfigError, StageConfig, option
 from ..runs import RunDir, StageError, stage_run
 from .metaworld_env import (
-    ACTION_NAMES, CAMERAS, DEFAULT_TASKS, MAX_EPISODE_STEPS, STATE_NAMES, TASK_INSTRUCTIONS,
-    CameraView, Episode, ensure_gl_backend, episode_seed, make_env, make_policy, run_episode,
+    ACTION_NAMES, CAMERAS, DEFAULT_TASKS, MAX_EPISODE_STEPS, STATE_NAMES, TASK_INSTRUCTIONS, TASK_OBJECTS,
+    WORLD_FRAME, CameraView, Episode, ensure_gl_backend, episode_seed, ground_truth_features, make_env, make_policy,
+    run_episode,
 )  # fmt: skip
 from .parallel import map_in_workers
 
@@ -38,22 +48,20 @@ DATASET_DIR = "lerobot"
 @dataclass
 class SimCollectConfig(StageConfig):
     """Which Meta-World tasks to record, how many episodes, and how frames are rendered.
+    ``random`` and ``zero`` policies are baselines that (almost) never succeed."""
 
-    ``policy``: ``expert`` (the scripted Meta-World policy) for a corpus; ``random`` and
-    ``zero`` are baselines that (almost) never succeed. ``video_codec``: an encoder PyAV
-    has (default: the LeRobot writer's choice). ``workers``: rendering processes (0 or 1:
-    this process; more: spawned, see ``midtrain.sim.parallel``).
-    """
-
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
-    episodes_per_task: int = 4
-    max_steps: int = 200
-    camera: str = "corner"
-    width: int = 128
-    height: int = 128
-    policy: Literal["expert", "random", "zero"] = "expert"
-    workers: int = 2
-    video_codec: Optional[str] = None
+    tasks: list[str] = option(factory=lambda: list(DEFAULT_TASKS), help="Meta-World v3 tasks to record")
+    episodes_per_task: int = option(4, "episodes recorded per task")
+    max_steps: int = option(200, "most steps per episode (Meta-World's limit at most)")
+    camera: str = option("corner", "the Meta-World camera the frames are rendered from")
+    width: int = option(128, "frame width, pixels (even)")
+    height: int = option(128, "frame height, pixels (even)")
+    policy: Literal["expert", "random", "zero"] = option("expert", "who acts: the scripted expert (a corpus), or a random / zero baseline")
+    workers: int = option(2, "rendering processes (0 or 1: this process; more: spawned, see midtrain.sim.parallel)", throughput=True)
+    video_codec: str = option(
+        "libx264rgb", "a video encoder PyAV has: libx264rgb (lossless H.264, decoded == rendered), libx264, libsvtav1, ..."
+    )
+    crf: Optional[int] = option(None, "the encoder's quality (null: the codec's default; 0 = lossless for libx264rgb)")
 
     def validate(self) -> None:
         if not self.tasks:
@@ -167,11 +175,13 @@ def collect_robot_corpus(config: SimCollectConfig, run_dir: RunDir, force: bool 
                             dataset_dir, fps=fps, robot_type="sawyer",
                             cameras={camera_key: (config.height, config.width)}, state_dim=len(STATE_NAMES),
                             action_dim=len(ACTION_NAMES), state_names=STATE_NAMES, action_names=ACTION_NAMES,
-                            video_codec=config.video_codec,
+                            video_codec=config.video_codec, crf=config.crf,
+                            extra_features=ground_truth_features(config.camera),
+                            meta=dataset_meta(config, camera_key, ep),
                         ))  # fmt: skip
                     with st.timed("write"):
                         writer.add_episode(frames={camera_key: ep.frames}, state=ep.state, action=ep.action,
-                                           task=TASK_INSTRUCTIONS[ep.task])  # fmt: skip
+                                           task=TASK_INSTRUCTIONS[ep.task], extra=ep.ground_truth)  # fmt: skip
                     st.counts["episodes_kept"] += 1
                     st.counts["written"] += len(ep.frames)
                 st.extra.update(_summary(per_task, frames_rendered, render_seconds, time.perf_counter() - started,
@@ -188,6 +198,33 @@ def collect_robot_corpus(config: SimCollectConfig, run_dir: RunDir, force: bool 
         for task, stats in per_task.items():
             st.log.info("%s: %d/%d episodes succeeded", task, stats["succeeded"], stats["episodes"])
     return st.dir
+
+
+def dataset_meta(config: SimCollectConfig, camera_key: str, episode: Episode) -> dict:
+    """``meta/calibration.json`` (the camera is fixed: its calibration at the first frame, and the
+    per-frame features) and ``meta/objects.json`` (per task instruction: what its objects are called)."""
+    from ..data.calibration import CameraCalibration, calibration_json
+
+    truth = episode.ground_truth
+    intrinsics_key, extrinsics_key = f"observation.cameras.{config.camera}.intrinsics", f"observation.cameras.{config.camera}.extrinsics"
+    camera = CameraCalibration(
+        camera_key, config.width, config.height, truth[intrinsics_key][0].astype(np.float64),
+        truth[extrinsics_key][0].astype(np.float64).reshape(3, 4), intrinsics_key, extrinsics_key,
+    )  # fmt: skip
+    objects = {
+        TASK_INSTRUCTIONS[task]: {"task": task, "objects": list(TASK_OBJECTS[task].objects), "goal": TASK_OBJECTS[task].goal,
+                                  "verb": TASK_OBJECTS[task].verb, "target": TASK_OBJECTS[task].target}
+        for task in config.tasks
+    }  # fmt: skip
+    return {
+        "calibration.json": calibration_json([camera], WORLD_FRAME),
+        "objects.json": {
+            "description": "per task instruction: names of the observation.object_pos slots (object1, object2), "
+            "what the goal position is (null: not a thing to point at), the verb at the interaction point and "
+            "which point that is (object: object1; goal: the goal position)",
+            "object_feature": "observation.object_pos", "goal_feature": "observation.goal_pos", "tasks": objects,
+        },
+    }  # fmt: skip
 
 
 def _summary(per_task, frames, render_s, wall_s, backend, camera_key, fps, config) -> dict:
@@ -213,5 +250,6 @@ def _summary(per_task, frames, render_s, wall_s, backend, camera_key, fps, confi
             "frames_per_wall_s": round(frames / wall_s, 1) if wall_s else None, "workers": config.workers,
         },
         "dataset": {"path": DATASET_DIR, "format": "lerobot v3.0", "fps": fps, "camera_key": camera_key,
-                    "state_names": STATE_NAMES, "action_names": ACTION_NAMES},
+                    "state_names": STATE_NAMES, "action_names": ACTION_NAMES, "video_codec": config.video_codec,
+                    "ground_truth": list(ground_truth_features(config.camera))},
     }  # fmt: skip

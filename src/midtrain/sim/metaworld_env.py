@@ -18,6 +18,7 @@ to OSMesa.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import subprocess
 import sys
@@ -25,8 +26,8 @@ import time
 import warnings
 import weakref
 import zlib
-from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 
@@ -51,7 +52,7 @@ TASK_INSTRUCTIONS: dict[str, str] = {
     "door-lock-v3": "lock the door by turning the lock down",
     "door-open-v3": "pull the door open by its handle",
     "door-unlock-v3": "unlock the door by turning the lock up",
-    "hand-insert-v3": "insert the gripper into the hole in the table",
+    "hand-insert-v3": "pick up the block and put it into the hole in the table",
     "drawer-close-v3": "push the drawer closed",
     "drawer-open-v3": "pull the drawer open",
     "faucet-open-v3": "turn the faucet handle to the left to open it",
@@ -76,15 +77,92 @@ TASK_INSTRUCTIONS: dict[str, str] = {
     "stick-pull-v3": "grasp the stick and pull the box with it",
     "push-v3": "push the puck to the goal",
     "push-wall-v3": "push the puck around the wall to the goal",
-    "push-back-v3": "pull the puck back to the goal",
+    "push-back-v3": "pull the block back to the goal",
     "reach-v3": "reach the goal position with the gripper",
     "reach-wall-v3": "reach over the wall to the goal position",
-    "shelf-place-v3": "pick up the puck and place it on the shelf",
-    "sweep-into-v3": "sweep the puck into the hole",
-    "sweep-v3": "sweep the puck off the edge of the table",
+    "shelf-place-v3": "pick up the block and place it on the shelf",
+    "sweep-into-v3": "sweep the block into the hole",
+    "sweep-v3": "sweep the block off the edge of the table",
     "window-open-v3": "slide the window open",
     "window-close-v3": "slide the window closed",
 }
+
+@dataclass(frozen=True)
+class TaskObjects:
+    """What a question may call a task's things, in the order of Meta-World's observation slots.
+
+    ``objects``: names of the observation's object positions (``obs[4:7]``, ``obs[11:14]``);
+    ``goal``: what the goal position is (``None`` where it is not a thing one can point at, e.g.
+    a button's pressed-in depth); ``verb``: what the gripper does at the task's interaction point;
+    ``target``: which point that is (``object``: the first object's position, which Meta-World
+    places at the handle, button top or grasp point; ``goal``: the goal position, for reaching).
+    """
+
+    objects: tuple[str, ...]
+    goal: Optional[str]
+    verb: str
+    target: Literal["object", "goal"] = "object"
+
+
+def _objects(*objects: str, goal: Optional[str] = None, verb: str, target: str = "object") -> TaskObjects:
+    return TaskObjects(tuple(objects), goal, verb, target)  # type: ignore[arg-type]
+
+
+_GOAL = "goal position"
+TASK_OBJECTS: dict[str, TaskObjects] = {
+    "assembly-v3": _objects("nut", goal="peg", verb="grasp"),
+    "basketball-v3": _objects("basketball", goal="hoop", verb="grasp"),
+    "bin-picking-v3": _objects("puck", goal="blue bin", verb="grasp"),
+    "box-close-v3": _objects("lid", goal="box", verb="grasp"),
+    "button-press-topdown-v3": _objects("button", verb="press"),
+    "button-press-topdown-wall-v3": _objects("button", verb="press"),
+    "button-press-v3": _objects("button", verb="press"),
+    "button-press-wall-v3": _objects("button", verb="press"),
+    "coffee-button-v3": _objects("coffee machine button", verb="press"),
+    "coffee-pull-v3": _objects("mug", goal=_GOAL, verb="grasp"),
+    "coffee-push-v3": _objects("mug", goal=_GOAL, verb="push"),
+    "dial-turn-v3": _objects("dial", verb="turn"),
+    "disassemble-v3": _objects("nut", verb="grasp"),
+    "door-close-v3": _objects("door handle", verb="push"),
+    "door-lock-v3": _objects("door lock", verb="turn"),
+    "door-open-v3": _objects("door handle", verb="pull"),
+    "door-unlock-v3": _objects("door lock", verb="turn"),
+    "hand-insert-v3": _objects("block", goal="hole", verb="grasp"),
+    "drawer-close-v3": _objects("drawer handle", verb="push"),
+    "drawer-open-v3": _objects("drawer handle", verb="pull"),
+    "faucet-open-v3": _objects("faucet handle", verb="turn"),
+    "faucet-close-v3": _objects("faucet handle", verb="turn"),
+    "hammer-v3": _objects("hammer", "nail", verb="grasp"),
+    "handle-press-side-v3": _objects("handle", verb="press"),
+    "handle-press-v3": _objects("handle", verb="press"),
+    "handle-pull-side-v3": _objects("handle", verb="pull"),
+    "handle-pull-v3": _objects("handle", verb="pull"),
+    "lever-pull-v3": _objects("lever", verb="pull"),
+    "pick-place-wall-v3": _objects("puck", goal=_GOAL, verb="grasp"),
+    "pick-out-of-hole-v3": _objects("puck", goal=_GOAL, verb="grasp"),
+    "pick-place-v3": _objects("puck", goal=_GOAL, verb="grasp"),
+    "plate-slide-v3": _objects("plate", goal=_GOAL, verb="push"),
+    "plate-slide-side-v3": _objects("plate", goal=_GOAL, verb="push"),
+    "plate-slide-back-v3": _objects("plate", goal=_GOAL, verb="push"),
+    "plate-slide-back-side-v3": _objects("plate", goal=_GOAL, verb="push"),
+    "peg-insert-side-v3": _objects("peg", goal="hole", verb="grasp"),
+    "peg-unplug-side-v3": _objects("peg", verb="grasp"),
+    "soccer-v3": _objects("soccer ball", goal="soccer goal", verb="push"),
+    "stick-push-v3": _objects("stick", "box", verb="grasp"),
+    "stick-pull-v3": _objects("stick", "box", verb="grasp"),
+    "push-v3": _objects("puck", goal=_GOAL, verb="push"),
+    "push-wall-v3": _objects("puck", goal=_GOAL, verb="push"),
+    "push-back-v3": _objects("block", goal=_GOAL, verb="push"),
+    "reach-v3": _objects("puck", goal=_GOAL, verb="reach", target="goal"),
+    "reach-wall-v3": _objects("puck", goal=_GOAL, verb="reach", target="goal"),
+    "shelf-place-v3": _objects("block", goal="shelf", verb="grasp"),
+    "sweep-into-v3": _objects("block", goal="hole", verb="push"),
+    "sweep-v3": _objects("block", verb="push"),
+    "window-open-v3": _objects("window handle", verb="push"),
+    "window-close-v3": _objects("window handle", verb="push"),
+}
+MAX_OBJECTS = 2  # object slots of the Meta-World observation
+
 
 # Ten tasks with different objects and motions (reach, push, grasp, articulated, tool use).
 DEFAULT_TASKS: tuple[str, ...] = (
@@ -145,6 +223,25 @@ def ensure_gl_backend() -> str:
         "Install EGL (apt-get install -y libegl1 libgl1 libegl-mesa0 libgl1-mesa-dri) or OSMesa "
         "(apt-get install -y libosmesa6), or set MUJOCO_GL to a backend that works here."
     )
+
+
+def _load_triton_before_gl() -> None:
+    """Import Triton, if installed, before the first offscreen GL context of this process.
+
+    Mesa's software renderer (llvmpipe, behind EGL and OSMesa here) loads its own LLVM when a
+    context is made; importing Triton afterwards - which ``torch.compile``, ``torch._dynamo`` and
+    ``torchvision.ops`` do - loads Triton's bundled LLVM beside it and the process segfaults. In
+    the other order both work, so a process that renders and then runs a compiled or torchvision
+    model (evaluation rollouts, the test suite) imports Triton first (~0.4 s, once).
+    """
+    if "triton" in sys.modules:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return
+    with contextlib.suppress(Exception):  # a broken Triton install must not stop rendering
+        import triton  # noqa: F401
 
 
 def import_mujoco():
@@ -243,8 +340,9 @@ class CameraView:
     ``rgb(data)`` -> uint8 [H, W, 3]; ``segmentation(data)`` -> int32 [H, W] geom ids (-1 where
     no geom); ``project(data, points)`` -> float [N, 2] pixel coordinates (x right, y down, in
     pixels of the upright image, pixel (i, j) covering [j, j+1) x [i, i+1)) and depth [N] in
-    metres along the viewing axis. Projection uses the camera's pose ``data.cam_xpos/xmat``
-    and vertical field of view ``model.cam_fovy`` (MuJoCo cameras look along their -z axis).
+    metres along the viewing axis. Projection uses :meth:`intrinsics` (from the vertical field of
+    view ``model.cam_fovy``) and :meth:`extrinsics` (from the pose ``data.cam_xpos/xmat``), the
+    calibration ``sim collect`` records (:mod:`midtrain.data.calibration`).
     """
 
     def __init__(self, model: Any, camera: str, width: int, height: int):
@@ -261,6 +359,7 @@ class CameraView:
         model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
         model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
         model.vis.quality.offsamples = 0  # no multisampling: read when the offscreen buffer is made
+        _load_triton_before_gl()
         try:
             self.renderer = mujoco.Renderer(model, self.height, self.width)
         except Exception as exc:  # GL context creation fails with backend-specific types
@@ -280,7 +379,7 @@ class CameraView:
         self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = False
         self.render_seconds = 0.0
         self.frames_rendered = 0
-        _open_views.add(self)
+        _track_view(self)
 
     def _upright(self, image: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(image[::-1, ::-1]) if self.upside_down else image
@@ -303,31 +402,50 @@ class CameraView:
         geom_ids = np.where(seg[..., 1] == int(self._mujoco.mjtObj.mjOBJ_GEOM), seg[..., 0], -1)
         return self._upright(geom_ids.astype(np.int32))
 
-    def project(self, data: Any, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        points = np.atleast_2d(np.asarray(points, dtype=np.float64))
-        rotation = data.cam_xmat[self.camera_id].reshape(3, 3)  # columns: camera axes in world
-        in_camera = (points - data.cam_xpos[self.camera_id]) @ rotation  # [N, 3], row-wise R^T (p - c)
-        depth = -in_camera[:, 2]
+    def intrinsics(self) -> np.ndarray:
+        """``(fx, fy, cx, cy)`` in pixels of the upright image (MuJoCo cameras have square pixels and
+        the principal point at the image centre; the focal length follows from ``cam_fovy``)."""
         focal = 0.5 * self.height / np.tan(np.deg2rad(self.model.cam_fovy[self.camera_id]) / 2)
-        safe = np.where(depth > 1e-9, depth, np.nan)
-        x = self.width / 2 + focal * in_camera[:, 0] / safe
-        y = self.height / 2 - focal * in_camera[:, 1] / safe
-        if self.upside_down:
-            x, y = self.width - x, self.height - y
-        return np.stack([x, y], axis=1), depth
+        return np.array([focal, focal, self.width / 2, self.height / 2])
+
+    def extrinsics(self, data: Any) -> np.ndarray:
+        """World -> camera ``[R | t]`` (3x4) in OpenCV axes of the upright image (see
+        :mod:`midtrain.data.calibration`). MuJoCo's camera frame is x right, y up, looking along -z,
+        so OpenCV's is that turned by ``diag(1, -1, -1)``; an upside-down camera turned upright is
+        a further half turn about the view axis, ``diag(-1, 1, -1)`` in all."""
+        to_camera = data.cam_xmat[self.camera_id].reshape(3, 3).T  # rows: camera axes in world
+        flip = np.diag([-1.0, 1.0, -1.0]) if self.upside_down else np.diag([1.0, -1.0, -1.0])
+        rotation = flip @ to_camera
+        return np.hstack([rotation, (-rotation @ data.cam_xpos[self.camera_id])[:, None]])
+
+    def project(self, data: Any, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from ..data.calibration import project_points
+
+        points = np.atleast_2d(np.asarray(points, dtype=np.float64))
+        return project_points(points, self.intrinsics(), self.extrinsics(data))
 
     def close(self) -> None:
-        _open_views.discard(self)
-        self.renderer.close()
+        if self in _open_views:
+            _open_views.discard(self)
+            self.renderer.close()
 
 
 _open_views: "weakref.WeakSet[CameraView]" = weakref.WeakSet()
+_exit_hook_registered = False
 
 
-@atexit.register
+def _track_view(view: CameraView) -> None:
+    """Remember an open view, and on the first one register the exit hook that frees them. It is
+    registered after mujoco was imported (and registered its own EGL teardown), so it runs
+    before that teardown: renderers garbage-collected after it print EGL errors."""
+    global _exit_hook_registered
+    _open_views.add(view)
+    if not _exit_hook_registered:
+        atexit.register(_close_open_views)
+        _exit_hook_registered = True
+
+
 def _close_open_views() -> None:
-    """Free GL contexts before MuJoCo's own exit hook tears EGL down (registered earlier, so run
-    later); otherwise renderers garbage-collected at shutdown print EGL errors."""
     for view in list(_open_views):
         view.close()
 
@@ -335,11 +453,96 @@ def _close_open_views() -> None:
 # --------------------------------------------------------------------------- episodes
 
 
+# Per-frame ground truth recorded beside each frame (feature key -> names of its entries); the
+# camera's calibration features are added per camera (:func:`ground_truth_features`).
+WORLD_FRAME = (
+    "Meta-World world frame, metres: +x the robot's right, +y forward (away from the robot base), +z up; "
+    "the table top is z = 0"
+)
+GROUND_TRUTH_FEATURES: dict[str, list[str]] = {
+    "observation.ee_pos": ["x", "y", "z"],  # tool centre point: midway between the fingertips
+    "observation.gripper_opening": ["opening"],  # finger distance / 0.1 m, clipped to [0, 1] (as state[3])
+    "observation.contact": ["in_contact"],  # 1.0 while a gripper geom touches a movable scene object
+    "observation.object_pos": [f"object{i + 1}_{a}" for i in range(MAX_OBJECTS) for a in "xyz"],  # zeros: no object
+    "observation.goal_pos": ["x", "y", "z"],
+}
+
+
+def camera_features(camera: str) -> dict[str, list[str]]:
+    """The per-frame calibration features of ``camera`` (see :mod:`midtrain.data.calibration`)."""
+    from ..data.calibration import EXTRINSICS_NAMES, INTRINSICS_NAMES
+
+    return {f"observation.cameras.{camera}.intrinsics": INTRINSICS_NAMES,
+            f"observation.cameras.{camera}.extrinsics": EXTRINSICS_NAMES}  # fmt: skip
+
+
+def ground_truth_features(camera: str) -> dict[str, list[str]]:
+    """Every ground-truth feature ``run_episode`` records with ``camera``: key -> entry names."""
+    return {**GROUND_TRUTH_FEATURES, **camera_features(camera)}
+
+
+class GroundTruthProbe:
+    """Reads the simulator's ground truth for the current state of ``env``, as float32 vectors
+    keyed like :func:`ground_truth_features`.
+
+    Contact: any MuJoCo contact between a geom of the gripper (the ``right_hand`` body and its
+    subtree: wrist, fingers, pads) and a geom of a movable scene object (a body tree with a joint
+    that is not the robot's: pucks, doors, drawers, buttons, ...). The table and walls do not count.
+    """
+
+    def __init__(self, env: Any, view: CameraView):
+        model = env.model
+        self.env, self.view = env, view
+        root_name = "right_hand" if _has_body(model, "right_hand") else "hand"
+        gripper_root = model.body(root_name).id
+        parents = model.body_parentid
+        in_gripper = np.zeros(model.nbody, dtype=bool)
+        for b in range(model.nbody):  # parents precede children in MuJoCo's body order
+            in_gripper[b] = b == gripper_root or (b > 0 and in_gripper[parents[b]])
+        robot_root = model.body_rootid[gripper_root]
+        movable_roots = {int(model.body_rootid[b]) for b in range(model.nbody) if model.body_jntnum[b] > 0} - {robot_root}
+        movable = np.isin(model.body_rootid, list(movable_roots)) & (np.arange(model.nbody) > 0)
+        self.gripper_geom = in_gripper[model.geom_bodyid]
+        self.object_geom = movable[model.geom_bodyid]
+        self.intrinsics = view.intrinsics().astype(np.float32)
+        self.camera = view.camera
+
+    def in_contact(self) -> bool:
+        data = self.env.data
+        n = data.ncon
+        if n == 0:
+            return False
+        g1, g2 = data.contact.geom1[:n], data.contact.geom2[:n]
+        pairs = (self.gripper_geom[g1] & self.object_geom[g2]) | (self.gripper_geom[g2] & self.object_geom[g1])
+        return bool(pairs.any())
+
+    def __call__(self, obs: np.ndarray) -> dict[str, np.ndarray]:
+        objects = np.concatenate([obs[4:7], obs[11:14]])
+        return {
+            "observation.ee_pos": np.asarray(self.env.tcp_center, dtype=np.float32),
+            "observation.gripper_opening": np.asarray(obs[3:4], dtype=np.float32),
+            "observation.contact": np.array([float(self.in_contact())], dtype=np.float32),
+            "observation.object_pos": objects.astype(np.float32),
+            "observation.goal_pos": np.asarray(obs[36:39], dtype=np.float32),
+            f"observation.cameras.{self.camera}.intrinsics": self.intrinsics,
+            f"observation.cameras.{self.camera}.extrinsics": self.view.extrinsics(self.env.data).reshape(12).astype(np.float32),
+        }  # fmt: skip
+
+
+def _has_body(model: Any, name: str) -> bool:
+    try:
+        model.body(name)
+    except KeyError:
+        return False
+    return True
+
+
 @dataclass
 class Episode:
     """One recorded episode. frames uint8 [T, H, W, 3]; state float32 [T, 4]; action float32
     [T, 4] (the clipped action executed after observing frame t); ``success`` is Meta-World's
-    success flag at the last step."""
+    success flag at the last step; ``ground_truth``: feature key -> float32 [T, d] recorded with
+    each frame (:func:`ground_truth_features`)."""
 
     task: str
     index: int
@@ -350,6 +553,22 @@ class Episode:
     success: bool
     fps: int
     render_seconds: float = 0.0
+    ground_truth: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def reset_env(env: Any, seed: int) -> np.ndarray:
+    """Reset ``env`` to the initial state of ``seed`` and return the first observation.
+
+    ``env.reset`` moves the goal marker and objects in the model but leaves MuJoCo's derived
+    quantities (site and camera poses) stale until the first step; ``mj_forward`` brings them up
+    to date, so the first rendered frame shows the goal where it is. It changes no state, so the
+    rollout is the same as without it.
+    """
+    mujoco = import_mujoco()
+    env.seed(seed)
+    obs, _ = env.reset()  # resets MjData (mj_resetData) and draws the initial state from the seeded generator
+    mujoco.mj_forward(env.model, env.data)
+    return obs
 
 
 def run_episode(
@@ -357,15 +576,17 @@ def run_episode(
     task: str = "", index: int = 0,
 ) -> Episode:  # fmt: skip
     """Reset ``env`` to the initial state of ``seed`` and roll ``policy`` out until Meta-World
-    reports success or ``max_steps`` steps have been taken; a frame is rendered before every step."""
+    reports success or ``max_steps`` steps have been taken; a frame and its ground truth are
+    recorded before every step."""
     render_before = view.render_seconds
-    env.seed(seed)
-    obs, _ = env.reset()  # resets MjData (mj_resetData) and draws the initial state from the seeded generator
-    frames, states, actions = [], [], []
+    obs = reset_env(env, seed)
+    probe = GroundTruthProbe(env, view)
+    frames, states, actions, truth = [], [], [], []
     success = False
     for _ in range(max_steps):
         frames.append(view.rgb(env.data))
         states.append(obs[:4])
+        truth.append(probe(obs))
         action = np.clip(np.asarray(policy(obs), dtype=np.float64), -1.0, 1.0).astype(np.float32)
         actions.append(action)
         obs, _, _, _, info = env.step(action)
@@ -376,4 +597,5 @@ def run_episode(
     return Episode(
         task=task, index=index, seed=seed, frames=np.stack(frames), state=np.asarray(states, dtype=np.float32),
         action=np.stack(actions), success=success, fps=fps, render_seconds=view.render_seconds - render_before,
+        ground_truth={key: np.stack([t[key] for t in truth]) for key in truth[0]},
     )  # fmt: skip

@@ -20,12 +20,12 @@ import json
 import os
 import shutil
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, StageConfig
+from ..config import ConfigError, StageConfig, option
 from ..data.images import encode_image
 from ..runs import RunDir, stage_run, write_json_atomic
 from .metaworld_env import CAMERAS, ensure_gl_backend
@@ -37,23 +37,18 @@ STAGE = "sim_pool"
 
 @dataclass
 class SimPoolConfig(StageConfig):
-    """Which sources to generate and how big.
+    """Which sources to generate and how big. Keep ``camera`` equal to ``sim collect``'s so the
+    embodied source looks like the robot frames; every sample is a function of (seed, source,
+    index), so the worker and job settings change only the speed."""
 
-    ``samples_per_source`` applies to every source unless ``source_sizes`` names it.
-    ``image_size``: side in pixels (book covers and documents are 3:4 portrait of that height).
-    ``camera`` and ``max_objects`` shape the spatial scenes; keep ``camera`` equal to
-    ``sim collect``'s so the embodied source looks like the robot frames. ``workers``:
-    generating processes (0 or 1: this process), each given ``samples_per_job`` samples at a time.
-    """
-
-    sources: list[str] = field(default_factory=lambda: list(SOURCES))
-    samples_per_source: int = 200
-    source_sizes: dict[str, int] = field(default_factory=dict)
-    image_size: int = 128
-    camera: str = "corner"
-    max_objects: int = 4
-    workers: int = 2
-    samples_per_job: int = 25
+    sources: list[str] = option(factory=lambda: list(SOURCES), help="pool sources to generate")
+    samples_per_source: int = option(200, "samples of every source not named in `source_sizes`")
+    source_sizes: dict[str, int] = option(factory=dict, help="samples of the sources named here")
+    image_size: int = option(128, "image side, pixels (book covers and documents: 3:4 portrait of that height)")
+    camera: str = option("corner", "the Meta-World camera of the spatial scenes")
+    max_objects: int = option(4, "most objects in a spatial scene")
+    workers: int = option(2, "generating processes (0 or 1: this process)", throughput=True)
+    samples_per_job: int = option(25, "samples a worker generates at a time", throughput=True)
 
     def validate(self) -> None:
         if not self.sources:

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..data.calibration import POINT_FORMAT, SHORT_POINT_FORMAT, format_points
 from ..runs import StageError
 
 SOURCES: tuple[str, ...] = ("spatial_pointing", "captions", "book_covers", "chart_qa", "counting")
@@ -49,14 +50,6 @@ def _pick(rng: np.random.Generator, items):
     return items[int(rng.integers(len(items)))]
 
 
-def _point(x: float, y: float, width: int, height: int) -> str:
-    return f"({x / width:.3f}, {y / height:.3f})"
-
-
-def _points(pixels, width: int, height: int) -> str:
-    return "[" + ", ".join(_point(x, y, width, height) for x, y in pixels) + "]"
-
-
 def _region_words(x: float, y: float, width: int, height: int) -> str:
     horizontal = ("left", "center", "right")[min(2, int(3 * x / width))]
     vertical = ("upper", "middle", "lower")[min(2, int(3 * y / height))]
@@ -65,14 +58,6 @@ def _region_words(x: float, y: float, width: int, height: int) -> str:
     if horizontal == "center":
         return f"the {vertical} center"
     return f"the {vertical} {horizontal}" if vertical != "middle" else f"the middle {horizontal}"
-
-
-SHORT_POINT_FORMAT = "Answer with points (x, y) normalized to [0, 1]."
-POINT_FORMAT = (
-    "Your answer should be formatted as a list of tuples, i.e. [(x1, y1), (x2, y2), ...], where each tuple "
-    "contains the x and y coordinates of a point satisfying the conditions above. The coordinates should be "
-    "between 0 and 1, indicating the normalized pixel locations of the points in the image."
-)
 
 
 # --------------------------------------------------------------------------- spatial pointing
@@ -103,7 +88,7 @@ def spatial_pointing_sample(rng: np.random.Generator, renderer: Any) -> PoolSamp
         if turn is not None:
             return PoolSample(Image.fromarray(scene.image), [turn])
     obj = visible[0]
-    turn = (f"Point to the {obj.name}. {SHORT_POINT_FORMAT}", _points([obj.pixel], w, h))
+    turn = (f"Point to the {obj.name}. {SHORT_POINT_FORMAT}", format_points([obj.pixel], w, h))
     return PoolSample(Image.fromarray(scene.image), [turn])
 
 
@@ -113,12 +98,12 @@ def _spatial_turn(kind: str, rng, scene, visible, w: int, h: int) -> tuple[str, 
         obj = _pick(rng, visible)
         verb = _pick(rng, ["Point to the", "Pinpoint the", "Where is the", "Locate the"])
         q = f"{verb} {obj.name} on the table{'?' if verb == 'Where is the' else '.'} {SHORT_POINT_FORMAT}"
-        return q, _points([obj.pixel], w, h)
+        return q, format_points([obj.pixel], w, h)
     if kind == "locate":
         obj = _pick(rng, visible)
         region = _region_words(*obj.pixel, w, h)
         q = f"Locate a point on the {obj.name} at {region} of the image. {SHORT_POINT_FORMAT}"
-        return q, _points([obj.pixel], w, h)
+        return q, format_points([obj.pixel], w, h)
     if kind == "closest_to_gripper":
         dist = np.array([np.linalg.norm(o.position - scene.gripper_position) for o in objects])
         order = np.argsort(dist)
@@ -165,7 +150,7 @@ def _spatial_turn(kind: str, rng, scene, visible, w: int, h: int) -> tuple[str, 
         if not all(o.pointable for o in same):
             return None
         plural = {"cube": "cubes", "ball": "balls", "cylinder": "cylinders"}[shape]
-        return f"Point to all the {plural} on the table. {SHORT_POINT_FORMAT}", _points([o.pixel for o in same], w, h)
+        return f"Point to all the {plural} on the table. {SHORT_POINT_FORMAT}", format_points([o.pixel for o in same], w, h)
     raise ValueError(kind)
 
 
@@ -604,10 +589,10 @@ def counting_sample(rng: np.random.Generator, size: int) -> PoolSample:
     else:
         same = [p for (c, s_, _, _), p in zip(shapes, centres) if s_ == shape and (kind == "point_all" or c == colour)]
         if kind == "point_one" and len(same) == 1:
-            turn = (f"Point to the {colour} {shape}. {POINT_FORMAT}", _points(same, size, size))
+            turn = (f"Point to the {colour} {shape}. {POINT_FORMAT}", format_points(same, size, size))
         else:
             same = [p for (_, s_, _, _), p in zip(shapes, centres) if s_ == shape]
-            turn = (f"Point to all the {_PLURALS[shape]}. {POINT_FORMAT}", _points(same, size, size))
+            turn = (f"Point to all the {_PLURALS[shape]}. {POINT_FORMAT}", format_points(same, size, size))
     return PoolSample(image, [turn])
 
 

@@ -1,0 +1,378 @@
+"""Episodes: one closed-loop rollout, and many in spawned worker processes.
+
+An episode: reset the task's environment to the initial state of its seed, ``policy.reset()``;
+then until the task reports success or ``max_steps`` steps were taken: render the cameras
+(frame t shows the state the action is chosen from), optionally pass each frame through the
+codec round trip, ``action = policy.select_action(observation)``, step the simulator. Success
+is the task's success flag at any step; ``length`` is the number of actions taken.
+
+Every episode's outcome depends only on its job (task, seed, initial state, settings): the
+environment is reset from the seed, and numpy's, Python's and torch's global generators and
+the policy's ``seed()`` (when it has one) are seeded from the episode seed before ``reset()``.
+So the same jobs give the same outcomes with 1 or W workers.
+
+Workers are ``spawn``-ed processes (a forked child would share the parent's GL state), each
+building its environments and EGL/OSMesa contexts itself, with llvmpipe limited to one thread
+(``LP_NUM_THREADS=1``: llvmpipe otherwise spreads over every core and parallel processes
+gain nothing, CALIBRATION.md). Each worker runs one job at a time, so when a worker dies (a
+segfault in the GL driver or the policy) the evaluator knows which episode it was running:
+that episode is recorded as failed with the exit status, a fresh worker takes over, the
+others go on. A Python exception inside an episode is recorded the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import pickle
+import random
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+
+from ..runs import StageError
+from .codec import CodecSpec, FrameCodec
+from .policies import ENV_STATE_KEY, STATE_KEY, TASK_KEY
+
+OUTCOMES = ("success", "step_limit", "error")
+
+
+@dataclass(frozen=True)
+class ObservationSpec:
+    """What is rendered and how: ``cameras`` (observation key, simulator camera) pairs, frame
+    size, the codec round trip (None: raw frames), the frame rate (videos, codec time base),
+    and ``video_key``: the camera whose frames go into the episode's video."""
+
+    cameras: tuple[tuple[str, str], ...]
+    height: int
+    width: int
+    codec: Optional[CodecSpec]
+    fps: float
+    video_key: str
+
+
+@dataclass(frozen=True)
+class EpisodeJob:
+    benchmark: str
+    suite: str
+    task: str
+    instruction: str
+    index: int
+    seed: int
+    init_state: Optional[int]
+    max_steps: int
+    obs: ObservationSpec
+    action_dim: int
+    video_path: Optional[str] = None  # where to write this episode's MP4, None: no video
+
+
+@dataclass
+class EpisodeResult:
+    task: str
+    index: int
+    seed: int
+    init_state: Optional[int]
+    success: bool
+    length: int
+    outcome: str  # one of OUTCOMES
+    failure: str  # "" on success, else why (step limit, the exception, the worker's exit status)
+    video: Optional[str] = None
+    timings: dict[str, float] = field(default_factory=dict)  # policy_s, physics_s, render_s, codec_s, reset_s, wall_s
+
+
+def _seed_everything(seed: int, policy: Any) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(seed % 2**63)
+    if callable(getattr(policy, "seed", None)):
+        policy.seed(seed)
+
+
+_SIM_CACHE: dict[str, Any] = {}  # this process's current environment (jobs arrive grouped by task)
+
+
+def import_triton_before_gl() -> None:
+    """Import Triton (when installed) before this process makes its first GL context.
+
+    Mesa's software GL (llvmpipe, behind EGL and OSMesa) loads the system's libLLVM; importing
+    Triton - which ``torch._dynamo`` / ``torch.compile`` do - into a process that has made a GL
+    context, even a freed one, then segfaults (their LLVMs clash), while the other order works
+    (measured: mujoco 3.3.0, Mesa llvmpipe/LLVM 15, triton with torch 2.14). A training loop
+    that evaluates in its own process and compiles later would otherwise crash.
+    """
+    import importlib.util
+
+    if "triton" not in sys.modules and importlib.util.find_spec("triton") is not None:
+        with contextlib.suppress(Exception):
+            import triton  # noqa: F401
+
+
+def _sim_for(job: EpisodeJob):
+    from .simulators import open_sim
+
+    key = (job.benchmark, job.suite, job.task, job.obs.cameras, job.obs.height, job.obs.width)
+    if _SIM_CACHE.get("key") != key:
+        close_sims()
+        import_triton_before_gl()
+        _SIM_CACHE["sim"] = open_sim(job.benchmark, job.suite, job.task, job.obs.cameras, job.obs.height, job.obs.width)
+        _SIM_CACHE["key"] = key
+    return _SIM_CACHE["sim"]
+
+
+def close_sims() -> None:
+    """Close this process's environment and GL contexts (before interpreter exit tears EGL down)."""
+    sim = _SIM_CACHE.pop("sim", None)
+    _SIM_CACHE.clear()
+    if sim is not None:
+        with contextlib.suppress(Exception):
+            sim.close()
+
+
+def run_episode(job: EpisodeJob, policy: Any) -> EpisodeResult:
+    """One closed-loop episode; exceptions become an ``error`` outcome with the reason."""
+    started = time.perf_counter()
+    timings = {"policy_s": 0.0, "physics_s": 0.0, "render_s": 0.0, "codec_s": 0.0, "reset_s": 0.0}
+    steps, success, frames = 0, False, []
+    sim = None
+    try:
+        t0 = time.perf_counter()
+        sim = _sim_for(job)
+        # one codec stream per camera, as each camera is its own video in a LeRobot dataset
+        codecs = {key: FrameCodec(job.obs.codec, job.obs.height, job.obs.width) for key, _ in job.obs.cameras} \
+            if job.obs.codec else {}  # fmt: skip
+        for codec in codecs.values():
+            codec.reset()
+        sim.reset(job.seed, job.init_state)
+        _seed_everything(job.seed, policy)
+        policy.reset()
+        timings["reset_s"] = time.perf_counter() - t0  # environment build (first episode of a task) and reset
+        physics0, render0 = sim.physics_s, sim.render_s
+        for _ in range(job.max_steps):
+            images, state, env_state = sim.observe()
+            if codecs:
+                t0 = time.perf_counter()
+                images = {key: codecs[key](frame) for key, frame in images.items()}
+                timings["codec_s"] += time.perf_counter() - t0
+            if job.video_path:
+                frames.append(images[job.obs.video_key])
+            observation = {**images, STATE_KEY: state, ENV_STATE_KEY: env_state, TASK_KEY: job.instruction}
+            t0 = time.perf_counter()
+            action = np.asarray(policy.select_action(observation))
+            timings["policy_s"] += time.perf_counter() - t0
+            action = _checked_action(action, job.action_dim)
+            steps += 1
+            if sim.step(action):
+                success = True
+                break
+        if job.video_path:  # the video also shows where the last action led
+            images = sim.observe()[0]
+            frames.append(codecs[job.obs.video_key](images[job.obs.video_key]) if codecs else images[job.obs.video_key])
+        outcome = "success" if success else "step_limit"
+        failure = "" if success else f"no success within {job.max_steps} steps"
+    except Exception as exc:  # the episode fails with its reason; the evaluation goes on
+        outcome, success = "error", False
+        failure = f"error at step {steps}: {type(exc).__name__}: {str(exc).strip()[:500]}"
+        sys.stderr.write(f"episode {job.task} #{job.index} (seed {job.seed}) failed:\n{traceback.format_exc()}")
+        close_sims()  # the environment may be in any state
+        sim = None
+    if sim is not None:
+        timings["physics_s"] = sim.physics_s - physics0
+        timings["render_s"] = sim.render_s - render0
+    video = None
+    if job.video_path and frames:
+        from .video import write_mp4
+
+        try:
+            video = str(write_mp4(job.video_path, frames, job.obs.fps))
+        except Exception:  # a video is a view of the episode, not its result
+            sys.stderr.write(f"episode {job.task} #{job.index}: the video was not written:\n{traceback.format_exc()}")
+    timings["wall_s"] = time.perf_counter() - started
+    return EpisodeResult(job.task, job.index, job.seed, job.init_state, success, steps, outcome, failure, video, timings)
+
+
+def _checked_action(action: np.ndarray, action_dim: int) -> np.ndarray:
+    if action.shape != (action_dim,):
+        action = action.squeeze()
+        if action.shape != (action_dim,):
+            raise StageError(f"policy returned an action of shape {tuple(action.shape)}; the environment takes ({action_dim},)")
+    if not np.all(np.isfinite(action)):
+        raise StageError(f"policy returned a non-finite action {action.tolist()}")
+    return action
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _status(exitcode: Optional[int]) -> str:
+    if exitcode is not None and exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by signal {signal.Signals(-exitcode).name}"
+    return f"exit code {exitcode}"
+
+
+def _died(job: EpisodeJob, exitcode: Optional[int]) -> EpisodeResult:
+    reason = f"worker process died while running this episode ({_status(exitcode)})"
+    return EpisodeResult(job.task, job.index, job.seed, job.init_state, False, 0, "error", reason, None, {})
+
+
+def _load_policy(source: tuple[str, Any]) -> Any:
+    kind, value = source
+    if kind == "path":
+        from .policies import load_policy
+
+        return load_policy(Path(value))
+    return pickle.loads(value)
+
+
+def _worker_main(conn, source: tuple[str, Any], benchmark: str, torch_threads: int) -> None:
+    """A worker process: import the simulator, load the policy, then run jobs from ``conn`` until it sends None."""
+    from .simulators import import_simulator
+
+    os.environ.setdefault("LP_NUM_THREADS", "1")  # llvmpipe threads of this process's GL contexts
+    try:
+        import_simulator(benchmark)
+        policy = _load_policy(source)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(torch_threads)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which stops the evaluation
+        conn.send(("init_error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", None))
+    try:
+        while True:
+            job = conn.recv()
+            if job is None:
+                break
+            conn.send(("result", run_episode(job, policy)))
+    finally:
+        close_sims()
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: Any
+    job: Optional[EpisodeJob] = None
+    ready: bool = False  # it loaded the policy
+    task: Optional[str] = None  # the task whose environment it holds
+
+
+class _TaskQueue:
+    """Pending jobs by task. A free worker takes the next episode of the task whose environment
+    it already holds, else of the first task no other worker holds, else of the task with the
+    most episodes left - so each environment is built about once, not once per worker."""
+
+    def __init__(self, jobs: list[EpisodeJob]):
+        self.by_task: dict[str, deque] = {}
+        for job in jobs:
+            self.by_task.setdefault(job.task, deque()).append(job)
+
+    def __bool__(self) -> bool:
+        return any(self.by_task.values())
+
+    def next_for(self, held: Optional[str], others: set) -> EpisodeJob:
+        left = {t: q for t, q in self.by_task.items() if q}
+        if held in left:
+            task = held
+        else:
+            free = [t for t in left if t not in others]
+            task = free[0] if free else max(left, key=lambda t: len(left[t]))
+        return self.by_task[task].popleft()
+
+
+def run_episodes(
+    jobs: Iterable[EpisodeJob], policy: Any, workers: int, source: Optional[tuple[str, Any]] = None
+) -> Iterator[EpisodeResult]:
+    """Run ``jobs``, yielding results as episodes finish (not in job order).
+
+    ``workers`` <= 1: in this process with ``policy``. Otherwise ``workers`` spawned processes,
+    each loading the policy from ``source``: ``("path", checkpoint dir)`` or ``("pickle", bytes)``.
+    """
+    jobs = list(jobs)
+    if workers <= 1 or len(jobs) <= 1:
+        try:
+            for job in jobs:
+                yield run_episode(job, policy)
+        finally:
+            close_sims()
+        return
+    if source is None:
+        source = ("pickle", pickle.dumps(policy))
+    yield from _run_in_workers(jobs, min(workers, len(jobs)), source)
+
+
+def _run_in_workers(jobs: list[EpisodeJob], workers: int, source: tuple[str, Any]) -> Iterator[EpisodeResult]:
+    ctx = multiprocessing.get_context("spawn")
+    torch_threads = max(1, (os.cpu_count() or 1) // workers)
+    queue = _TaskQueue(jobs)
+    pool: list[_Worker] = []
+
+    def start() -> _Worker:
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_worker_main, args=(child, source, jobs[0].benchmark, torch_threads), daemon=True)
+        process.start()
+        child.close()
+        worker = _Worker(process, parent)
+        pool.append(worker)
+        return worker
+
+    try:
+        for _ in range(workers):
+            start()
+        while queue or any(w.job is not None for w in pool):
+            for worker in pool:
+                if worker.job is None and queue:
+                    worker.job = queue.next_for(worker.task, {w.task for w in pool if w is not worker})
+                    worker.task = worker.job.task
+                    worker.conn.send(worker.job)
+            busy = [w for w in pool if w.job is not None]
+            readable = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+            for worker in busy:
+                if worker.conn not in readable and worker.process.sentinel not in readable:
+                    continue
+                message = None
+                with contextlib.suppress(EOFError, OSError):
+                    if worker.conn.poll():
+                        message = worker.conn.recv()
+                if message is not None and message[0] == "init_error":
+                    raise StageError(f"a worker process could not start (simulator import or policy load): {message[1]}")
+                if message is not None and message[0] == "ready":
+                    worker.ready = True
+                    continue
+                if message is not None:
+                    worker.job = None
+                    yield message[1]
+                    continue
+                worker.process.join(timeout=10)  # its pipe closed: the process is gone or going
+                if not worker.ready:
+                    raise StageError(
+                        f"a worker process exited while starting ({_status(worker.process.exitcode)}), before any "
+                        "episode; run with workers=1 to see its error. A script that evaluates with workers > 1 "
+                        "must guard its entry point with `if __name__ == \"__main__\":` (processes are spawned)"
+                    )
+                yield _died(worker.job, worker.process.exitcode)
+                pool.remove(worker)
+                worker.conn.close()
+                if queue:
+                    start()
+    finally:
+        for worker in pool:
+            with contextlib.suppress(Exception):
+                worker.conn.send(None)
+        for worker in pool:
+            worker.process.join(timeout=30)
+            if worker.process.is_alive():
+                worker.process.terminate()
+                worker.process.join(timeout=5)
+            with contextlib.suppress(Exception):
+                worker.conn.close()

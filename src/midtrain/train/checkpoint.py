@@ -1,0 +1,236 @@
+"""Checkpoints that a killed run resumes from exactly, and the metrics log that goes with them.
+
+Layout of ``<stage dir>/checkpoints/step-NNNNNN/``::
+
+    <the task's save_pretrained output>   e.g. a Hugging Face model or LoRA adapter + processor
+    trainer_state/
+      weights.pt        trainable parameters and all buffers (full state dict, CPU)
+      optimizer.pt      optimizer state (full, keyed by parameter name)
+      scheduler.pt      learning-rate scheduler state
+      rng-RRRRR.pt      python / numpy / torch (/ CUDA) RNG states of process R
+      state.json        step, global batch, processes, running log sums; written last
+
+A checkpoint is written into ``.step-NNNNNN.tmp/`` and renamed into place only when every file
+of every process is on disk (fsync'd), so a directory named ``step-NNNNNN`` is always whole and
+a killed save leaves only a hidden temporary that the next run deletes. Model and optimizer
+states go through ``torch.distributed.checkpoint.state_dict`` (full state dicts gathered to the
+main process, loaded back by name), the one API that reads the same for a single process, DDP
+and FSDP-wrapped models.
+
+Why the trainable weights are in ``trainer_state`` although the task saved the model beside
+them: resuming needs no task-specific loader (the task may save an adapter, a merged model or a
+policy directory), and frozen weights are not repeated. For full fine-tuning this is a second
+copy of the weights; the optimizer state (two more copies) dominates either way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..runs import StageError, write_json_atomic
+
+STATE_DIR = "trainer_state"
+STEP_DIR = re.compile(r"step-(\d{6,})")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every complete checkpoint under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = STEP_DIR.fullmatch(p.name)
+        if m and (p / STATE_DIR / "state.json").is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def remove_partial_checkpoints(root: Path) -> list[str]:
+    """Delete the temporaries of interrupted saves; returns their names."""
+    gone = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".step-") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p.name)
+    return gone
+
+
+def _fsync_tree(path: Path) -> None:
+    for sub in sorted(path.rglob("*")):
+        if sub.is_file():
+            with open(sub, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in [path, *sorted(p for p in path.rglob("*") if p.is_dir())]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _full_state(model, optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state dicts on the main process, CPU tensors.
+    A collective under DDP/FSDP: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def rng_state() -> dict[str, Any]:
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(accelerator, root: Path, step: int, task, model, optimizer, scheduler, state: dict,
+                    keep: int) -> Path:  # fmt: skip
+    """Write checkpoint ``step`` atomically (every process calls this); returns its path.
+
+    ``model`` / ``optimizer`` are the prepared (possibly wrapped) objects; the task saves its own
+    directory from its unwrapped model on the main process. ``keep`` > 0 deletes older complete
+    checkpoints beyond the newest ``keep``.
+    """
+    import torch
+
+    final = root / step_dir_name(step)
+    tmp = root / f".{step_dir_name(step)}.tmp"
+    main = accelerator.is_main_process
+    if main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / STATE_DIR).mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    weights, optim = _full_state(model, optimizer)
+    torch.save(rng_state(), tmp / STATE_DIR / f"rng-{accelerator.process_index:05d}.pt")
+    if main:
+        task.save_pretrained(tmp)
+        keep_names = _resume_names(accelerator.unwrap_model(model))
+        torch.save({k: v for k, v in weights.items() if k in keep_names}, tmp / STATE_DIR / "weights.pt")
+        torch.save(optim, tmp / STATE_DIR / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / STATE_DIR / "scheduler.pt")
+    accelerator.wait_for_everyone()
+    if main:
+        write_json_atomic(tmp / STATE_DIR / "state.json", {**state, "step": step})
+        _fsync_tree(tmp)
+        if final.exists():  # a complete checkpoint of this step from an earlier attempt: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_tree_dir(root)
+        if keep > 0:
+            for _, old in complete_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_tree_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _resume_names(model) -> set[str]:
+    """State-dict names a resume must restore: trainable parameters and the persistent buffers (e.g.
+    batch-norm statistics); frozen parameters are reloaded from the model the task starts from."""
+    saved = set(model.state_dict().keys())  # persistent buffers only (not e.g. rotary inv_freq, rebuilt at init)
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    names |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    return names & saved
+
+
+def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and this process's RNG from ``path``; returns state.json.
+
+    Raises :class:`~midtrain.runs.StageError` naming the checkpoint when its files do not match
+    the model being trained (a changed model or trainable set behind an unchanged config)."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    state_dir = path / STATE_DIR
+    state = json.loads((state_dir / "state.json").read_text())
+    weights = torch.load(state_dir / "weights.pt", map_location="cpu", weights_only=True)
+    optim = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+    expected = _resume_names(accelerator.unwrap_model(model))
+    missing = sorted(expected - set(weights))
+    if missing:
+        raise StageError(f"{state_dir}: checkpoint lacks {len(missing)} trainable weight(s) of this model (first: {missing[0]}); "
+                         "it was written for another model or trainable set - rerun with --force to start over")  # fmt: skip
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim, options=opts)
+    scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=False))
+    rng_file = state_dir / f"rng-{accelerator.process_index:05d}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, appended and flushed by the main process.
+
+    On resume from step ``s`` the rows after ``s`` (written by the killed run after its last
+    checkpoint) are dropped first, so the file reads as if the run had never stopped.
+    """
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+        self.path, self.enabled = path, enabled
+        self.fh = None
+        if not enabled:
+            return
+        rows = []
+        if resume_step is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by the kill
+                if row.get("step", 0) <= resume_step:
+                    rows.append(line)
+        from ..runs import write_text_atomic
+
+        write_text_atomic(path, "".join(r + "\n" for r in rows))
+        self.fh = open(path, "a")
+
+    def write(self, row: dict) -> None:
+        if self.fh is not None:
+            self.fh.write(json.dumps(row) + "\n")
+            self.fh.flush()
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl``."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,1 @@
+"""``midtrain vla``: VLA policy training (config, data, stage)."""

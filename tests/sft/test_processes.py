@@ -1,0 +1,115 @@
+"""``midtrain sft`` as a user runs it, in separate processes: killed with SIGKILL and run again it
+continues exactly where an uninterrupted run would be; under ``accelerate launch`` two CPU
+processes (gloo) train like one process at the same global batch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from midtrain.runs import RunDir
+from midtrain.sft.config import SFTConfig
+from midtrain.sft.stage import run_sft
+from midtrain.train import read_metrics
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "MIDTRAIN_PROGRESS": "off", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+
+
+def overrides(model: Path, steps: int, **train) -> list[str]:
+    train = {"steps": steps, "batch_size": 4, "lr": 5e-3, "warmup_steps": 2, "eval_every": 8, "eval_batches": 0,
+             "save_every": 4, "log_every": 1, "num_workers": 0, **train}  # fmt: skip
+    return [f"model={model}", "sources=[llava,spatial]", "mode=lora", "vision=last_fraction", "val_fraction=0.1",
+            "device=cpu", *(f"train.{k}={v}" for k, v in train.items())]  # fmt: skip
+
+
+def in_process(run: RunDir, args: list[str]) -> Path:
+    from midtrain.config import load_config
+
+    return run_sft(load_config(SFTConfig, overrides=args), run)
+
+
+def copy_run(catalog_run: RunDir, name: str) -> RunDir:
+    run = RunDir(catalog_run.root.parent / name)
+    shutil.copytree(catalog_run.root / "catalog", run.root / "catalog")
+    return run
+
+
+def curve(stage_dir: Path, key: str = "loss") -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in read_metrics(stage_dir / "metrics.jsonl") if key in r]
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_continues_the_uninterrupted_loss_curve(catalog_run, tiny_vlm):
+    model = tiny_vlm("qwen2_vl")
+    args = overrides(model, steps=40)
+    reference = in_process(copy_run(catalog_run, "reference"), args)
+    run = copy_run(catalog_run, "killed")
+    cmd = [sys.executable, "-m", "midtrain.cli", "sft", "--run-dir", str(run.root), *args]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    in_progress = [run.root / "sft", run.root / ".partial" / "sft"]  # where a running stage writes
+    deadline = time.time() + 300
+    while not any((d / "checkpoints" / "step-000008").exists() for d in in_progress):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stage = next(d for d in in_progress if (d / "checkpoints").exists())
+    killed_at = max(s for s, _ in curve(stage))
+    assert 8 <= killed_at < 40, "the kill must land mid-run"
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = run.root / "sft"
+    assert curve(out) == curve(reference)  # bit-exact (CPU, fp32, one thread): same batches, RNG, optimizer state
+    assert curve(out, "eval_loss") == curve(reference, "eval_loss")
+    from safetensors.torch import load_file
+
+    a, b = load_file(reference / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+    assert read_metrics(out / "metrics.jsonl")[0]["step"] == 0  # rows of the killed run after its checkpoint were dropped
+    import json
+
+    assert json.loads((out / "manifest.json").read_text())["train"]["resumed_from"] >= 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_at_the_same_global_batch(catalog_run, tiny_vlm):
+    """1 process x micro-batch 2 x grad_accum 2 vs 2 processes x 2 x 1: the same micro-batches, and
+    the loop weights each by its answer tokens over the global step, so the curves agree up to the
+    order of float additions (tolerance rtol 1e-5). Dropout is off: each process draws its own masks."""
+    model = tiny_vlm("qwen2_vl")
+    one = in_process(copy_run(catalog_run, "one"), overrides(model, steps=8, batch_size=2, grad_accum=2) + ["lora.dropout=0"])
+    run = copy_run(catalog_run, "two")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+              "-m", "midtrain.cli", "sft", "--run-dir", str(run.root),
+              *overrides(model, steps=8, batch_size=2, grad_accum=1), "lora.dropout=0"]  # fmt: skip
+    done = subprocess.run(launch, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = run.root / "sft"
+    import json
+
+    man = json.loads((two / "manifest.json").read_text())
+    assert man["train"]["processes"] == 2 and man["train"]["global_batch"] == 4
+    (s1, l1), (s2, l2) = zip(*curve(one)), zip(*curve(two))
+    assert s1 == s2 == tuple(range(1, 9))
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    assert [v for _, v in curve(one, "eval_loss")] == pytest.approx([v for _, v in curve(two, "eval_loss")], rel=1e-5)

@@ -1,0 +1,1 @@
+from torch_threads import one_thread  # noqa: F401  (autouse: one intra-op thread)
