@@ -75,6 +75,12 @@ def build_causal_demo_vlm(out_dir: Path | str, seed: int = 0, text_layers: int |
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config).eval()
+        # Re-draw the projector from the seed alone: the constructor's draws depend on how many decoder
+        # layers it initialised first, and the featurizer must be the full VLM's first layers exactly.
+        torch.manual_seed(seed)
+        for module in model.model.multi_modal_projector.modules():
+            if isinstance(module, torch.nn.Linear):
+                model._init_weights(module)
     model.model.vision_tower.load_efficientnet_weights(efficientnet_lite0_weights())
 
     state = {k: v for k, v in lm.model.state_dict().items()
