@@ -31,6 +31,8 @@ REDUCED = [
     "samples_per_source=30",
     "image_size=64",
     "frame_stride=3",
+    "sft_steps=2",
+    "sft_batch_size=2",
 ]
 # Findings that held in 10 of 10 drawn worlds (python benchmarks/findings.py [--featurizer ...], series 16).
 HELD_IN_EVERY_DRAWN_WORLD = {
@@ -47,6 +49,7 @@ def demo_run(tmp_path_factory, request):
         root.mkdir(parents=True)
         model = request.getfixturevalue("causal_demo_vlm")(DEMO_SMOLLM2_LAYERS)
         os.symlink(model, root / f"demo_model_smollm2_{DEMO_SMOLLM2_LAYERS}layers")
+        os.symlink(request.getfixturevalue("causal_demo_vlm")(None), root / "demo_model_smollm2_30layers")
     assert main(["demo", "--run-dir", str(root), *REDUCED]) == 0
     return RunDir(root)
 
@@ -96,3 +99,20 @@ def test_report_figures_load_in_chromium(demo_run):
     result = check_report_in_browser(demo_run.stage_dir("report") / "report.html")
     assert result["images_total"] >= 8
     assert result["images_ok"] == result["images_total"]
+
+
+def test_the_demo_mid_trains_its_vlm_on_the_selected_mixture(demo_run, summary):
+    """The short LoRA sft of the full-depth demo VLM runs on the exported mixture, and the report shows it."""
+    if DEMO_VLM != "smollm2":
+        pytest.skip("the MiniLM demo VLM is an encoder: nothing to mid-train")
+    manifest = demo_run.manifest("sft")
+    assert manifest["status"] == "complete"
+    assert manifest["config"]["model"].endswith("demo_model_smollm2_30layers")
+    exported = json.loads((demo_run.stage_dir("export") / "mixture.json").read_text())
+    mid = summary["mid_training"]
+    assert mid["steps"] == 2 and all(math.isfinite(mid[k]) for k in ("train_loss_first", "val_loss_before", "val_loss_after"))
+    assert mid["val_loss_after"] != mid["val_loss_before"]  # the adapter changed the model's predictions
+    sft_dir = demo_run.stage_dir("sft")
+    assert (sft_dir / "adapter" / "adapter_config.json").exists() or any(sft_dir.rglob("adapter_config.json"))
+    assert (demo_run.stage_dir("report") / "report.html").read_text().count("sft") > 0
+    assert len(exported) > 0

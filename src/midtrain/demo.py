@@ -113,6 +113,10 @@ class DemoConfig(StageConfig):
     device: Device = option("auto", "where the featurizer runs (auto, cpu, cuda, cuda:N, mps)", throughput=True)
     batch_size: int = option(16, "featurize batch size", throughput=True)
     workers: int = option(2, "simulator processes of sim collect and sim pool", throughput=True)
+    sft_steps: int = option(
+        6, "a short LoRA mid-training (sft) of the demo VLM on the exported mixture after export, in steps (0: none)"
+    )
+    sft_batch_size: int = option(4, "samples per sft step")
     report: bool = option(True, "finish with the HTML report")
     vla_groups: dict[str, list[str]] = option(
         factory=lambda: {k: list(v) for k, v in MT50_GROUPS.items()},
@@ -130,9 +134,11 @@ class DemoConfig(StageConfig):
                 f"demo_vlm_layers: {self.demo_vlm_layers} needs demo_vlm=smollm2 and a depth in [1, 30] "
                 f"(demo_vlm is {self.demo_vlm})"
             )
-        unknown = set(self.overrides) - set(PIPELINE)
+        if self.sft_steps < 0 or self.sft_batch_size < 1:
+            raise ConfigError(f"sft_steps/sft_batch_size: expected >= 0 and >= 1, got {self.sft_steps}/{self.sft_batch_size}")
+        unknown = set(self.overrides) - set(PIPELINE) - {"sft"}
         if unknown:
-            raise ConfigError(f"overrides: unknown stage(s) {sorted(unknown)}; stages: {', '.join(PIPELINE)}")
+            raise ConfigError(f"overrides: unknown stage(s) {sorted(unknown)}; stages: {', '.join(PIPELINE)}, sft")
 
 
 def episodes_by_group(lerobot_root: Path, groups: dict[str, list[str]]) -> dict[str, list[int]]:
@@ -155,7 +161,7 @@ def episodes_by_group(lerobot_root: Path, groups: dict[str, list[str]]) -> dict[
     return out
 
 
-def _stage_configs(cfg: DemoConfig, run: RunDir, model: str) -> dict[str, dict[str, Any]]:
+def _stage_configs(cfg: DemoConfig, run: RunDir, model: str, sft_model: str = "") -> dict[str, dict[str, Any]]:
     """The demo's choices for each stage, as plain config mappings.
 
     The catalog's VLA sources depend on which episodes ``sim collect`` kept, so
@@ -191,10 +197,19 @@ def _stage_configs(cfg: DemoConfig, run: RunDir, model: str) -> dict[str, dict[s
         "score": {**common, "scorer": "proximity"},
         "select": {**common, "fraction": cfg.select_fraction},
         "export": {**common},
+        # A short LoRA mid-training on the exported mixture: the mechanics of the seed's next step, at
+        # a size the demo's budget allows (a loss that falls on held-out samples, not a better VLM).
+        "sft": {**common, "model": sft_model, "mode": "lora", "device": cfg.device, "max_length": 512,
+                "val_fraction": 0.1, "prepare_workers": 0,
+                "train": {"steps": cfg.sft_steps, "batch_size": cfg.sft_batch_size, "lr": 2e-4, "warmup_steps": 1,
+                          "eval_every": max(cfg.sft_steps, 1), "eval_batches": 4, "save_every": max(cfg.sft_steps, 1), "log_every": 1,
+                          "num_workers": 0}},
         "report": {**common, "title": "midtrain demo: Meta-World robot corpus vs a synthetic VLM pool"},
     }  # fmt: skip
     for stage, extra in cfg.overrides.items():
         stages[stage] = {**stages[stage], **extra}
+    if not (sft_model and cfg.sft_steps):
+        stages.pop("sft")
     if not cfg.report:
         stages.pop("report")
     return stages
@@ -284,13 +299,52 @@ def finding_margins(findings: dict, mean_scores: dict[str, float], mmd_to_vla: d
     }
 
 
+def _build_demo_vlms(config: DemoConfig, run_dir: RunDir, log) -> tuple[str, str]:
+    """Build (once per run directory) the demo featurizer and, with SmolLM2, the full-depth VLM that
+    the short mid-training starts from; one GGUF load serves both. Returns ``(featurizer, sft model)``."""
+    from .models.demo_vlm import build_demo_vlm
+
+    if config.demo_vlm == "minilm":
+        model_dir = run_dir.root / "demo_model"
+        if not (model_dir / "midtrain_demo_vlm.json").exists():
+            log.info("building the demo featurizer (EfficientNet-Lite0 + MiniLM, LLaVA architecture) in %s", model_dir)
+            build_demo_vlm(model_dir, seed=config.seed, language_model="minilm")
+        return str(model_dir), ""
+    from .models.causal_demo_vlm import SMOLLM2_LAYERS, build_causal_demo_vlm
+    from .models.smollm2 import load_smollm2
+
+    layers = config.demo_vlm_layers or DEMO_SMOLLM2_LAYERS
+    wanted = {layers: run_dir.root / f"demo_model_smollm2_{layers}layers"}
+    if config.sft_steps:
+        wanted[SMOLLM2_LAYERS] = run_dir.root / f"demo_model_smollm2_{SMOLLM2_LAYERS}layers"
+    missing = {n: d for n, d in wanted.items() if not (d / "midtrain_demo_vlm.json").exists()}
+    if missing:
+        smollm2 = load_smollm2()
+        for n, d in missing.items():
+            log.info("building the demo VLM (EfficientNet-Lite0 + SmolLM2, %d of %d layers, LLaVA) in %s", n, SMOLLM2_LAYERS, d)
+            build_causal_demo_vlm(d, seed=config.seed, text_layers=n, smollm2=smollm2)
+    return str(wanted[layers]), str(wanted.get(SMOLLM2_LAYERS, ""))
+
+
+def _mid_training_summary(run: RunDir) -> dict[str, Any]:
+    """Steps, first and last training loss, and held-out loss before and after the demo's short mid-training."""
+    rows = [json.loads(line) for line in (run.stage_dir("sft") / "metrics.jsonl").read_text().splitlines() if line]
+    train = [r for r in rows if "loss" in r and "callback" not in r]
+    val = [r for r in rows if "eval_loss" in r]
+    return {
+        "steps": train[-1]["step"] if train else 0,
+        "train_loss_first": train[0]["loss"] if train else None, "train_loss_last": train[-1]["loss"] if train else None,
+        "val_loss_before": val[0]["eval_loss"] if val else None, "val_loss_after": val[-1]["eval_loss"] if val else None,
+    }  # fmt: skip
+
+
 def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
     """Run every stage into ``run_dir``; write ``demo/summary.json``; return the report (or demo) dir."""
     import logging
 
     log = logging.getLogger("midtrain.demo")
     t_start = time.perf_counter()
-    model = config.model
+    model, sft_model = config.model, ""
     built_model = None
     if not model and config.random_init_arch:
         from .models.tiny import build_tiny_vlm
@@ -302,20 +356,21 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
         model = str(model_dir)
         built_model = {"arch": config.random_init_arch, "size": config.random_init_size, "random_init": True}
     elif not model:
-        from .models.demo_vlm import build_demo_vlm
-
-        layers = None if config.demo_vlm == "minilm" else (config.demo_vlm_layers or DEMO_SMOLLM2_LAYERS)
-        model_dir = run_dir.root / ("demo_model" if layers is None else f"demo_model_smollm2_{layers}layers")
-        if not (model_dir / "midtrain_demo_vlm.json").exists():
-            log.info("building the demo featurizer (EfficientNet-Lite0 + %s, LLaVA architecture) in %s", config.demo_vlm, model_dir)
-            build_demo_vlm(model_dir, seed=config.seed, language_model=config.demo_vlm, text_layers=layers)
-        model = str(model_dir)
-        built_model = json.loads((model_dir / "midtrain_demo_vlm.json").read_text())
+        model, sft_model = _build_demo_vlms(config, run_dir, log)
+        built_model = json.loads((Path(model) / "midtrain_demo_vlm.json").read_text())
+    # What the short mid-training starts from: the VLM the data engine used, except that the demo
+    # featurizer is a truncated SmolLM2 (its text path is cut) whose full-depth VLM is trained, and
+    # MiniLM, an encoder, has no next-token loss to train.
+    if config.model or config.random_init_arch:
+        sft_model = model
+    elif config.demo_vlm == "minilm" and config.sft_steps:
+        log.info("demo: no mid-training with demo_vlm=minilm (a sentence encoder has no next-token loss)")
 
     costs: list[dict[str, Any]] = []
     out = run_dir.root
-    configs = _stage_configs(config, run_dir, model)
-    for name in [n for n in PIPELINE if n in configs]:
+    configs = _stage_configs(config, run_dir, model, sft_model)
+    order = [n for n in PIPELINE if n != "report"] + ["sft", "report"]  # the report shows the mid-training too
+    for name in [n for n in order if n in configs]:
         base = configs[name]
         spec = STAGES[name]
         config_cls, fn = spec.load()
@@ -325,7 +380,7 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
         out = fn(stage_cfg, run_dir, force=force)
         costs.append({"stage": name, "wall_s": round(time.perf_counter() - t0, 2), **_peak_rss_mb()})
         if name == "sim collect":  # the catalog's VLA sources are the episodes it kept
-            configs = _stage_configs(config, run_dir, model)
+            configs = _stage_configs(config, run_dir, model, sft_model)
         log.info("demo: %s done in %.1fs", name, costs[-1]["wall_s"])
 
     findings = demo_findings(run_dir)
@@ -336,11 +391,15 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
         "peak_rss": _peak_rss_mb(),
         "stages": costs,
         "findings": findings,
+        "mid_training": _mid_training_summary(run_dir) if "sft" in configs else None,
     }
     write_json_atomic(run_dir.stage_dir("demo") / "summary.json", summary)
     for key in FINDINGS:
         margin = findings["margins"][key]
         log.info("finding %-36s %-3s (margin %s)", key, "yes" if findings[key] else "NO",
                  "n/a" if margin is None else f"{margin:+.3f}")  # fmt: skip
+    if summary["mid_training"]:
+        mt = summary["mid_training"]
+        log.info("mid-training (sft, LoRA): %s steps, held-out loss %s -> %s", mt["steps"], mt["val_loss_before"], mt["val_loss_after"])
     log.info("demo finished in %.1fs; report: %s", summary["wall_s"], run_dir.stage_dir("report") / "report.html")
     return out
