@@ -111,7 +111,7 @@ def run_world(world: dict, args, model: str, pooling: str, root: Path) -> dict:
         "seed": world["seed"], "model": model, "pooling": pooling, "tasks": tasks,
         "episodes_per_task": args.episodes_per_task, "samples_per_source": args.samples_per_source,
         "image_size": args.image_size, "frame_stride": args.frame_stride, "select_fraction": SELECT_FRACTION,
-        "report": False, "overrides": {"sim collect": {"seed": world["collect_seed"], "max_steps": MAX_STEPS},
+        "report": False, "sft_steps": 0, "overrides": {"sim collect": {"seed": world["collect_seed"], "max_steps": MAX_STEPS},
                       "sim pool": {"seed": world["pool_seed"]}, "gap": {"tsne": False}},
     })  # fmt: skip
     t0 = time.perf_counter()
