@@ -369,7 +369,7 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
     costs: list[dict[str, Any]] = []
     out = run_dir.root
     configs = _stage_configs(config, run_dir, model, sft_model)
-    order = [n for n in PIPELINE if n != "report"] + ["sft", "report"]  # the report shows the mid-training too
+    order = [n for n in PIPELINE if n not in ("sft", "report")] + ["sft", "report"]  # the report shows the mid-training too
     for name in [n for n in order if n in configs]:
         base = configs[name]
         spec = STAGES[name]
