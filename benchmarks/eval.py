@@ -96,7 +96,7 @@ def main() -> None:
     print("per-episode outcomes identical in all %d runs (1 and %d workers): %s (mean success %.3f)"
           % (2 * args.repeats, args.workers, same, one["mean_success"]))  # fmt: skip
     print(json.dumps({
-        "episodes": episodes, "repeats": args.repeats, "steps": one["timing"]["steps"], "workers": args.workers, "frames": args.frames,
+        "bench": "eval", "episodes": episodes, "repeats": args.repeats, "steps": one["timing"]["steps"], "workers": args.workers, "frames": args.frames,
         "episodes_per_minute_1": round(epm_one, 2), f"episodes_per_minute_{args.workers}": round(epm_many, 2),
         "parallel_speedup": round(epm_many / epm_one, 3), "identical_success": same,
         "mean_success": one["mean_success"], "cpu_s_1": round(one_cpu, 1), f"cpu_s_{args.workers}": round(many_cpu, 1),
