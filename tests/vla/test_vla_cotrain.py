@@ -103,3 +103,39 @@ def test_bad_co_training_configs_stop_before_training(tiny_vlm, world, tmp_path)
     with pytest.raises(StageError, match=r"cotrain.etc: 'etc_ood:all': .* holds no etc output"):
         run(run_dir, base + ["cotrain.etc={etc:all: 0.94, etc_ood:all: 0.06}"], "vla_bad")
     assert not (run_dir / "vla_bad").exists() and not (run_dir / ".partial" / "vla_bad").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_co_train_like_one_at_the_same_global_batch(tiny_vlm, world, tmp_path):
+    """1 process x grad_accum 2 vs 2 processes (gloo) x grad_accum 1: the same action and VQA
+    micro-batches, the VQA passes before the action passes so the synced backward is an action batch
+    (DDP with unused parameters: a VQA batch gives the head no gradient); action and VQA loss curves
+    agree up to the order of float additions."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    import midtrain
+
+    dataset, run_dir = world
+    two_dir = tmp_path / "two"
+    shutil.copytree(run_dir / "etc", two_dir / "etc")
+    base = args(tiny_vlm("qwen2_vl"), dataset, steps=4, batch_size=2) + ["policy.head=mlp", "cotrain.batch_share=1.0"]
+    one = run(run_dir, base + ["train.grad_accum=2"], "vla_one")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(midtrain.__file__).parents[1]), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MIDTRAIN_PROGRESS": "off", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+              "-m", "midtrain.cli", "vla", "--run-dir", str(two_dir), *base, "train.grad_accum=1", "name=vla_two"]  # fmt: skip
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = two_dir / "vla_two"
+    assert json.loads((two / "manifest.json").read_text())["train"]["processes"] == 2
+    curve = lambda d, k: [r[k] for r in metrics(d) if "loss" in r]  # noqa: E731
+    assert curve(one, "loss") == pytest.approx(curve(two, "loss"), rel=1e-5)
+    assert curve(one, "loss_vqa") == pytest.approx(curve(two, "loss_vqa"), rel=1e-5)
+    assert len(curve(one, "loss")) == 4
