@@ -68,6 +68,8 @@ class EtcConfig(StageConfig):
     the recorded ground truth; each sample carries its ETC category and Rethinking domain.
     """
 
+    name: str = option("etc", "stage folder in the run directory (e.g. etc_target for a target split's ETC; "
+                              "references like etc_target:all name it)")
     dataset: Optional[Path] = option(None, "LeRobot dataset folder (default: <run>/sim_collect/lerobot)")
     camera: Optional[str] = option(None, "camera feature whose frames are the images (default: the first camera)")
     calibration: Optional[Path] = option(
@@ -99,6 +101,8 @@ class EtcConfig(StageConfig):
     image_format: Literal["png", "jpeg"] = option("png", "how decoded video frames are written (png: lossless)")
 
     def validate(self) -> None:
+        if not re.fullmatch(r"etc(_[A-Za-z0-9_.-]+)?", self.name):
+            raise ConfigError(f"name: {self.name!r} must be 'etc' or start with 'etc_' (a folder name; ETC references find it by that prefix)")
         unknown = [g for g in self.generators if g not in GENERATORS]
         if unknown:
             raise ConfigError(f"generators: unknown generator {unknown[0]!r}; known: {', '.join(GENERATORS)}")

@@ -3,7 +3,7 @@
 For every episode and every ``frame_stride``-th frame, each generator (:mod:`midtrain.etc.generators`)
 asks about the frame and answers from the episode's recorded ground truth. Output::
 
-    <run>/etc/llava/domain_<slug>.json      one LLaVA JSON array per Rethinking domain
+    <run>/etc/llava/domain_<slug>.json      one LLaVA JSON array per Rethinking domain (``name``: the folder)
     <run>/etc/llava/category_<name>.json    the same samples, one array per ETC category
     <run>/etc/llava/images/<episode>/<frame>.png   each used frame once, shared by its questions
     <run>/etc/catalog_sources.yaml          ``midtrain catalog`` sources, one per domain (etc_<slug>)
@@ -35,7 +35,6 @@ from .config import CATEGORIES, DOMAINS, EtcConfig
 from .episodes import EtcDataset
 from .generators import GENERATORS, QA, Context, Generator
 
-STAGE = "etc"
 LLAVA_DIR = "llava"
 IMAGES_DIR = "images"
 SOURCES_FILE = "catalog_sources.yaml"
@@ -85,7 +84,7 @@ def generate_etc(config: EtcConfig, run_dir: RunDir, force: bool = False) -> Pat
     if not root.is_dir():
         raise StageError(f"dataset: {root} is not a folder (a LeRobot dataset with meta/info.json is expected)")
     inputs = [root] + [Path(p) for p in (config.calibration, config.object_names) if p]
-    with stage_run(run_dir, STAGE, config, inputs=inputs, force=force) as st:
+    with stage_run(run_dir, config.name, config, inputs=inputs, force=force) as st:
         if st.skipped_as_complete:
             return st.dir
         dataset = EtcDataset(config, root)
@@ -130,7 +129,7 @@ def generate_etc(config: EtcConfig, run_dir: RunDir, force: bool = False) -> Pat
         for name in report:
             report[name]["samples"] = samples.get(name, 0)
         files = {name: n for name, n in sorted(arrays.counts.items())}
-        _write_sources(st.dir, st.final_dir / LLAVA_DIR, files)
+        _write_sources(st.dir, st.final_dir / LLAVA_DIR, files, config.name)
         st.extra.update({
             "dataset": str(root), "camera": dataset.camera, "image_size": [dataset.width, dataset.height],
             "generators": report, "files": files,
@@ -164,15 +163,16 @@ def _plan(config: EtcConfig, dataset: EtcDataset, log) -> tuple[list[Generator],
     return active, report
 
 
-def _write_sources(stage_dir: Path, out: Path, files: dict[str, int]) -> None:
-    """``catalog_sources.yaml`` in ``stage_dir``: one ``midtrain catalog`` source per domain file written,
-    by its path ``out / domain_<slug>.json`` once the stage is in place."""
+def _write_sources(stage_dir: Path, out: Path, files: dict[str, int], prefix: str) -> None:
+    """``catalog_sources.yaml`` in ``stage_dir``: one ``midtrain catalog`` source per domain file written
+    (``<prefix>_<slug>``, the names :mod:`midtrain.etc.compositions` gives them), by its path
+    ``out / domain_<slug>.json`` once the stage is in place."""
     sources: list[dict[str, Optional[str]]] = []
     for domain, slug in DOMAINS.items():
         name = f"domain_{slug}.json"
         if files.get(name):
-            sources.append({"name": f"etc_{slug}", "kind": "vlm", "format": "llava_json", "path": str((out / name).resolve())})
-    header = ("# midtrain catalog sources for the ETC data, one per Rethinking domain (etc_<domain>); paste the\n"
+            sources.append({"name": f"{prefix}_{slug}", "kind": "vlm", "format": "llava_json", "path": str((out / name).resolve())})
+    header = (f"# midtrain catalog sources for the ETC data, one per Rethinking domain ({prefix}_<domain>); paste the\n"
               "# entries under a catalog config's datasets:. category_<name>.json files in the same folder split the\n"
               "# same samples by ETC category instead.\n")  # fmt: skip
     write_text_atomic(stage_dir / SOURCES_FILE, header + yaml.safe_dump({"datasets": sources}, sort_keys=False, width=1000))

@@ -2,7 +2,8 @@
 
 - ``forward(batch) -> (loss, logs)`` on a training batch (:meth:`PolicyProcessor.collate`), or on
   a batch whose backbone output was computed once beforehand (``batch["features"]``, the frozen
-  probe: see :meth:`VLAPolicy.backbone_features`);
+  probe: see :meth:`VLAPolicy.backbone_features`), or on a VQA batch with ``labels`` (ETC
+  co-training: the backbone's next-token loss on the answer tokens, :meth:`VLAPolicy.answer_loss`);
 - ``predict_action_chunk(batch) -> [B, H, A]`` in the dataset's action units;
 - ``select_action(observation) -> np.ndarray [A]``: pops actions from a queue filled with the
   first ``n_action_steps`` of a predicted chunk, predicting again only when it is empty;
@@ -168,7 +169,10 @@ class VLAPolicy(nn.Module):
 
     # -- training ------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss on a training batch (normalised targets from :meth:`PolicyProcessor.collate`)."""
+        """Loss on a training batch (normalised targets from :meth:`PolicyProcessor.collate`), or the
+        answer-token loss of a VQA batch (one with ``labels``)."""
+        if "labels" in batch:
+            return self.answer_loss(batch), {}
         target = batch["action"].to(self.device).float()
         mask = batch["action_mask"].to(self.device)
         state = batch.get("state")
@@ -184,6 +188,19 @@ class VLAPolicy(nn.Module):
                 loss, logs = self.head.loss(target, mask, self.binary, hidden, ctx_mask, state)
         logs = {"loss": float(loss.detach()), **logs}
         return loss, logs
+
+    def answer_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean next-token cross-entropy of the backbone's LM head on a VQA batch's answer tokens
+        (``labels`` != -100, as :func:`midtrain.sft.data.collate_sft` builds them): the loss
+        ``midtrain sft`` trains, computed on the policy's own backbone (LoRA or full)."""
+        from ..sft.model import IGNORE, chunked_answer_loss
+
+        vlm = self.backbone.vlm
+        hidden = self.backbone.hidden_states({k: v for k, v in batch.items() if k != "labels"})
+        labels = batch["labels"].to(self.device)[:, 1:]  # token t is predicted from position t - 1
+        answer = labels != IGNORE
+        softcap = getattr(vlm.config.get_text_config(), "final_logit_softcapping", None)
+        return chunked_answer_loss(hidden[:, :-1][answer], vlm.get_output_embeddings(), labels[answer], softcap)
 
     def action_token_logits(self, inputs: dict[str, Any], state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced ``(logits [B, H*A, vocab], labels [B, H*A])`` of the action tokens in

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from ..config import ConfigError, Device, Settings, StageConfig, option
 from ..data.sources import DatasetSource
@@ -47,7 +47,8 @@ class SFTConfig(StageConfig):
 
     Data, by default the export stage's ``mixture.parquet``; or ``sources`` (catalog sources of
     this run, VLM or - with ``vla_as_text`` - VLA); or ``datasets`` (LLaVA/ShareGPT JSON(L),
-    Parquet, HF datasets on disk, read with the catalog's readers); or a ``mixture_file``.
+    Parquet, HF datasets on disk, read with the catalog's readers); or a ``mixture_file``. ``etc``
+    adds ETC capability domains (:mod:`midtrain.etc.compositions`), alone or beside any of these.
     """
 
     name: str = option("sft", "stage folder in the run directory (e.g. sft_vla for the perplexity baselines' VLA-text model)")
@@ -61,6 +62,10 @@ class SFTConfig(StageConfig):
     sources: list[str] = option(factory=list, help="catalog sources of this run to train on instead of the mixture")
     catalog: Optional[Path] = option(None, "catalog directory for sources (default: <run>/catalog)")
     datasets: list[DatasetSource] = option(factory=list, help="dataset files to train on directly (catalog source syntax)")
+    etc: Union[str, dict[str, float]] = option(
+        "", "ETC domains to train on: 'grounding+egocentric', 'etc_target:all', or {reference: share}; each domain is a "
+        "source <folder>_<slug>, weighted evenly (with mixture.budget) unless mixture.weights says otherwise"
+    )
     vla_as_text: bool = option(False, "render VLA frames as conversations whose answer is the binned action chunk "
                                       "(the perplexity baselines' vla model); else VLA rows are an error")  # fmt: skip
     action_bins: int = option(256, "bins per action dimension with vla_as_text")
@@ -98,6 +103,13 @@ class SFTConfig(StageConfig):
         given = [k for k, v in (("mixture_file", self.mixture_file), ("sources", self.sources), ("datasets", self.datasets)) if v]
         if len(given) > 1:
             raise ConfigError(f"{given[1]}: give one data input (mixture_file, sources or datasets), not {' and '.join(given)}")
+        if self.etc:
+            from ..etc.compositions import parse_spec
+
+            parse_spec(self.etc, "etc")
+            if len(given) and not self.mixture.weights and self.mixture.budget:
+                raise ConfigError(f"mixture.weights: required when etc is combined with {given[0]} at a fixed budget "
+                                  "(name each source's weight, the ETC domains as <folder>_<slug>)")  # fmt: skip
         names = [d.name for d in self.datasets]
         for i, d in enumerate(self.datasets):
             for key, message in d.problems():

@@ -22,6 +22,7 @@ inputs, counts, trainable parameters per module, the composition, the training s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -71,28 +72,54 @@ def check_processor(processor, model: str) -> None:
         )
 
 
-def _data_inputs(config: SFTConfig, run_dir: RunDir) -> tuple[dict[str, Path], str]:
-    """The data inputs (for the fingerprint) and which kind they are."""
+def _data_inputs(config: SFTConfig, run_dir: RunDir):
+    """The data inputs (for the fingerprint), which kind they are, and the resolved ETC domains (or None)."""
+    etc = None
+    extra: dict[str, Path] = {}
+    if config.etc:
+        from ..etc.compositions import resolve_etc
+
+        etc = resolve_etc(config.etc, run_dir.root, "etc")
+        taken = {d.name for d in config.datasets} | set(config.sources)
+        clash = [s.name for s in etc.sources if s.name in taken]
+        if clash:
+            raise StageError(f"etc: the ETC source {clash[0]!r} has the name of another input; rename that input")
+        extra = {f"dataset/{s.name}": Path(s.path) for s in etc.sources}
     if config.datasets:
-        return {f"dataset/{d.name}": Path(d.path) for d in config.datasets}, "datasets"
+        return {**{f"dataset/{d.name}": Path(d.path) for d in config.datasets}, **extra}, "datasets", etc
     if config.sources:
         catalog = Path(config.catalog) if config.catalog else run_dir.require("catalog")
         catalog_source_files(catalog, config.sources)  # every source exists, or a one-line error naming the others
-        return {f"catalog/{s}": catalog / s for s in config.sources}, "sources"
+        return {**{f"catalog/{s}": catalog / s for s in config.sources}, **extra}, "sources", etc
+    if etc is not None and config.mixture_file is None:
+        return extra, "etc", etc
     path = Path(config.mixture_file) if config.mixture_file else run_dir.require("export") / "mixture.parquet"
     if not path.is_file():
         raise StageError(f"{path}: no mixture Parquet to train on (run export with parquet: true, or set mixture_file, "
                          "sources or datasets)")  # fmt: skip
-    return {"mixture": path}, "mixture"
+    return {"mixture": path, **extra}, "mixture", etc
 
 
-def _input_files(config: SFTConfig, inputs: dict[str, Path], kind: str, data_dir: Path, st) -> list[Path]:
-    if kind == "datasets":
+def _input_files(config: SFTConfig, inputs: dict[str, Path], kind: str, etc, data_dir: Path, st) -> list[Path]:
+    etc_sources = etc.sources if etc is not None else []
+    if kind in ("datasets", "etc"):
         st.current_shard = "data"
-        return materialize_datasets(config.datasets, config.seed, data_dir / "inputs", st)
+        return materialize_datasets(list(config.datasets) + etc_sources, config.seed, data_dir / "inputs", st)
+    if etc_sources:
+        st.current_shard = "data"
+    extra = materialize_datasets(etc_sources, config.seed, data_dir / "inputs", st) if etc_sources else []
     if kind == "sources":
-        return catalog_source_files(next(iter(inputs.values())).parent, config.sources)
-    return [inputs["mixture"]]
+        catalog = next(p for k, p in inputs.items() if k.startswith("catalog/")).parent
+        return catalog_source_files(catalog, config.sources) + extra
+    return [inputs["mixture"]] + extra
+
+
+def _with_etc_weights(config: SFTConfig, etc) -> SFTConfig:
+    """ETC domains drawn at a fixed budget are weighted evenly per reference (Rethinking's compositions)
+    unless ``mixture.weights`` names the weights."""
+    if etc is None or config.mixture.weights or not config.mixture.budget:
+        return config
+    return dataclasses.replace(config, mixture=dataclasses.replace(config.mixture, weights=dict(etc.weights)))
 
 
 def _wait_for(path: Path, accelerator) -> None:
@@ -106,7 +133,7 @@ def _wait_for(path: Path, accelerator) -> None:
 def run_sft(config: SFTConfig, run_dir: RunDir, force: bool = False) -> Path:
     """Run ``midtrain sft`` into ``<run>/<config.name>``; returns that directory."""
     model_config = check_vlm(config.model, config.trust_remote_code)  # fail fast: exists, is a VLM
-    inputs, kind = _data_inputs(config, run_dir)
+    inputs, kind, etc = _data_inputs(config, run_dir)
     fingerprint_inputs = dict(inputs)
     if Path(config.model).expanduser().is_dir():
         fingerprint_inputs["model"] = Path(config.model).expanduser()
@@ -131,9 +158,9 @@ def run_sft(config: SFTConfig, run_dir: RunDir, force: bool = False) -> Path:
                     shutil.rmtree(data_dir)  # a preparation cut short: start it over
                 data_dir.mkdir(parents=True)
                 with st.timed("prepare_data"):
-                    index = InputIndex.build(_input_files(config, inputs, kind, data_dir, st))
+                    index = InputIndex.build(_input_files(config, inputs, kind, etc, data_dir, st))
                     st.current_shard = "data"
-                    draw_and_prepare(config, index, processor, data_dir, st)
+                    draw_and_prepare(_with_etc_weights(config, etc), index, processor, data_dir, st)
                     st.mark_shard_done("data")
                     st.current_shard = None
             accelerator.wait_for_everyone()

@@ -105,3 +105,61 @@ def eval_batches(n: int, batch_size: int, max_batches: int, seed: int, processes
         order = order[np.argsort(-np.asarray(lengths)[order], kind="stable")]
     batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     return batches[rank::processes]
+
+
+class WeightedBatches:
+    """Micro-batches drawn from several groups of samples by weight (a co-training stream), as a pure
+    function of the seed and the micro-batch index, so a resumed run draws what an uninterrupted
+    one would.
+
+    The stream's slots ``k = 0, 1, 2, ...`` (micro-batch ``i`` holds slots ``i b .. (i + 1) b - 1``)
+    each draw a group ``g_k`` with probability ``w_g`` (blocks of ``BLOCK`` slots drawn from
+    ``default_rng([seed, block])``); a slot taking the ``j``-th use of group ``g`` gets that group's
+    sample ``perm_{g, e}[j mod n_g]`` with ``e = j // n_g`` and ``perm_{g, e}`` a seeded permutation
+    (``default_rng([seed, 1 + g, e])``): every group is visited in epochs of its own, independently
+    of the others, and its share of the stream is ``w_g`` in expectation whatever its size.
+    """
+
+    BLOCK = 4096
+
+    def __init__(self, groups: list[np.ndarray], weights: list[float], batch_size: int, seed: int):
+        if len(groups) != len(weights) or not groups:
+            raise ValueError("one weight per group, at least one group")
+        keep = [i for i, (g, w) in enumerate(zip(groups, weights)) if w > 0]
+        if not keep or any(len(groups[i]) == 0 for i in keep):
+            raise ValueError("every group with a weight > 0 needs samples, and one weight must be > 0")
+        self.groups = [np.asarray(groups[i], dtype=np.int64) for i in keep]
+        self.group_ids = keep  # positions in the caller's list (the seeds use them: a group's epochs never depend on others)
+        w = np.asarray([weights[i] for i in keep], dtype=np.float64)
+        self.p = w / w.sum()
+        self.batch_size, self.seed = batch_size, seed
+        self._blocks: list[np.ndarray] = []  # group of every slot, block by block
+        self._before: list[np.ndarray] = [np.zeros(len(self.groups), dtype=np.int64)]  # uses per group before each block
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}  # group -> (epoch, its permutation)
+
+    def _block(self, b: int) -> np.ndarray:
+        while len(self._blocks) <= b:
+            k = len(self._blocks)
+            g = np.random.default_rng([self.seed, k]).choice(len(self.groups), size=self.BLOCK, p=self.p)
+            self._blocks.append(g)
+            self._before.append(self._before[-1] + np.bincount(g, minlength=len(self.groups)))
+        return self._blocks[b]
+
+    def _sample(self, group: int, use: int) -> int:
+        n = len(self.groups[group])
+        epoch, j = divmod(use, n)
+        cached = self._perms.get(group)
+        if cached is None or cached[0] != epoch:
+            cached = self._perms[group] = (epoch, np.random.default_rng([self.seed, 1 + self.group_ids[group], epoch]).permutation(n))
+        return int(self.groups[group][cached[1][j]])
+
+    def micro_batch(self, index: int) -> list[int]:
+        """The ``index``-th micro-batch of the stream (dataset indices)."""
+        out = []
+        for k in range(index * self.batch_size, (index + 1) * self.batch_size):
+            b, r = divmod(k, self.BLOCK)
+            block = self._block(b)
+            g = int(block[r])
+            use = int(self._before[b][g] + np.count_nonzero(block[:r] == g))
+            out.append(self._sample(g, use))
+        return out

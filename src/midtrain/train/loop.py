@@ -17,6 +17,17 @@ is that of ``L`` whatever the split into processes and accumulation steps: one p
 means (rather than a mean of per-batch means) are what torchtune and recent transformers
 ``Trainer`` versions use for SFT; they keep long answers from being down-weighted.
 
+**Co-training streams** (:class:`AuxStream`, e.g. ETC / VQA next-token batches beside the action
+batches of etc-two-bridges' Objective Bridging): the step's loss becomes ::
+
+    L = L_task + sum_s lambda_s L_s,    L_s = sum_j w_j l_j / sum_j w_j  over stream s's micro-batches
+
+Each stream contributes one micro-batch per accumulation step, forward and backward separately
+(its activations are freed before the next pass), scaled by ``lambda_s w_j P / sum w``; the
+stream's micro-batch for (step, process, accumulation index) is a pure function of those, like
+the task's own, so resuming stays exact. ``loss`` in ``metrics.jsonl`` stays the task's loss;
+each stream logs ``loss_<name>`` (and ``eval_loss_<name>`` on its held-out split).
+
 Per step: ``grad_accum`` forward/backward passes (gradient sync only on the last), a check
 that the loss is finite on every process, gradient clipping to ``max_grad_norm``, an AdamW
 update, the learning-rate schedule; then, when due, a metrics row, a validation pass,
@@ -101,6 +112,42 @@ class Callback:
     name: str = "callback"
 
 
+@dataclass
+class AuxStream:
+    """A second stream of micro-batches trained in the same optimizer steps (see the module docstring).
+
+    ``micro_batch(index)`` gives the dataset indices of the stream's ``index``-th micro-batch; the
+    loop asks for ``index = (step P + rank) A + a`` (``P`` processes, ``A`` accumulation steps), so
+    one process with ``A = 2`` sees what two processes with ``A = 1`` see between them.
+    ``collate(samples) -> batch`` as the task's; the model's ``forward`` must recognise the
+    stream's batches. ``eval_dataset`` / ``eval_batch_size``: a held-out split, evaluated with the
+    task's validation (``eval_loss_<name>``).
+    """
+
+    name: str
+    dataset: Any
+    collate: Callable[[list], dict]
+    micro_batch: Callable[[int], list]
+    weight: float = 1.0
+    eval_dataset: Any = None
+    eval_batch_size: int = 8
+
+
+class _StreamBatches:
+    """A DataLoader ``batch_sampler`` of a stream's micro-batches for steps ``[first_step, end_step)`` of one process."""
+
+    def __init__(self, stream: AuxStream, first_step: int, end_step: int, rank: int, processes: int, grad_accum: int):
+        self.stream, self.first, self.end, self.rank, self.procs, self.accum = stream, first_step, end_step, rank, processes, grad_accum
+
+    def __iter__(self):
+        for step in range(self.first, self.end):
+            for a in range(self.accum):
+                yield list(self.stream.micro_batch((step * self.procs + self.rank) * self.accum + a))
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.first) * self.accum
+
+
 class TrainingDiverged(StageError):
     """The loss or the gradient norm became NaN/inf; the message names the step and the samples."""
 
@@ -165,14 +212,14 @@ def _gather_objects(accelerator, obj) -> list:
     return out
 
 
-def _loader(task, dataset, batch_sampler, settings: TrainSettings, device):
+def _loader(task, dataset, batch_sampler, settings: TrainSettings, device, collate=None):
     """A DataLoader with its own generator, so creating it draws nothing from the global RNG."""
     import torch
     from torch.utils.data import DataLoader
 
     workers = settings.num_workers
     return DataLoader(
-        dataset, batch_sampler=batch_sampler, collate_fn=task.collate, num_workers=workers,
+        dataset, batch_sampler=batch_sampler, collate_fn=collate or task.collate, num_workers=workers,
         generator=torch.Generator().manual_seed(settings.seed), pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None, persistent_workers=False,
     )  # fmt: skip
@@ -188,13 +235,14 @@ def _parameter_counts(model) -> dict:
 
 
 def train(task: TrainTask, settings: TrainSettings, st, *, accelerator=None,
-          callbacks: Sequence[Callback] = ()) -> TrainResult:  # fmt: skip
+          callbacks: Sequence[Callback] = (), streams: Sequence[AuxStream] = ()) -> TrainResult:  # fmt: skip
     """Train ``task`` for ``settings.steps`` optimizer steps, writing into ``st.dir``.
 
     ``st`` is the stage run (:func:`midtrain.runs.stage_run`, or the follower of
     :func:`~midtrain.train.distributed.distributed_stage` on non-main processes). Writes
     ``st.dir/metrics.jsonl`` and ``st.dir/checkpoints/step-NNNNNN/``; resumes from the newest
     complete checkpoint there. Raises :class:`TrainingDiverged` on a NaN/inf loss or gradient.
+    ``streams``: co-training streams (:class:`AuxStream`) accumulated into the same steps.
     """
     import torch
 
@@ -255,7 +303,7 @@ def train(task: TrainTask, settings: TrainSettings, st, *, accelerator=None,
         nonlocal result_eval
         if task.eval_dataset is None or len(task.eval_dataset) == 0:
             return {}
-        result_eval = _evaluate(task, model, acc, settings, step)
+        result_eval = _evaluate(task, model, acc, settings, step, streams)
         if main:
             metrics.write({"step": step, **result_eval})
             log.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in result_eval.items()))
@@ -274,32 +322,46 @@ def train(task: TrainTask, settings: TrainSettings, st, *, accelerator=None,
 
     # -- steps ----------------------------------------------------------------------------------
     loader = iter(_loader(task, task.train_dataset, StepBatches(plan, start, settings.steps, rank), settings, acc.device))
+    stream_loaders = [iter(_loader(task, s.dataset, _StreamBatches(s, start, settings.steps, rank, procs, settings.grad_accum),
+                                   settings, acc.device, collate=s.collate)) for s in streams]  # fmt: skip
     t_start = time.perf_counter()
     final_path = found[-1][1] if found and start >= settings.steps else None
     for step in range(start + 1, settings.steps + 1):
         model.train()
         micro = [next(loader) for _ in range(settings.grad_accum)]
         weights = [_weight(b) for b in micro]
-        total_w = _sum_over_processes(acc, [sum(weights)])[0] or 1.0  # units the step's loss averages over
+        side = [[next(it) for _ in range(settings.grad_accum)] for it in stream_loaders]
+        side_w = [[_weight(b) for b in batches] for batches in side]
+        total_w, *side_total = _sum_over_processes(acc, [sum(weights), *(sum(w) for w in side_w)])
+        total_w = total_w or 1.0  # units the step's loss averages over
+        # the streams' passes first, the task's last: the synced backward is a task batch (DDP)
+        passes = [(b, w, s.weight * w * procs / (t or 1.0), k) for k, (s, batches, ws, t) in
+                  enumerate(zip(streams, side, side_w, side_total)) for b, w in zip(batches, ws)]  # fmt: skip
+        passes += [(b, w, w * procs / total_w, None) for b, w in zip(micro, weights)]
         loss_sum, bad_ids, step_tokens, logs_sum = 0.0, None, 0, {}
-        for i, (batch, w) in enumerate(zip(micro, weights)):
+        side_sum = [0.0] * len(streams)
+        for i, (batch, w, factor, k) in enumerate(passes):
             batch = _to_device(batch, acc.device)
-            sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(model)
+            sync = contextlib.nullcontext() if i == len(passes) - 1 else acc.no_sync(model)
             with sync:  # gradients are all-reduced only after the step's last micro-batch
                 with acc.autocast():
                     loss, logs = model(batch)
-                acc.backward(loss * (w * procs / total_w))
+                acc.backward(loss * factor)
             value = float(loss.detach())
             if not math.isfinite(value) and bad_ids is None:
                 bad_ids = list(batch["sample_ids"])
+            if k is not None:
+                side_sum[k] += value * w
+                continue
             loss_sum += value * w
             step_tokens += int(batch.get("num_tokens", 0) or 0)
-            for k, v in (logs or {}).items():
-                logs_sum[k] = logs_sum.get(k, 0.0) + float(v) * w
+            for key, v in (logs or {}).items():
+                logs_sum[key] = logs_sum.get(key, 0.0) + float(v) * w
         log_keys = sorted(logs_sum)  # the model returns the same keys for every batch, on every process
         step_loss_sum, step_tokens_all, n_samples, n_bad, *log_sums = _sum_over_processes(
             acc, [loss_sum, float(step_tokens), float(sum(len(b["sample_ids"]) for b in micro)), float(bad_ids is not None),
-                  *(logs_sum[k] for k in log_keys)])  # fmt: skip
+                  *side_sum, *(logs_sum[k] for k in log_keys)])  # fmt: skip
+        side_loss, log_sums = log_sums[: len(streams)], log_sums[len(streams) :]
         if n_bad:
             bad = _gather_objects(acc, bad_ids)
             r = next(i for i, b in enumerate(bad) if b is not None)
@@ -316,7 +378,8 @@ def train(task: TrainTask, settings: TrainSettings, st, *, accelerator=None,
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        run.add(step_loss_sum, total_w, grad_norm, step_tokens_all, n_samples, lr, dict(zip(log_keys, log_sums)))
+        run.add(step_loss_sum, total_w, grad_norm, step_tokens_all, n_samples, lr, dict(zip(log_keys, log_sums)),
+                {s.name: (v, t) for s, v, t in zip(streams, side_loss, side_total)})  # fmt: skip
 
         if step % settings.log_every == 0 or step == settings.steps:
             row = run.row(step, plan.epoch_of(step), time.perf_counter() - t_start)
@@ -357,6 +420,7 @@ class _Running:
     tokens_total: float = 0.0
     samples_total: float = 0.0
     last_loss: Optional[float] = None
+    streams: dict = field(default_factory=dict)  # stream name -> [loss sum, weight] since the last row
 
     @classmethod
     def from_state(cls, state: dict) -> "_Running":
@@ -365,7 +429,7 @@ class _Running:
     def state(self) -> dict:
         return {"running": {k: getattr(self, k) for k in self.__dataclass_fields__}}
 
-    def add(self, loss_sum, weight, grad_norm, tokens, samples, lr, logs) -> None:
+    def add(self, loss_sum, weight, grad_norm, tokens, samples, lr, logs, streams=None) -> None:
         self.loss += loss_sum
         self.weight += weight
         self.grad_norm += grad_norm
@@ -377,6 +441,10 @@ class _Running:
         self.lr = lr
         for k, v in logs.items():
             self.logs[k] = self.logs.get(k, 0.0) + v
+        for name, (v, w) in (streams or {}).items():
+            acc = self.streams.setdefault(name, [0.0, 0.0])
+            acc[0] += v
+            acc[1] += w
 
     def row(self, step: int, epoch: float, elapsed: float) -> dict:
         loss = self.loss / self.weight
@@ -384,15 +452,18 @@ class _Running:
                "tokens": int(self.tokens_total), "samples": int(self.samples_total), "epoch": round(epoch, 4),
                "elapsed_s": round(elapsed, 3)}  # fmt: skip
         row.update({k: v / self.weight for k, v in self.logs.items()})
+        row.update({f"loss_{name}": v / w for name, (v, w) in self.streams.items() if w})
         self.last_loss = loss
         self.loss = self.weight = self.grad_norm = self.tokens = self.samples = 0.0
         self.steps = 0
         self.logs = {}
+        self.streams = {}
         return row
 
 
-def _evaluate(task, model, acc, settings: TrainSettings, step: int) -> dict:
-    """Weighted mean validation loss over this evaluation's fixed batches (all processes)."""
+def _evaluate(task, model, acc, settings: TrainSettings, step: int, streams: Sequence[AuxStream] = ()) -> dict:
+    """Weighted mean validation loss over this evaluation's fixed batches (all processes), and each
+    stream's on its held-out split."""
     import torch
 
     batches = eval_batches(len(task.eval_dataset), settings.batch_size, settings.eval_batches, settings.seed,
@@ -419,5 +490,20 @@ def _evaluate(task, model, acc, settings: TrainSettings, step: int) -> dict:
         keys = sorted(extra)
         summed = _sum_over_processes(acc, [float(extra[k]) for k in keys])
         out.update({f"eval_{k}" if not k.startswith("eval_") else k: v / acc.num_processes for k, v in zip(keys, summed)})
+    for s in streams:
+        if s.eval_dataset is None or not len(s.eval_dataset):
+            continue
+        batches = eval_batches(len(s.eval_dataset), s.eval_batch_size, settings.eval_batches, settings.seed,
+                               acc.num_processes, acc.process_index)  # fmt: skip
+        s_loss = s_weight = 0.0
+        with torch.no_grad():
+            for batch in _loader(task, s.eval_dataset, batches, settings, acc.device, collate=s.collate):
+                batch = _to_device(batch, acc.device)
+                with acc.autocast():
+                    loss, _ = model(batch)
+                s_loss += float(loss) * _weight(batch)
+                s_weight += _weight(batch)
+        s_loss, s_weight = _sum_over_processes(acc, [s_loss, s_weight])
+        out[f"eval_loss_{s.name}"] = s_loss / s_weight if s_weight else float("nan")
     model.train()
     return out

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from ..config import ConfigError, Device, Settings, StageConfig, option
+from ..data.sources import DatasetSource
 from ..eval.config import EvalSettings
 from ..policy.configuration import LoraSettings, PolicySettings
 from ..train.settings import TrainSettings
@@ -68,6 +69,72 @@ class BackboneSettings(Settings):
 
 
 @dataclass
+class CoTrainSettings(Settings):
+    """Objective Bridging (etc-two-bridges): action training co-trained with ETC / VQA next-token batches.
+
+    Every action micro-batch of ``train.batch_size`` samples is accompanied by a VQA micro-batch of
+    ``max(1, round(batch_share x batch_size))`` samples (25% by default), forward and backward
+    separately, accumulated into the same optimizer step; the step's loss is
+    ``L_action + loss_weight x L_vqa``, ``L_vqa`` the backbone's next-token cross-entropy on the
+    answer tokens (sft's labels). VQA samples are drawn from the sources by weight, each source
+    visited in epochs of its own (:class:`midtrain.train.WeightedBatches`).
+    """
+
+    etc: Union[str, dict[str, float]] = option(
+        "", "ETC domains to co-train on: 'etc:all', 'etc_target:grounding+egocentric', or {reference: share} "
+        "(e.g. {'etc_target:all': 0.94, 'etc_ood:all': 0.06}); empty with no datasets: no co-training"
+    )
+    datasets: list[DatasetSource] = option(factory=list, help="other VQA datasets to co-train on (catalog source syntax, kind vlm)")
+    weights: dict[str, float] = option(
+        factory=dict, help="source -> sampling weight in the VQA stream (default: the ETC shares, even over each "
+        "reference's domains; datasets alone: by size)"
+    )
+    batch_share: float = option(0.25, "VQA samples per action micro-batch, as a fraction of train.batch_size (at least 1)")
+    loss_weight: float = option(1.0, "lambda: a step's loss is L_action + lambda L_vqa")
+    max_length: int = option(2048, "tokens per VQA sample (image tokens included)")
+    overlong: Literal["truncate", "skip"] = option("truncate", "longer VQA samples: cut the text tail, or skip (counted)")
+    val_fraction: float = option(0.02, "held-out VQA samples per source (eval_loss_vqa)")
+    prepare_workers: int = option(0, "processes that tokenize VQA samples to measure them once before training (0: "
+                                  "inline, the default: a forked worker hung once in the test suite, after other training in the process)", throughput=True)  # fmt: skip
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.etc) or bool(self.datasets)
+
+    def validate(self) -> None:
+        if self.etc:
+            from ..etc.compositions import parse_spec
+
+            parse_spec(self.etc, "cotrain.etc")
+        if not 0 < self.batch_share <= 4:
+            raise ConfigError(f"cotrain.batch_share: must be in (0, 4], got {self.batch_share}")
+        if not self.loss_weight > 0:
+            raise ConfigError(f"cotrain.loss_weight: must be > 0, got {self.loss_weight}")
+        if self.max_length < 8:
+            raise ConfigError(f"cotrain.max_length: must be >= 8, got {self.max_length}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"cotrain.val_fraction: must be in [0, 1), got {self.val_fraction}")
+        if self.prepare_workers < 0:
+            raise ConfigError(f"cotrain.prepare_workers: must be >= 0, got {self.prepare_workers}")
+        for name, w in self.weights.items():
+            if not w >= 0:
+                raise ConfigError(f"cotrain.weights.{name}: must be >= 0, got {w}")
+        if self.weights and not sum(self.weights.values()) > 0:
+            raise ConfigError("cotrain.weights: at least one weight must be > 0")
+        if self.etc and self.datasets and not self.weights:
+            raise ConfigError("cotrain.weights: required when cotrain.etc and cotrain.datasets are both given "
+                              "(name each source's weight, the ETC domains as <folder>_<slug>)")  # fmt: skip
+        names = [d.name for d in self.datasets]
+        for i, d in enumerate(self.datasets):
+            for key, message in d.problems():
+                raise ConfigError(f"cotrain.datasets[{i}].{key}: {message}")
+            if d.kind != "vlm":
+                raise ConfigError(f"cotrain.datasets[{i}].kind: co-training data is VQA (kind: vlm), got {d.kind!r}")
+            if names.index(d.name) != i:
+                raise ConfigError(f"cotrain.datasets[{i}].name: duplicate source name {d.name!r}")
+
+
+@dataclass
 class VLAConfig(StageConfig):
     """Config of ``midtrain vla``: train a VLA policy (VLM backbone + action head) on robot data.
 
@@ -84,6 +151,7 @@ class VLAConfig(StageConfig):
     policy: PolicySettings = option(factory=PolicySettings, help="head, chunking, normalisation")
     backbone: BackboneSettings = option(factory=BackboneSettings, help="trainable parts of the VLM")
     train: TrainSettings = option(factory=TrainSettings, help="optimisation settings")
+    cotrain: CoTrainSettings = option(factory=CoTrainSettings, help="ETC / VQA co-training (Objective Bridging)")
     closed_loop_every: int = option(
         0, "closed-loop success rate (midtrain eval's protocol, closed_loop.*) every N steps and after the last; 0: off"
     )
@@ -104,6 +172,8 @@ class VLAConfig(StageConfig):
             raise ConfigError(f"closed_loop_every: must be >= 0, got {self.closed_loop_every}")
         if self.feature_batch_size < 1:
             raise ConfigError(f"feature_batch_size: must be >= 1, got {self.feature_batch_size}")
+        if self.cotrain.enabled and self.backbone.trainable == "frozen":
+            raise ConfigError("cotrain: a frozen backbone has nothing for the VQA loss to train; use backbone.trainable: lora or full")
         if self.policy.head == "tokens" and self.backbone.trainable == "frozen":
             raise ConfigError(
                 "backbone.trainable: frozen cannot train the tokens head (its predictions are the backbone's own "

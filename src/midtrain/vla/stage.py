@@ -13,7 +13,9 @@ Steps, top to bottom:
 4. :func:`~midtrain.train.train`: same optimiser, schedule, accumulation, accelerate, checkpoint
    and SIGKILL-resume semantics as ``midtrain sft``; held-out loss plus offline metrics (L1 per
    action dimension on the normalised scale, gripper accuracy) every ``train.eval_every`` steps,
-   and with ``closed_loop_every`` the closed-loop success rate (``midtrain eval``'s protocol);
+   and with ``closed_loop_every`` the closed-loop success rate (``midtrain eval``'s protocol); with
+   ``cotrain`` (ETC / VQA co-training, :mod:`midtrain.vla.cotrain`) a VQA micro-batch beside every
+   action micro-batch, accumulated into the same optimizer step (``loss_vqa``, ``eval_loss_vqa``);
 5. the final policy in ``<run>/<name>/policy/`` (``VLAPolicy.from_pretrained`` loads it; every
    ``checkpoints/step-NNNNNN/`` is a loadable policy directory too), ``metrics.jsonl``, and the
    manifest (data counts, held-out episodes, parameters, final metrics).
@@ -220,8 +222,8 @@ def normalization_stats(rows: list[dict], chunk_size: int, state_dim: int) -> di
 # --------------------------------------------------------------------------- the stage
 
 
-def _fingerprint_inputs(config: VLAConfig, kind: str, path: Path) -> dict[str, Path]:
-    inputs = {kind: path}
+def _fingerprint_inputs(config: VLAConfig, kind: str, path: Path, cotrain=None) -> dict[str, Path]:
+    inputs = {kind: path, **(cotrain.fingerprint_inputs() if cotrain is not None else {})}
     model = Path(config.model).expanduser() if config.model else None
     if model is not None and model.is_dir():
         inputs["model"] = model
@@ -241,8 +243,13 @@ def train_vla(config: VLAConfig, run_dir: RunDir, force: bool = False) -> Path:
     else:
         check_vlm(config.model, config.backbone.trust_remote_code)  # fail fast: exists, is a VLM
     kind, path = _data_input(config, run_dir)
-    accelerator = make_accelerator(config.train.precision, config.device)
-    with distributed_stage(accelerator, run_dir, config.name, config, _fingerprint_inputs(config, kind, path), force) as st:
+    from .cotrain import build_stream, prepare, resolve_inputs
+
+    cotrain = resolve_inputs(config.cotrain, run_dir)  # fail fast: the ETC stages and domains exist
+    # a VQA batch leaves the action head without gradient (and an action batch an untied LM head)
+    accelerator = make_accelerator(config.train.precision, config.device, find_unused_parameters=cotrain is not None)
+    with distributed_stage(accelerator, run_dir, config.name, config, _fingerprint_inputs(config, kind, path, cotrain),
+                           force) as st:  # fmt: skip
         if st.skipped_as_complete:
             return st.final_dir
         import torch
@@ -293,6 +300,22 @@ def train_vla(config: VLAConfig, run_dir: RunDir, force: bool = False) -> Path:
         else:
             train_data, val_data = train_rows, (val_rows or None)
         task = VLATask(policy, train_data, val_data, frozen, config.seed)
+        streams = []
+        if cotrain is not None:
+            from ..policy.backbone import is_bidirectional
+
+            if is_bidirectional(policy.backbone.vlm):
+                raise StageError(f"cotrain: {config.model or config.init_policy}'s language model attends both ways, so "
+                                 "next-token VQA targets would be visible; co-train a causal VLM")  # fmt: skip
+            processor = policy.backbone.processor
+            composition = prepare(cotrain, config.cotrain, processor, st.dir, config.seed, st, main, accelerator)
+            stream, info = build_stream(cotrain, config.cotrain, st.dir, config.train.batch_size, config.train.seed, processor)
+            streams.append(stream)
+            if main:
+                st.extra["cotrain"] = {**info, "composition": composition}
+                st.counts["cotrain_train_samples"] = len(stream.dataset)
+                st.log.info("co-training: %d VQA samples per action micro-batch of %d, from %s", info["micro_batch"],
+                            config.train.batch_size, {n: round(v["weight"], 3) for n, v in info["sources"].items()})  # fmt: skip
 
         # -- train ------------------------------------------------------------------------------
         callbacks = []
@@ -302,7 +325,7 @@ def train_vla(config: VLAConfig, run_dir: RunDir, force: bool = False) -> Path:
                 cl = dataclasses.replace(cl, corpus=path)
             callbacks.append(closed_loop_callback(cl, st, config.closed_loop_every))
         with st.timed("train"):
-            result = train(task, config.train, st, accelerator=accelerator, callbacks=callbacks)
+            result = train(task, config.train, st, accelerator=accelerator, callbacks=callbacks, streams=streams)
 
         # -- the final policy -------------------------------------------------------------------
         if main:
