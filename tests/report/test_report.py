@@ -101,3 +101,46 @@ def test_browser_check_names_missing_chromium(monkeypatch, tmp_path):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(FileNotFoundError, match="apt-get install chromium"):
         check_report_in_browser(tmp_path / "x.html")
+
+
+def _training_stages(run):
+    """A mid-training and a policy-training stage folder as their stages leave them (synthetic numbers)."""
+    from midtrain.train.plots import plot_closed_loop, plot_loss_curves
+
+    rows = [{"step": s, "loss": 2.0 / s} for s in range(1, 11)] + [{"step": 10, "eval_loss": 0.3}]
+    with stage_run(run, "sft_learned", StageConfig()) as st:
+        plot_loss_curves(rows, st.dir / "loss_curves.png", "sft")
+        _png(st.dir / "composition.png", (9, 9, 9))
+        st.extra.update({"final_model": str(st.final_dir / "model"), "train": {"steps": 10, "train_loss": 0.2},
+                         "composition": {"sources": {"spatial": {"train_samples": 30}, "captions": {"train_samples": 10}}},
+                         "parameters": {"language_model": {"trainable": 5, "total": 50}}})  # fmt: skip
+    cl = rows + [{"step": s, "callback": "closed_loop", "success": s / 20, "success_reach-v3": s / 10} for s in (5, 10)]
+    with stage_run(run, "vla_learned", StageConfig()) as st:
+        plot_loss_curves(cl, st.dir / "loss_curves.png", "vla")
+        plot_closed_loop(cl, st.dir / "closed_loop.png", "vla")
+        st.extra.update({"final_policy": str(st.final_dir / "policy"), "train": {"steps": 10, "eval_l1": 0.1},
+                         "policy_config": {"settings": {"head": "mlp", "chunk_size": 4}}})  # fmt: skip
+
+
+@pytest.mark.slow
+def test_training_and_evaluation_stages_get_sections_whose_figures_and_videos_play(tmp_path):
+    from midtrain.eval.config import EvalConfig
+    from midtrain.eval.html import check_videos_in_browser
+    from midtrain.eval.policies import save_scripted_policy
+    from midtrain.eval.stage import run_eval
+
+    run = _fake_run(tmp_path)
+    _training_stages(run)
+    expert = save_scripted_policy(tmp_path / "expert", "metaworld_expert")
+    run_eval(EvalConfig(policy=expert, tasks=["reach-v3"], episodes_per_task=1, max_steps=40, workers=1,
+                        videos_per_task=1), run)  # fmt: skip
+    out = write_report(ReportConfig(), run)
+    page = (out / "report.html").read_text()
+    for title in ("Mid-training (sft_learned)", "VLA policy (vla_learned)", "Closed-loop evaluation (eval)"):
+        assert title in page
+    assert "spatial" in page and "reach-v3" in page
+    result = check_report_in_browser(out / "report.html")
+    assert result["images_ok"] == result["images_total"] == 7 + 4  # + sft (2) and vla (2) figures
+    assert check_videos_in_browser(out / "report.html") == {"videos_ok": 1, "videos_total": 1}
+    summary_rows = page.split("Run summary")[1]
+    assert "sft_learned" in summary_rows and "vla_learned" in summary_rows  # the run summary lists them too

@@ -12,7 +12,7 @@ from catalog_rows import vlm_rows
 from midtrain.models import load_vlm
 from midtrain.models.tiny import ARCHS as TINY_ARCHS
 from midtrain.sft import model as sft_model
-from midtrain.sft.config import LoraSettings
+from midtrain.models.parts import LoraSettings
 from midtrain.sft.data import collate_sft
 from midtrain.sft.model import SFTModel, apply_training_mode, chunked_answer_loss, find_parts, parameter_counts
 

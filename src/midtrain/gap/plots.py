@@ -11,23 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..runs import atomic_path
-
-
-def new_figure(width: float, height: float, dpi: int = 120):
-    """A figure drawn by the Agg canvas directly, so no global pyplot/backend state is touched."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=dpi)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_png(fig, path: Path, **savefig_kwargs) -> None:
-    """Write ``fig`` as a PNG at ``path`` atomically (a temporary file renamed into place)."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", **savefig_kwargs)
+from ..figures import new_figure, save_png
 
 
 def plot_mmd_heatmap(

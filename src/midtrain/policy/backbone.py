@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from ..models.loading import ModelLoadError, backbone as base_model
-from .configuration import LoraSettings
+from ..models.parts import LoraSettings, find_parts, lora_targets
+from ..runs import StageError
 
 ACTION_QUERY_TOKEN = "<|action_query|>"
 STATE_TOKEN = "<|state|>"
@@ -41,22 +42,10 @@ def action_bin_token(k: int) -> str:
     return f"<|act_{k}|>"
 
 
-def _submodule(vlm, names: tuple[str, ...]) -> nn.Module | None:
-    base = base_model(vlm)
-    return next((getattr(base, n) for n in names if isinstance(getattr(base, n, None), nn.Module)), None)
-
-
 def vision_module(vlm) -> nn.Module | None:
-    """The vision encoder of a VLM (``visual``, ``vision_tower`` or ``vision_model`` of its base model)."""
-    return _submodule(vlm, ("visual", "vision_tower", "vision_model"))
-
-
-def language_module(vlm) -> nn.Module:
-    """The language model of a VLM (``language_model`` or ``text_model`` of its base model)."""
-    lm = _submodule(vlm, ("language_model", "text_model"))
-    if lm is None:
-        raise ModelLoadError(f"{type(vlm).__name__}: cannot find its language model (language_model / text_model)")
-    return lm
+    """The vision encoder of a VLM (see :func:`midtrain.models.parts.find_parts`)."""
+    parts = find_parts(vlm)
+    return vlm.get_submodule(parts.vision_tower) if parts.vision_tower else None
 
 
 def is_bidirectional(vlm) -> bool:
@@ -186,13 +175,10 @@ class Backbone(nn.Module):
             from peft import LoraConfig, inject_adapter_in_model
         except ImportError:
             raise ModelLoadError(f"backbone.trainable: lora needs peft ({INSTALL_HINT})") from None
-        lm = language_module(self.vlm)
-        prefix = next(n for n, m in self.vlm.named_modules() if m is lm)
-        names = [f"{prefix}.{n}" for n, m in lm.named_modules() if isinstance(m, nn.Linear)]
-        if settings.targets:
-            names = [n for n in names if any(n == t or n.endswith("." + t) for t in settings.targets)]
-            if not names:
-                raise ModelLoadError(f"backbone.lora.targets: {settings.targets} match no linear layer of the language model")
+        try:
+            names = lora_targets(self.vlm, find_parts(self.vlm), settings.targets)
+        except StageError as exc:
+            raise ModelLoadError(f"backbone.{exc}") from None
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=names)
         inject_adapter_in_model(config, self.vlm)
         self.lora_applied = True

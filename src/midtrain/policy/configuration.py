@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from ..config import ConfigError, Settings, from_dict, option, to_plain
+from ..models.parts import LoraSettings  # noqa: F401 (the backbone's LoRA settings)
 
 POLICY_TYPE = "midtrain_vla"
 CONFIG_NAME = "config.json"
@@ -87,24 +88,6 @@ class TokensHeadSettings(Settings):
             raise ConfigError(f"bins: must be in [2, 4096], got {self.bins}")
         if self.bin_range is not None and self.bin_range <= 0:
             raise ConfigError(f"bin_range: must be > 0, got {self.bin_range}")
-
-
-@dataclass
-class LoraSettings(Settings):
-    """LoRA on the language model's linear layers (peft)."""
-
-    rank: int = option(16, "LoRA rank r")
-    alpha: float = option(32.0, "LoRA alpha (the update is scaled by alpha / r)")
-    dropout: float = option(0.0, "dropout on the LoRA input")
-    targets: list[str] = option(
-        factory=list, help="module name suffixes to adapt (empty: every linear layer of the language model)"
-    )
-
-    def validate(self) -> None:
-        if self.rank < 1:
-            raise ConfigError(f"rank: must be >= 1, got {self.rank}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
 
 
 @dataclass

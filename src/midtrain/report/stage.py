@@ -61,9 +61,21 @@ def _table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = "
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def stage_folders(run: RunDir) -> list[str]:
+    """The stage folders a report covers: the pipeline's, in order, then any other complete stage
+    folder of the run (several sft / vla runs share a run directory by ``name``; eval, etc, study)."""
+    extra = sorted(
+        p.name for p in run.root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name not in REPORTED and p.name != "report"
+        and (run.manifest(p.name) or {}).get("status") == "complete"
+    ) if run.root.exists() else []  # fmt: skip
+    return list(REPORTED) + extra
+
+
 def _run_summary(run: RunDir, max_error_lines: int) -> str:
     rows, errors = [], []
-    for stage in REPORTED:
+    folders = stage_folders(run)
+    for stage in folders:
         man = run.manifest(stage)
         if man is None:
             rows.append({"stage": stage, "status": "not run"})
@@ -91,12 +103,12 @@ def _run_summary(run: RunDir, max_error_lines: int) -> str:
     out = _table(rows, ["stage", "status", "wall_s", "read", "written", "skipped", "skip reasons"])
     out += "<h3>Skipped samples</h3>" + (_table(errors) if errors else "<p>None: no sample was skipped.</p>")
     configs = []
-    for stage in REPORTED:
+    for stage in folders:
         man = run.manifest(stage)
         if man:
             cfg = html.escape(json.dumps(man.get("config", {}), indent=1))
             configs.append(f"<details><summary>{stage} config</summary><pre>{cfg}</pre></details>")
-    versions = next((m.get("versions") for s in REPORTED if (m := run.manifest(s))), None) or {}
+    versions = next((m.get("versions") for s in folders if (m := run.manifest(s))), None) or {}
     out += "<h3>Configs</h3>" + "".join(configs)
     out += "<h3>Versions</h3>" + _table([versions]) if versions else ""
     return out
@@ -130,7 +142,7 @@ def _loss_curve_png(curve: list[dict], out: Path) -> Path | None:
     keys = [k for k in ("train_loss", "val_loss") if curve and k in curve[0]]
     if not keys:
         return None
-    from ..gap.plots import new_figure, save_png
+    from ..figures import new_figure, save_png
 
     fig = new_figure(5, 3, dpi=100)
     ax = fig.subplots()
@@ -258,12 +270,68 @@ window.addEventListener('load', function () {
 """
 
 
+def _sft_section(folder: Path, man: dict) -> str:
+    """Mid-training: loss curves, the drawn composition, trainable parameters per module."""
+    train = man.get("train", {})
+    cfg = man.get("config", {})
+    summary = {"model": cfg.get("model"), "mode": cfg.get("mode"), "vision": cfg.get("vision"),
+               **{k: train.get(k) for k in ("steps", "train_loss", "eval_loss", "samples", "samples_per_s") if k in train}}  # fmt: skip
+    out = _table([summary])
+    out += _img_tag(folder / "loss_curves.png", "loss curves", "48%") + _img_tag(folder / "composition.png", "composition", "48%")
+    composition = man.get("composition") or {}
+    per = composition.get("sources") or {}
+    if per:
+        out += "<h4>Drawn composition</h4>" + _table([{"source": k, **v} for k, v in sorted(per.items())])
+    params = man.get("parameters") or {}
+    if isinstance(params, dict) and params:
+        out += "<h4>Parameters</h4>" + _table([{"module": k, **(v if isinstance(v, dict) else {"count": v})} for k, v in params.items()])
+    return out
+
+
+def _vla_section(folder: Path, man: dict) -> str:
+    """Policy training: loss curve, closed-loop success against steps, held-out metrics."""
+    train = man.get("train", {})
+    policy = (man.get("policy_config") or {}).get("settings", {})
+    cfg = man.get("config", {})
+    summary = {"backbone": cfg.get("model") or cfg.get("init_policy"), "head": policy.get("head"),
+               "chunk_size": policy.get("chunk_size"), "trainable": (cfg.get("backbone") or {}).get("trainable"),
+               **{k: v for k, v in train.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}  # fmt: skip
+    out = _table([summary])
+    out += _img_tag(folder / "loss_curves.png", "loss curves", "48%")
+    if (folder / "closed_loop.png").exists():
+        out += _img_tag(folder / "closed_loop.png", "closed-loop success against training steps", "48%")
+    return out
+
+
+def _eval_section(folder: Path) -> str:
+    from ..eval.html import eval_section_html
+
+    return eval_section_html(folder, embed_videos=True)
+
+
+def _other_sections(run: RunDir) -> list[tuple[str, str]]:
+    """Sections for the training and evaluation stages found in the run, by what their folder holds."""
+    out = []
+    for name in stage_folders(run):
+        folder, man = run.stage_dir(name), run.manifest(name)
+        if not man or man.get("status") != "complete":
+            continue
+        if "final_model" in man:
+            out.append((f"Mid-training ({name})", _sft_section(folder, man)))
+        elif "final_policy" in man:
+            out.append((f"VLA policy ({name})", _vla_section(folder, man)))
+        elif (folder / "results.json").exists() and (folder / "episodes.parquet").exists():
+            out.append((f"Closed-loop evaluation ({name})", _eval_section(folder)))
+    return out
+
+
 def render_report(run: RunDir, cfg: ReportConfig, out_dir: Path) -> str:
     sections = [
         ("Distribution gap (MMD, t-SNE)", _gap_section(run)),
         ("Proximity estimator", _fit_section(run, out_dir)),
         ("Selection", _select_section(run, cfg)),
         ("Export", _export_section(run)),
+        *_other_sections(run),
         ("Run summary", _run_summary(run, cfg.max_error_lines)),
     ]
     body = "".join(f"<h2>{html.escape(t)}</h2>{s}" for t, s in sections)
@@ -277,7 +345,8 @@ def render_report(run: RunDir, cfg: ReportConfig, out_dir: Path) -> str:
 
 def write_report(config: ReportConfig, run_dir: RunDir, force: bool = False) -> Path:
     """Render ``<run>/report/report.html`` from the artefacts of the completed stages."""
-    inputs = [run_dir.stage_dir(s) / "manifest.json" for s in REPORTED if (run_dir.stage_dir(s) / "manifest.json").exists()]
+    inputs = [run_dir.stage_dir(s) / "manifest.json" for s in stage_folders(run_dir)
+              if (run_dir.stage_dir(s) / "manifest.json").exists()]  # fmt: skip
     with stage_run(run_dir, "report", config, inputs=inputs, force=force) as st:
         if st.skipped_as_complete:
             return st.dir

@@ -132,7 +132,7 @@ def per_source_shares(result) -> list[dict]:
 
 
 def plot_pool_vs_selection(shares: list[dict], path: Path) -> None:
-    from ..gap.plots import new_figure, save_png
+    from ..figures import new_figure, save_png
 
     names = [s["source"] for s in shares]
     y = np.arange(len(names))
@@ -150,7 +150,7 @@ def plot_pool_vs_selection(shares: list[dict], path: Path) -> None:
 
 
 def plot_score_distributions(result, path: Path, threshold: float | None, scorer: str) -> None:
-    from ..gap.plots import new_figure, save_png
+    from ..figures import new_figure, save_png
 
     scores = result.table.column("score").to_numpy(zero_copy_only=False)[result.eligible]
     sources = result.table.column("source").to_numpy(zero_copy_only=False)[result.eligible]

@@ -8,27 +8,15 @@ from typing import Any, Literal, Optional
 
 from ..config import ConfigError, Device, Settings, StageConfig, option
 from ..data.sources import DatasetSource
+from ..models.parts import LoraSettings
 from ..train.settings import TrainSettings
 
 
 @dataclass
-class LoraSettings(Settings):
-    """LoRA adapters (``mode: lora``): ``W x + (alpha / rank) B A x`` on linear layers of the language model."""
+class SFTLoraSettings(LoraSettings):
+    """LoRA adapters (``mode: lora``), and whether the final model is also written merged."""
 
-    rank: int = option(16, "adapter rank r")
-    alpha: float = option(32.0, "scaling numerator: the update is (alpha / rank) B A")
-    dropout: float = option(0.05, "dropout on the adapter input")
-    targets: list[str] = option(factory=list, help="linear layers of the language model to adapt, by last name "
-                                "(e.g. [q_proj, v_proj]); empty: every linear layer (peft's all-linear, LM only)")  # fmt: skip
     merge: bool = option(True, "also write the final model with the adapter merged in (model/), loadable like any checkpoint")
-
-    def validate(self) -> None:
-        if self.rank < 1:
-            raise ConfigError(f"lora.rank: must be >= 1, got {self.rank}")
-        if not self.alpha > 0:
-            raise ConfigError(f"lora.alpha: must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -65,7 +53,7 @@ class SFTConfig(StageConfig):
     name: str = option("sft", "stage folder in the run directory (e.g. sft_vla for the perplexity baselines' VLA-text model)")
     model: str = option("", "the VLM to fine-tune: hub id, local directory, or a checkpoint midtrain wrote (required)")
     mode: Literal["full", "lora"] = option("lora", "full fine-tuning of the language model, or LoRA adapters on it")
-    lora: LoraSettings = option(factory=LoraSettings, help="LoRA settings (mode: lora)")
+    lora: SFTLoraSettings = option(factory=SFTLoraSettings, help="LoRA settings (mode: lora)")
     vision: Literal["frozen", "last_fraction", "full"] = option("frozen", "vision tower: frozen, its last vision_fraction of blocks train, or all of it")
     vision_fraction: float = option(0.25, "fraction of vision blocks that train with vision: last_fraction")
     train_projector: bool = option(True, "the vision-language projector trains")

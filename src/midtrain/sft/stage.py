@@ -35,7 +35,8 @@ from .config import SFTConfig
 from .data import (COMPOSITION_FILE, DATA_DIR, InputIndex, catalog_source_files, collate_sft, draw_and_prepare,
                    load_prepared, materialize_datasets)  # fmt: skip
 from .model import SFTModel, apply_training_mode, find_parts, parameter_counts, read_checkpoint_dtype, save_model
-from .plots import plot_composition, plot_loss_curves
+from ..train.plots import plot_loss_curves
+from .plots import plot_composition
 
 PLAIN_PROMPT_PROCESSORS = ("PaliGemmaProcessor",)  # trained on "<image>... prefix\nsuffix" prompts, no chat template
 FINAL_MODEL = "model"
@@ -189,7 +190,8 @@ def run_sft(config: SFTConfig, run_dir: RunDir, force: bool = False) -> Path:
                     out = peft_model.merge_and_unload() if peft_model is not None else trained
                     save_model(out, processor, final, dtype, info)
             rows = read_metrics(Path(st.dir) / "metrics.jsonl")
-            plot_loss_curves(rows, Path(st.dir) / "loss_curves.png", f"{config.name}: {config.mode}, {Path(config.model).name}")
+            plot_loss_curves(rows, Path(st.dir) / "loss_curves.png", f"{config.name}: {config.mode}, {Path(config.model).name}",
+                             loss_label="train (answer-token cross-entropy, nats)")
             seconds = max(result.seconds, 1e-9)
             st.extra["train"] = {
                 "steps": result.steps, "resumed_from": result.resumed_from, "processes": result.processes,

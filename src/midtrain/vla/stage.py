@@ -30,6 +30,7 @@ import numpy as np
 
 from ..models.loading import check_vlm
 from ..runs import RunDir, StageError
+from ..train.plots import closed_loop_rows, plot_closed_loop, plot_loss_curves
 from .config import VLAConfig
 from .data import RobotData, check_rows, image_size_of, lerobot_meta, read_catalog, read_lerobot, split_by_episode
 
@@ -312,6 +313,10 @@ def train_vla(config: VLAConfig, run_dir: RunDir, force: bool = False) -> Path:
                 last = Path(st.dir) / "checkpoints" / result.final_checkpoint.name  # where it is until the swap
                 shutil.copytree(last, final, ignore=shutil.ignore_patterns("trainer_state"))
             rows = read_metrics(Path(st.dir) / "metrics.jsonl")
+            title = f"{config.name}: {config.policy.head} head, backbone {config.backbone.trainable}"
+            plot_loss_curves(rows, Path(st.dir) / "loss_curves.png", title, loss_label=f"train ({config.policy.head} head)")
+            if closed_loop_rows(rows):
+                plot_closed_loop(rows, Path(st.dir) / "closed_loop.png", title)
             seconds = max(result.seconds, 1e-9)
             st.extra["train"] = {
                 "steps": result.steps, "resumed_from": result.resumed_from, "processes": result.processes,
