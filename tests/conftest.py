@@ -64,3 +64,29 @@ def lerobot_v3(tmp_path_factory) -> tuple[Path, list]:
     """One LeRobot v3.0 dataset per session: ``(root, episodes)``."""
     root = tmp_path_factory.mktemp("lerobot") / "v3"
     return root, make_lerobot_v3(root)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(LlamaForCausalLM, tokenizer)``: SmolLM2-135M-Instruct dequantised from its GGUF file (~25 s), once per session."""
+    from midtrain.models.smollm2 import load_smollm2
+
+    return load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def causal_demo_vlm(smollm2, tmp_path_factory):
+    """``causal_demo_vlm(text_layers=None) -> Path``: the causal demo VLM (EfficientNet-Lite0 + SmolLM2 in LLaVA,
+    seed 0: what ``midtrain demo`` builds) with all 30 or the first ``text_layers`` decoder layers, saved once each."""
+    from midtrain.models.causal_demo_vlm import build_causal_demo_vlm
+
+    root = tmp_path_factory.mktemp("causal_demo_vlm")
+    built: dict = {}
+
+    def get(text_layers: int | None = None) -> Path:
+        if text_layers not in built:
+            built[text_layers] = build_causal_demo_vlm(root / f"layers{text_layers}", seed=0, text_layers=text_layers,
+                                                       smollm2=smollm2)  # fmt: skip
+        return built[text_layers]
+
+    return get

@@ -1,22 +1,29 @@
-"""End to end: the demo on a reduced world shows what the EmbodiedMidtrain paper found.
+"""End to end: the demo on a reduced world runs every stage and shows the findings that held in every drawn world.
 
-One run (about a minute on 2 idle cores) of the real pipeline - Meta-World episodes, the
-synthetic pool, the pretrained-weights demo featurizer, gap, fit, score, select, export,
-report - shared by the assertions below.
+One run of the real pipeline - Meta-World episodes, the synthetic pool, the demo featurizer
+(pretrained weights), gap, fit, score, select, export, report - shared by the tests below.
+
+Which findings are asserted comes from ``benchmarks/findings.py`` (docs/findings.md): on 10
+worlds drawn by seed, none of them looked at while choosing the demo's defaults, a finding is
+asserted here only if it held in all 10 with the featurizer the demo uses. The others are
+reported (computed, with a margin whose sign agrees), not asserted.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 
 import pyarrow.parquet as pq
 import pytest
 
 from midtrain.cli import main
+from midtrain.demo import DEMO_SMOLLM2_LAYERS, FINDINGS, DemoConfig
 from midtrain.report.browser import check_report_in_browser
 from midtrain.runs import RunDir
 
-pytestmark = pytest.mark.slow  # the whole pipeline end to end (about a minute)
+pytestmark = pytest.mark.slow  # the whole pipeline end to end (a few minutes)
 
 REDUCED = [
     "tasks=[reach-v3,push-v3,drawer-open-v3,door-open-v3]",
@@ -24,22 +31,40 @@ REDUCED = [
     "samples_per_source=30",
     "image_size=64",
     "frame_stride=3",
+    "sft_steps=2",
+    "sft_batch_size=2",
 ]
+# Findings that held in 10 of 10 drawn worlds (python benchmarks/findings.py [--featurizer ...], series 16).
+HELD_IN_EVERY_DRAWN_WORLD = {
+    "smollm2": set(FINDINGS),  # all five, 10/10
+    "minilm": {"cross_group_exceeds_within_group", "embodied_source_highest"},  # the other three: 9/10
+}
+DEMO_VLM = DemoConfig().demo_vlm
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_run(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("demo") / "run"
+    if DEMO_VLM == "smollm2":  # the session's build of the same model (seed 0): one GGUF load for all tests
+        root.mkdir(parents=True)
+        model = request.getfixturevalue("causal_demo_vlm")(DEMO_SMOLLM2_LAYERS)
+        os.symlink(model, root / f"demo_model_smollm2_{DEMO_SMOLLM2_LAYERS}layers")
+        os.symlink(request.getfixturevalue("causal_demo_vlm")(None), root / "demo_model_smollm2_30layers")
     assert main(["demo", "--run-dir", str(root), *REDUCED]) == 0
     return RunDir(root)
 
 
 @pytest.fixture(scope="module")
-def findings(demo_run):
-    return json.loads((demo_run.stage_dir("demo") / "summary.json").read_text())["findings"]
+def summary(demo_run):
+    return json.loads((demo_run.stage_dir("demo") / "summary.json").read_text())
 
 
-def test_every_stage_completed_into_one_run_directory(demo_run):
+@pytest.fixture(scope="module")
+def findings(summary):
+    return summary["findings"]
+
+
+def test_every_stage_completed_into_one_run_directory(demo_run, summary):
     for stage in ("sim_collect", "sim_pool", "catalog", "featurize", "gap", "fit", "score", "select", "export", "report"):
         assert demo_run.manifest(stage)["status"] == "complete", stage
     catalog_sources = demo_run.manifest("catalog")["sources"]
@@ -47,27 +72,21 @@ def test_every_stage_completed_into_one_run_directory(demo_run):
     exported = json.loads((demo_run.stage_dir("export") / "mixture.json").read_text())
     selected = pq.read_table(demo_run.stage_dir("select") / "selection.parquet").to_pandas()
     assert len(exported) == int(selected["selected"].sum()) > 0
+    diversity = json.loads((demo_run.stage_dir("select") / "selection_metrics.json").read_text())["source_diversity"]
+    assert diversity["selected"] == len(exported) and diversity["sources_in_pool"] == 5
+    assert summary["featurizer"]["pooling"] == {"minilm": "image_mean", "smollm2": "mean"}[DEMO_VLM]
 
 
-def test_vla_sources_are_closer_to_each_other_than_to_the_pool(findings):
-    assert findings["mean_mmd_within_vla"] < findings["mean_mmd_cross"]
-    assert findings["cross_group_exceeds_within_group"]
+def test_every_finding_is_reported_with_a_margin_of_the_same_sign(findings):
+    for key in FINDINGS:
+        margin = findings["margins"][key]
+        assert isinstance(findings[key], bool) and margin is not None and math.isfinite(margin), key
+        assert findings[key] == (margin > 0), (key, margin)
 
 
-def test_embodied_source_scores_highest(findings):
-    assert findings["highest_scoring_source"] == "spatial_pointing", findings["mean_proximity_by_source"]
-
-
-def test_text_centric_source_is_farthest_from_the_robot_data(findings):
-    assert findings["farthest_vlm_source_by_mmd"] == "book_covers"
-
-
-def test_text_centric_source_scores_lowest(findings):
-    assert findings["lowest_scoring_source"] == "book_covers", findings["mean_proximity_by_source"]
-
-
-def test_selection_is_closer_to_the_robot_data_than_random(findings):
-    assert findings["mmd_selection_vla"] < findings["mmd_random_vla"]
+@pytest.mark.parametrize("finding", sorted(HELD_IN_EVERY_DRAWN_WORLD[DEMO_VLM]))
+def test_findings_that_held_in_every_drawn_world(findings, finding):
+    assert findings[finding], (finding, findings["margins"][finding], findings["mean_proximity_by_source"])
 
 
 def test_rerunning_the_demo_recomputes_nothing(demo_run):
@@ -80,3 +99,20 @@ def test_report_figures_load_in_chromium(demo_run):
     result = check_report_in_browser(demo_run.stage_dir("report") / "report.html")
     assert result["images_total"] >= 8
     assert result["images_ok"] == result["images_total"]
+
+
+def test_the_demo_mid_trains_its_vlm_on_the_selected_mixture(demo_run, summary):
+    """The short LoRA sft of the full-depth demo VLM runs on the exported mixture, and the report shows it."""
+    if DEMO_VLM != "smollm2":
+        pytest.skip("the MiniLM demo VLM is an encoder: nothing to mid-train")
+    manifest = demo_run.manifest("sft")
+    assert manifest["status"] == "complete"
+    assert manifest["config"]["model"].endswith("demo_model_smollm2_30layers")
+    exported = json.loads((demo_run.stage_dir("export") / "mixture.json").read_text())
+    mid = summary["mid_training"]
+    assert mid["steps"] == 2 and all(math.isfinite(mid[k]) for k in ("train_loss_first", "val_loss_before", "val_loss_after"))
+    assert mid["val_loss_after"] != mid["val_loss_before"]  # the adapter changed the model's predictions
+    sft_dir = demo_run.stage_dir("sft")
+    assert (sft_dir / "adapter" / "adapter_config.json").exists() or any(sft_dir.rglob("adapter_config.json"))
+    assert (demo_run.stage_dir("report") / "report.html").read_text().count("sft") > 0
+    assert len(exported) > 0

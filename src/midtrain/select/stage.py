@@ -26,7 +26,8 @@ image bytes - image files are read) hashes equal are duplicates; the best-ranked
 is kept, the others are not eligible and are listed in ``duplicates.parquet``.
 
 Outputs: ``selection.parquet`` (``id, source, score, rank, selected``, sorted by rank),
-``selection_metrics.json`` and ``report/`` (see :mod:`midtrain.select.report`).
+``selection_metrics.json`` (with the selection's ``source_diversity``, see
+:mod:`midtrain.select.diversity`) and ``report/`` (see :mod:`midtrain.select.report`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from ..data.features import FeatureRun, resolve_features
 from ..runs import RunDir, SampleError, StageError, StageRun, stage_run, write_json_atomic, write_parquet_atomic
 from ..score.stage import SCORES_FILE
 from .config import SelectConfig
+from .diversity import source_diversity
 
 SELECTION_FILE = "selection.parquet"
 METRICS_FILE = "selection_metrics.json"
@@ -241,6 +243,8 @@ def select_mixture(config: SelectConfig, run_dir: RunDir, force: bool = False) -
                 metrics = write_selection_report(st, config, result, fr, catalog_dir)
         else:
             metrics = result.summary()
+        sources = result.table.column("source").to_numpy(zero_copy_only=False)
+        metrics["source_diversity"] = source_diversity(sources[result.selected], sources[result.eligible])
         write_json_atomic(st.dir / METRICS_FILE, metrics)
         st.extra.update({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))})
     return st.dir
