@@ -74,3 +74,23 @@ def test_codec_comes_from_the_corpus_info(tmp_path):
         corpus_video_info(tmp_path)
     with pytest.raises(StageError, match="cannot encode 'rgb24'"):
         resolve_codec(CodecSettings(name="libx264", pix_fmt="rgb24"), None, 30)
+
+
+def test_a_lossless_corpus_resolves_to_its_lossless_codec(tmp_path):
+    """sim collect's default corpus (libx264rgb, crf 0) records the stream's pixel format, planar
+    GBR ('gbrp'), which libx264 cannot encode: the round trip must be libx264rgb from RGB, and the
+    identity on the recorded frames."""
+    from midtrain.data.lerobot import LeRobotDatasetWriter
+
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    key = "observation.images.corner"
+    with LeRobotDatasetWriter(tmp_path / "c", fps=80, robot_type="sawyer", cameras={key: (32, 32)}, state_dim=2,
+                              action_dim=2, video_codec="libx264rgb") as w:  # fmt: skip
+        w.add_episode(frames={key: frames}, state=np.zeros((6, 2)), action=np.zeros((6, 2)), task="t")
+    _, info = corpus_video_info(tmp_path / "c")
+    assert info["features"][key]["info"]["video.pix_fmt"] == "gbrp"
+    spec = resolve_codec(CodecSettings(), info["features"][key]["info"], info["fps"])
+    assert (spec.encoder, spec.crf, spec.pix_fmt, spec.source) == ("libx264rgb", 0, "rgb24", "corpus")
+    trip, _ = _round_trip(frames, spec)
+    np.testing.assert_array_equal(trip, frames)

@@ -57,7 +57,7 @@ class CodecSpec:
 def resolve_codec(settings: Any, corpus_video: Optional[dict], fps: float) -> CodecSpec:
     """Codec settings: explicit ``codec.*`` settings, else the corpus's ``info.json`` video info
     (``corpus_video``), else the LeRobot writer's defaults (libx264, its crf, yuv420p)."""
-    from ..data.lerobot import DEFAULT_CRF
+    from ..data.lerobot import DEFAULT_CRF, DEFAULT_PIX_FMT, STORED_PIX_FMT
 
     info = corpus_video or {}
     encoder = settings.name
@@ -66,10 +66,12 @@ def resolve_codec(settings: Any, corpus_video: Optional[dict], fps: float) -> Co
     if not encoder and info.get("video.codec"):
         codec = str(info["video.codec"]).lower()
         encoder = ENCODER_OF.get(codec)
-        if codec == "h264" and pix_fmt in RGB_PIX_FMTS:
+        if codec == "h264" and (pix_fmt in RGB_PIX_FMTS or pix_fmt == STORED_PIX_FMT["libx264rgb"]):
             encoder = "libx264rgb"
         if encoder is None:
             raise StageError(f"corpus video codec {codec!r} has no known encoder here; set codec.name (e.g. libx264)")
+        if not settings.pix_fmt and STORED_PIX_FMT.get(encoder) == pix_fmt:
+            pix_fmt = DEFAULT_PIX_FMT[encoder]  # info.json records the stored format (planar GBR); encode from RGB
         source = "corpus"
     encoder = encoder or WRITER_DEFAULT_CODEC
     crf = settings.crf if settings.crf is not None else info.get("video.crf", DEFAULT_CRF.get(encoder))

@@ -1,0 +1,185 @@
+"""The study's figures (PNG, Agg canvas) and its HTML section: one table and the curves.
+
+:func:`study_section_html` returns a self-contained ``<section class="midtrain-study">`` (its own
+style; figures embedded as data URIs) for the run report; :func:`study_page_html` wraps it in a
+page (``<run>/study/study.html``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from ..runs import atomic_path
+
+STUDY_FILE = "study.json"
+FIGURES = {"success": "success.png", "curves": "success_curves.png", "cka": "cka.png"}
+STYLE = """
+.midtrain-study table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.85em; }
+.midtrain-study th, .midtrain-study td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
+.midtrain-study td.text, .midtrain-study th.text { text-align: left; }
+.midtrain-study tr.baseline td { background: #f4f4f4; }
+.midtrain-study .figs { display: flex; flex-wrap: wrap; gap: 10px; }
+.midtrain-study img { max-width: 48%; border: 1px solid #ddd; }
+.midtrain-study .note { color: #555; font-size: 0.85em; }
+"""
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+
+
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def write_figures(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Write the figures a study has numbers for; returns ``{figure: file name}``."""
+    rows = results["rows"]
+    names = list(rows)
+    colors = dict(zip(names, _colors(len(names))))
+    written: dict[str, str] = {}
+    with_success = [n for n in names if rows[n].get("success")]
+    if with_success:
+        fig = _figure(max(4.0, 1.1 * len(with_success) + 1.5), 3.6)
+        ax = fig.add_subplot(1, 1, 1)
+        for i, n in enumerate(with_success):
+            s = rows[n]["success"]
+            lo, hi = s["ci95"]
+            ax.errorbar([i], [s["mean"]], yerr=[[s["mean"] - lo], [hi - s["mean"]]], fmt="o", color=colors[n], capsize=4, ms=7)
+            ax.scatter([i + 0.15] * len(s["per_seed"]), s["per_seed"], s=12, color=colors[n], alpha=0.5)
+        ax.set_xticks(range(len(with_success)), with_success, rotation=20, fontsize=8)
+        ax.set_ylabel("closed-loop success (mean over tasks)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title("success per row: mean, 95% interval, seeds (dots)", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        _save(fig, out_dir / FIGURES["success"])
+        written["success"] = FIGURES["success"]
+    with_curve = [n for n in names if rows[n].get("curve")]
+    if with_curve and any(len(rows[n]["curve"]) > 1 for n in with_curve):
+        fig = _figure(6.4, 3.8)
+        ax = fig.add_subplot(1, 1, 1)
+        for n in with_curve:
+            pts = rows[n]["curve"]
+            steps = [p["step"] for p in pts]
+            ax.plot(steps, [p["mean"] for p in pts], "o-", color=colors[n], lw=1.5, ms=4, label=n)
+            ax.fill_between(steps, [p["ci95"][0] for p in pts], [p["ci95"][1] for p in pts], color=colors[n], alpha=0.12)
+        ax.set_xlabel("VLA training step")
+        ax.set_ylabel("closed-loop success")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title("training dynamics: success vs VLA steps (mean over seeds, 95% band)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        _save(fig, out_dir / FIGURES["curves"])
+        written["curves"] = FIGURES["curves"]
+    with_cka = [n for n in names if rows[n].get("cka", {}).get("vlm") or rows[n].get("cka", {}).get("vla")]
+    if with_cka:
+        fig = _figure(6.4, 3.8)
+        ax = fig.add_subplot(1, 1, 1)
+        for n in with_cka:
+            c = rows[n]["cka"]
+            if c.get("vlm"):
+                ax.plot(range(len(c["vlm"])), c["vlm"], "o-", color=colors[n], lw=1.5, ms=3, label=f"{n}: VLM")
+            for seed, values in sorted(c.get("vla", {}).items()):
+                ax.plot(range(len(values)), values, "--", color=colors[n], lw=1, label=f"{n}: VLA s{seed}")
+        ax.set_xlabel("layer (0 = input embeddings)")
+        ax.set_ylabel("linear CKA to the base VLM")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title("representation drift on robot frames", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        _save(fig, out_dir / FIGURES["cka"])
+        written["cka"] = FIGURES["cka"]
+    return written
+
+
+def _f(x: Optional[float], digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _ci(s: Optional[dict], digits: int = 2) -> str:
+    if not s or s.get("mean") is None:
+        return "–"
+    ci = s.get("ci95")
+    return _f(s["mean"], digits) + (f" [{_f(ci[0], digits)}, {_f(ci[1], digits)}]" if ci else "")
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _steps_text(row: dict) -> str:
+    parts = [f"{s['kind']}({json.dumps(s['data']) if s['data'] is not None else ''})" for s in row["steps"]]
+    start = "random weights" if row["init"] == "random_weights" else "study VLM"
+    return " → ".join([start, *parts])
+
+
+def study_section_html(study_dir: Path | str, title: str = "Does mid-training make a better VLA? (midtrain study)") -> str:
+    """The report section of a study folder: protocol, the table, the figures."""
+    study_dir = Path(study_dir)
+    res = json.loads((study_dir / STUDY_FILE).read_text())
+    esc = html.escape
+    p = res["protocol"]
+    ev = p.get("eval", {})
+    out = [f'<section class="midtrain-study"><style>{STYLE}</style><h2>{esc(title)}</h2>']
+    tasks = ", ".join(ev.get("tasks") or []) or "the benchmark's default tasks"
+    out.append(
+        f"<p>Every row trains the same VLA recipe on the same robot data over seeds {esc(str(p['seeds']))}; "
+        f"closed loop on {esc(p['benchmark'])} ({esc(tasks)}), {ev.get('episodes_per_task')} episodes per task "
+        f"from the same initial states for every row and seed (eval seed {ev.get('seed')}). Intervals: "
+        f"{esc(p['success_interval'])}. Offline numbers: {esc(p['offline_interval'])}.</p>"
+    )
+    b = res.get("budgets", {})
+    if not b.get("midtrain_equal", True) or not b.get("vla_equal", True):
+        out.append(f'<p class="note"><b>Unequal budgets</b>: mid-training samples {esc(json.dumps(b.get("midtrain_samples")))}, '
+                   f'VLA samples {esc(json.dumps(b.get("vla_samples")))}.</p>')  # fmt: skip
+    out.append(
+        '<table><tr><th class="text">row</th><th class="text">initialisation</th><th>mid-training samples</th>'
+        "<th>success [95%]</th><th>vs " + esc(res["baseline_row"]) + " [95%]</th><th>per seed</th>"
+        "<th>held-out L1 [95%]</th><th>gripper acc.</th><th>probe L1</th><th>MMD(mixture, VLA)</th>"
+        "<th>diversity</th><th>CKA last layer</th></tr>"
+    )
+    for name, r in res["rows"].items():
+        mix = r.get("mixture") or {}
+        cka = (r.get("cka") or {}).get("vlm")
+        samples = sum(s["samples_seen"] or 0 for s in r["steps"] if s["kind"] == "sft")
+        per_seed = ", ".join(_f(v["success"]) for _, v in sorted(r["seeds"].items(), key=lambda kv: int(kv[0])))
+        cls = ' class="baseline"' if name == res["baseline_row"] else ""
+        out.append(
+            f'<tr{cls}><td class="text">{esc(name)}</td><td class="text">{esc(_steps_text(r))}</td><td>{samples or "–"}</td>'
+            f"<td>{_ci(r.get('success'))}</td><td>{_ci(r.get('vs_baseline'))}</td><td>{per_seed}</td>"
+            f"<td>{_ci(r.get('offline_l1'), 3)}</td><td>{_ci(r.get('offline_gripper_accuracy'))}</td>"
+            f"<td>{_ci((r.get('probe') or {}).get('l1'), 3)}</td><td>{_f(mix.get('mmd_to_vla'), 3)}</td>"
+            f"<td>{_f(mix.get('diversity'), 2)}</td><td>{_f(cka[-1] if cka else None, 3)}</td></tr>"
+        )
+    out.append("</table>")
+    figs = [study_dir / f for f in (res.get("figures") or {}).values() if (study_dir / f).is_file()]
+    if figs:
+        out.append('<div class="figs">' + "".join(_img(f, f.stem) for f in figs) + "</div>")
+    cost = res.get("cost", {})
+    out.append(f'<p class="note">Compute: {_f(cost.get("total_wall_s"), 0)} s summed over the sub-stages; every number '
+               f"with its seed and source file is in <code>{esc(str(study_dir / STUDY_FILE))}</code>.</p></section>")  # fmt: skip
+    return "\n".join(out)
+
+
+def study_page_html(study_dir: Path | str) -> str:
+    section = study_section_html(study_dir)
+    return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>midtrain study</title>"
+            f"<style>body {{ font-family: sans-serif; margin: 1.5em; }}</style></head><body>{section}</body></html>")  # fmt: skip

@@ -1,0 +1,321 @@
+"""``midtrain study``: does mid-training on the selected data make a better VLA? The seed's
+experiment end to end, in one run directory.
+
+Top to bottom (:func:`run_study`), every step an ordinary resumable stage (folders in
+:mod:`midtrain.study.plan`), so a killed study rerun continues where it stopped:
+
+1. **the world**: with ``world: embedded``, ``midtrain demo``'s data engine (sim collect, sim pool,
+   catalog, featurize, gap, fit, score, select, export) on the ``demo`` settings; with
+   ``world: run_dir``, the catalog, features and estimator already in the run directory;
+2. **the VLMs**: the study VLM (``vlm.model``, or built into ``vlm/``) and, for rows with
+   ``init: random_weights``, the same architecture with random weights (``vlm_random/``);
+3. **each row's steps**: mid-training (``sft_<row>``) on the data its ``data:`` reference names
+   (selections are made on first use: ``selections/<scorer>/``), or VLA steps;
+4. **the common VLA recipe** on every row's result, for every seed (``vla_<row>_s<seed>``), with
+   closed-loop success after the last step (and every ``curve_every`` steps: the curves);
+5. **the frozen-backbone probe** of every row's VLM (``probe_<row>_s<seed>``);
+6. **CKA drift** of every row from the base VLM (``cka/``);
+7. **the study** (``study/``): ``study.json`` with every number and its seed, ``study.html`` (the
+   table and figures, :func:`midtrain.study.html.study_section_html`) and the figures as PNGs.
+
+``--force`` recomputes the ``study/`` folder only (the aggregate); a sub-stage is redone by
+deleting its folder or running it with ``--force``.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..config import ConfigError, load_config
+from ..runs import RunDir, StageError, stage_run, write_json_atomic, write_text_atomic
+from ..stages import STAGES
+from .config import PLACEHOLDER_DATA, PLACEHOLDER_MODEL, StudyConfig, deep_merge, vla_config, with_robot_data
+from .plan import (CKA_STAGE, PERPLEXITY_SCORERS, RANDOM_VLM_STAGE, SELECTIONS_DIR, STUDY_STAGE, VLA_TEXT_STAGE,
+                   VLM_STAGE, RowStages, references_kind, referenced_scorers, resolve_sft_data, resolve_vla_data,
+                   row_stages)  # fmt: skip
+
+STUDY_FILE = "study.json"
+PAGE = "study.html"
+log = logging.getLogger("midtrain.study")
+
+
+def run_registered(name: str, run_dir: RunDir, mapping: dict[str, Any], key: str) -> Path:
+    """Run the registered stage ``name`` with the config ``mapping`` into ``run_dir`` (a complete
+    stage with the same config and inputs is skipped, as always)."""
+    config_cls, fn = STAGES[name].load()
+    try:
+        config = load_config(config_cls, base=mapping)
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return fn(config, run_dir, force=False)
+
+
+class StudyContext:
+    """The running study: its config, run directory and the artefacts steps ask for (made on first use)."""
+
+    def __init__(self, config: StudyConfig, run: RunDir):
+        self.config, self.run = config, run
+        self.robot_data = Path(config.robot_data) if config.robot_data else run.stage_dir("sim_collect") / "lerobot"
+        recipe = vla_config(with_robot_data({**config.vla, "model": PLACEHOLDER_MODEL}, PLACEHOLDER_DATA), {}, "vla")
+        self.chunk_size = recipe.policy.chunk_size
+        self.frame_stride = recipe.data.frame_stride
+        self.base_vlm = ""
+        self.random_vlm = ""
+        self.seconds: dict[str, float] = {}  # sub-stage -> wall seconds of this invocation
+        self._selections: dict[str, tuple[Path, Path]] = {}
+        self._vla_text: Optional[str] = None
+
+    def timed(self, stage: str, fn: Callable[[], Path]) -> Path:
+        t0 = time.perf_counter()
+        out = fn()
+        self.seconds[stage] = round(time.perf_counter() - t0, 2)
+        log.info("study: %s done (%.1fs)", stage, self.seconds[stage])
+        return out
+
+    @property
+    def common(self) -> dict[str, Any]:
+        return {"seed": self.config.seed, "on_error": self.config.on_error}
+
+    # -- artefacts data references ask for ---------------------------------------------------
+    def selection(self, scorer: str) -> tuple[Path, Path]:
+        """``(mixture.parquet, selection_metrics.json)`` of ``scorer``'s top-k selection, made in the
+        nested run directory ``selections/<scorer>/`` (which shares this run's catalog)."""
+        if scorer in self._selections:
+            return self._selections[scorer]
+        cfg = self.config
+        sub = RunDir(self.run.root / SELECTIONS_DIR / scorer)
+        catalog = self.run.require("catalog").resolve()
+        link = sub.root / "catalog"
+        if not link.exists():
+            link.symlink_to(catalog, target_is_directory=True)
+        elif link.resolve() != catalog:
+            raise StageError(f"{link}: points to {link.resolve()}, not this run's catalog {catalog}; remove it and rerun")
+        features = str(self.run.require("featurize"))
+        score: dict[str, Any] = {**self.common, "scorer": scorer}
+        if scorer in PERPLEXITY_SCORERS:
+            score["vla_model"] = self.vla_text_model()
+            if scorer == "delta_perplexity":
+                score["base_model"] = self.base_vlm
+        else:
+            score["features"] = features
+        if scorer == "proximity":
+            score["estimator"] = str(self.run.require("fit") / "estimator")
+        key = f"selection:{scorer}"
+        self.timed(f"{SELECTIONS_DIR}/{scorer}/score",
+                   lambda: run_registered("score", sub, deep_merge(score, cfg.scorers.get(scorer, {})), f"{key} score"))
+        from ..score.stage import SCORES_FILE
+
+        select = deep_merge(cfg.select, {**self.common, "k": cfg.k, "fraction": None, "features": features,
+                                         "scores": str(sub.stage_dir("score") / SCORES_FILE)})  # fmt: skip
+        self.timed(f"{SELECTIONS_DIR}/{scorer}/select", lambda: run_registered("select", sub, select, f"{key} select"))
+        export = {**self.common, "image_mode": "reference", "parquet": True, "dataset_name": f"selection_{scorer}",
+                  "selection": str(sub.stage_dir("select") / "selection.parquet")}  # fmt: skip
+        out = self.timed(f"{SELECTIONS_DIR}/{scorer}/export", lambda: run_registered("export", sub, export, f"{key} export"))
+        self._selections[scorer] = (Path(out) / "mixture.parquet", sub.stage_dir("select") / "selection_metrics.json")
+        return self._selections[scorer]
+
+    def vla_text_model(self) -> str:
+        """The study VLM mid-trained on the robot data as text (the perplexity scorers' VLA model)."""
+        if self._vla_text is None:
+            from .plan import Ref, SFT_DATA
+
+            data = SFT_DATA["robot_text"](self, Ref("robot_text")).keys
+            mapping = deep_merge(deep_merge(self.config.midtrain, data),
+                                 {**self.common, "name": VLA_TEXT_STAGE, "model": self.base_vlm})  # fmt: skip
+            out = self.timed(VLA_TEXT_STAGE, lambda: run_registered("sft", self.run, mapping, VLA_TEXT_STAGE))
+            self._vla_text = str(Path(out) / "model")
+        return self._vla_text
+
+    def etc_llava_dir(self) -> Path:
+        """``<run>/etc/llava``: the ETC VQA of the robot data (``midtrain etc``, run on first use)."""
+        mapping = deep_merge({**self.common, "dataset": str(self.robot_data)}, self.config.etc)
+        out = self.timed("etc", lambda: run_registered("etc", self.run, mapping, "etc"))
+        return Path(out) / "llava"
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def _world(ctx: StudyContext) -> None:
+    cfg = ctx.config
+    if cfg.world == "embedded":
+        from ..demo import run_demo
+
+        ctx.timed("demo", lambda: run_demo(cfg.demo, ctx.run, force=False))
+    else:
+        for stage in ("catalog", "featurize"):
+            ctx.run.require(stage)
+    if not (ctx.robot_data / "meta" / "info.json").is_file():
+        raise StageError(f"robot_data: {ctx.robot_data} is not a LeRobot dataset (meta/info.json is missing)")
+
+
+def _vlms(ctx: StudyContext) -> None:
+    from .models import BuildVLMConfig, build_vlm_stage
+
+    cfg = ctx.config
+    if cfg.vlm.model:
+        ctx.base_vlm = cfg.vlm.model
+    else:
+        build = BuildVLMConfig(seed=cfg.seed, build=cfg.vlm.build, text_layers=cfg.vlm.text_layers,
+                               tiny_arch=cfg.vlm.tiny_arch, tiny_size=cfg.vlm.tiny_size)  # fmt: skip
+        ctx.base_vlm = str(ctx.timed(VLM_STAGE, lambda: build_vlm_stage(build, ctx.run, VLM_STAGE)))
+    if any(r.init == "random_weights" for r in cfg.rows):
+        rnd = BuildVLMConfig(seed=cfg.seed, build="random_weights", source=str(ctx.base_vlm))
+        ctx.random_vlm = str(ctx.timed(RANDOM_VLM_STAGE, lambda: build_vlm_stage(rnd, ctx.run, RANDOM_VLM_STAGE)))
+
+
+def eval_settings(ctx: StudyContext) -> dict[str, Any]:
+    """The closed-loop protocol as ``closed_loop`` keys: the study's ``eval``, tasks defaulting to the
+    embedded world's."""
+    from ..sim.metaworld_env import DEFAULT_TASKS
+
+    cfg = ctx.config
+    settings = cfg.eval.to_dict()
+    if not settings["tasks"] and cfg.eval.benchmark == "metaworld" and cfg.world == "embedded":
+        settings["tasks"] = list(cfg.demo.tasks or DEFAULT_TASKS)
+    settings["corpus"] = str(settings["corpus"] or ctx.robot_data)
+    return settings
+
+
+def vla_mapping(ctx: StudyContext, recipe: dict[str, Any], name: str, seed: int, vlm: str, policy: Optional[str],
+                closed_loop: bool) -> dict[str, Any]:  # fmt: skip
+    """A ``midtrain vla`` config: the recipe, the robot data unless the recipe names its own, the
+    model (or the policy to continue), the seed (stage and training), the closed-loop protocol."""
+    out = deep_merge(recipe, {"name": name, "seed": seed, "on_error": ctx.config.on_error, "train": {"seed": seed}})
+    out = with_robot_data(out, ctx.robot_data)
+    if policy:
+        out["init_policy"] = policy
+        out.pop("model", None)
+        out.pop("policy", None)  # a continued policy keeps its head and chunking
+    else:
+        out["model"] = vlm
+    if closed_loop and ctx.config.closed_loop:
+        steps = vla_config({**out, "model": PLACEHOLDER_MODEL, "init_policy": None}, {}, name).train.steps
+        out["closed_loop_every"] = ctx.config.curve_every or steps
+        out["closed_loop"] = eval_settings(ctx)
+    else:
+        out["closed_loop_every"] = 0
+    return out
+
+
+def _run_rows(ctx: StudyContext, plans: list[RowStages]) -> dict[str, tuple[str, Optional[str]]]:
+    """Run every row's steps; returns row -> (its VLM, its policy if the last step was a vla step)."""
+    cfg = ctx.config
+    out = {}
+    for row, rs in zip(cfg.rows, plans):
+        vlm = ctx.random_vlm if row.init == "random_weights" else ctx.base_vlm
+        policy: Optional[str] = None
+        for i, step in enumerate(rs.steps):
+            key = f"rows.{row.name}.steps[{i}].{step.kind}"
+            over = dict(step.overrides)
+            data = over.pop("data", None)
+            if step.kind == "sft":
+                keys = resolve_sft_data(ctx, data, f"{key}.data").keys if data is not None else {}
+                mapping = deep_merge(deep_merge(cfg.midtrain, over), keys)
+                mapping.update(ctx.common, name=step.name, model=vlm)
+                stage = ctx.timed(step.name, lambda m=mapping, k=key: run_registered("sft", ctx.run, m, k))
+                vlm, policy = str(Path(stage) / "model"), None
+            else:
+                recipe = deep_merge(deep_merge(cfg.vla, over), resolve_vla_data(ctx, data, f"{key}.data") if data else {})
+                mapping = vla_mapping(ctx, recipe, step.name, cfg.seed, vlm, policy, closed_loop=False)
+                stage = ctx.timed(step.name, lambda m=mapping, k=key: run_registered("vla", ctx.run, m, k))
+                policy = str(Path(stage) / "policy")
+                vlm = str(Path(policy) / "backbone")
+        out[row.name] = (vlm, policy)
+    return out
+
+
+def _run_finals(ctx: StudyContext, plans: list[RowStages], models: dict[str, tuple[str, Optional[str]]]) -> None:
+    """The common VLA recipe on every row, seed by seed (all rows of the first seed first, so a study
+    stopped early still compares every row)."""
+    cfg = ctx.config
+    for seed in cfg.seeds:
+        for row, rs in zip(cfg.rows, plans):
+            vlm, policy = models[row.name]
+            mapping = vla_mapping(ctx, deep_merge(cfg.vla, row.vla), rs.finals[seed], seed, vlm, policy, closed_loop=True)
+            ctx.timed(rs.finals[seed], lambda m=mapping, n=rs.finals[seed]: run_registered("vla", ctx.run, m, n))
+
+
+def _run_probes(ctx: StudyContext, plans: list[RowStages], models: dict[str, tuple[str, Optional[str]]]) -> None:
+    cfg = ctx.config
+    recipe = deep_merge(deep_merge(cfg.vla, cfg.probe.vla), {"backbone": {"trainable": "frozen", "vision": "frozen"}})
+    for row, rs in zip(cfg.rows, plans):
+        vlm, _ = models[row.name]
+        for seed, name in rs.probes.items():
+            mapping = vla_mapping(ctx, recipe, name, seed, vlm, None, closed_loop=False)
+            ctx.timed(name, lambda m=mapping, n=name: run_registered("vla", ctx.run, m, n))
+
+
+def _run_cka(ctx: StudyContext, plans: list[RowStages], models: dict[str, tuple[str, Optional[str]]]) -> Optional[Path]:
+    from .drift import CKAStageConfig, measure_drift
+
+    cfg = ctx.config
+    if not cfg.cka.enabled:
+        return None
+    targets: dict[str, str] = {}
+    for row, rs in zip(cfg.rows, plans):
+        vlm, _ = models[row.name]
+        if vlm != ctx.base_vlm:
+            targets[row.name] = vlm
+        for seed in cfg.seeds[: cfg.cka.vla_seeds]:
+            targets[f"{row.name}/vla_s{seed}"] = str(ctx.run.stage_dir(rs.finals[seed]) / "policy" / "backbone")
+    drift = CKAStageConfig(seed=cfg.seed, base=str(ctx.base_vlm), models=targets, frames=cfg.cka.frames,
+                           robot_data=str(ctx.robot_data), batch_size=cfg.cka.batch_size)  # fmt: skip
+    return ctx.timed(CKA_STAGE, lambda: measure_drift(drift, ctx.run))
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def _peak_rss_mb() -> dict[str, float]:
+    return {"self_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "children_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}  # fmt: skip
+
+
+def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path:
+    """Run the study into ``run_dir`` (see the module docstring); returns ``<run>/study``."""
+    from ..fit.estimator import torch_threads
+    from .results import collect_results
+    from .html import study_page_html, write_figures
+
+    t0 = time.perf_counter()
+    ctx = StudyContext(config, run_dir)
+    plans = [row_stages(r, config.seeds, config.probe.seeds, config.probe.enabled) for r in config.rows]
+    with torch_threads(config.num_threads):
+        _world(ctx)
+        _vlms(ctx)
+        for scorer in referenced_scorers(config):
+            ctx.selection(scorer)
+        if references_kind(config, "etc"):
+            ctx.etc_llava_dir()
+        models = _run_rows(ctx, plans)
+        _run_finals(ctx, plans, models)
+        _run_probes(ctx, plans, models)
+        cka_dir = _run_cka(ctx, plans, models)
+
+    stages = [s.name for rs in plans for s in rs.steps] + [n for rs in plans for n in (*rs.finals.values(), *rs.probes.values())]
+    inputs = {s: run_dir.stage_dir(s) / "manifest.json" for s in stages}
+    if cka_dir is not None:
+        inputs[CKA_STAGE] = Path(cka_dir) / "manifest.json"
+    inputs.update({f"{SELECTIONS_DIR}/{s}": run_dir.root / SELECTIONS_DIR / s / "select" / "manifest.json"
+                   for s in referenced_scorers(config)})  # fmt: skip
+    with stage_run(run_dir, STUDY_STAGE, config, inputs=inputs, force=force) as st:
+        if st.skipped_as_complete:
+            return st.final_dir
+        results = collect_results(config, run_dir, plans, models, ctx)
+        results["cost"]["this_invocation"] = {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss": _peak_rss_mb(),
+                                              "stages_s": ctx.seconds}  # fmt: skip
+        figures = write_figures(results, Path(st.dir))
+        results["figures"] = figures
+        write_json_atomic(Path(st.dir) / STUDY_FILE, results)
+        write_text_atomic(Path(st.dir) / PAGE, study_page_html(Path(st.dir)))
+        st.counts.update(rows=len(config.rows), seeds=len(config.seeds))
+        st.extra["headline"] = {r: v.get("success", {}).get("mean") for r, v in results["rows"].items()}
+        for r, v in results["rows"].items():
+            s = v.get("success") or {}
+            st.log.info("%-16s success %s %s", r, s.get("mean"), s.get("ci95"))
+    return st.final_dir

@@ -1,0 +1,125 @@
+"""``midtrain study`` end to end on configs/study_smoke.yaml (every row of the default study at tiny
+budgets): mechanics, not findings. One study, killed once part-way and rerun, shared by the
+assertions: every cell filled, intervals computed, files written, and nothing finished recomputed."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import midtrain
+from midtrain.cli import main
+from midtrain.runs import RunDir
+
+pytestmark = pytest.mark.slow  # the whole study, twice (a few minutes)
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "configs" / "study_smoke.yaml"
+DEFAULT = ROOT / "configs" / "study.yaml"
+SRC = str(Path(midtrain.__file__).parents[1])
+KILL_AFTER = "vla_base_s0"  # a stage that completes part-way through the study
+
+
+def _started(run: RunDir, stages: list[str]) -> dict[str, str]:
+    return {s: run.manifest(s)["timings"]["started"] for s in stages if run.manifest(s)}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study") / "run"
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "MIDTRAIN_PROGRESS": "off"}
+    proc = subprocess.Popen([sys.executable, "-m", "midtrain.cli", "study", "--config", str(SMOKE), "--run-dir", str(root)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        man = root / KILL_AFTER / "manifest.json"
+        if man.is_file() and json.loads(man.read_text()).get("status") == "complete":
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, f"the study ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = RunDir(root)
+    done_before = [p.name for p in root.iterdir() if p.is_dir() and (p / "manifest.json").is_file()
+                   and run.manifest(p.name)["status"] == "complete"]  # fmt: skip
+    before = _started(run, done_before)
+    assert not (root / "study").exists()
+    assert main(["study", "--config", str(SMOKE), "--run-dir", str(root)]) == 0
+    return {"run": run, "before": before, "json": json.loads((root / "study" / "study.json").read_text())}
+
+
+def test_the_smoke_study_has_every_row_of_the_default():
+    default, smoke = yaml.safe_load(DEFAULT.read_text()), yaml.safe_load(SMOKE.read_text())
+    assert smoke["rows"] == default["rows"]
+    assert smoke["baseline_row"] == default["baseline_row"] if "baseline_row" in default else "baseline_row" not in smoke
+
+
+def test_a_killed_study_continues_without_redoing_finished_stages(study):
+    run, before = study["run"], study["before"]
+    assert "sim_collect" in before and KILL_AFTER in before
+    assert _started(run, list(before)) == before
+
+
+def test_every_cell_is_filled_with_intervals(study):
+    res = study["json"]
+    rows = res["rows"]
+    assert list(rows) == ["base", "learned", "random", "mean_distance", "scratch"]
+    for name, r in rows.items():
+        assert set(r["seeds"]) == {"0", "1"}
+        for seed, s in r["seeds"].items():
+            assert s["status"] == "complete" and s["stage"] == f"vla_{name}_s{seed}"
+            assert 0.0 <= s["success"] <= 1.0 and set(s["per_task"]) == {"reach-v3", "drawer-open-v3"}
+            assert [p["step"] for p in s["curve"]] == [1, 2]
+            assert s["offline"]["l1"] is not None and s["samples_seen"] == 4
+            assert Path(s["episodes_file"]).is_file()
+        succ = r["success"]
+        assert succ["episodes"] == 2 * 2 * 2 and succ["ci95"][0] <= succ["mean"] <= succ["ci95"][1]
+        assert len(succ["per_seed"]) == 2 and r["offline_l1"]["n"] == 2 and len(r["offline_l1"]["ci95"]) == 2
+        assert [p["step"] for p in r["curve"]] == [1, 2]
+        assert r["probe"]["seeds"]["0"]["l1"] is not None
+        assert len(r["cka"]["vlm"]) == res["cka"]["layers"] and len(r["cka"]["vla"]["0"]) == res["cka"]["layers"]
+        if name == "base":
+            assert r["vs_baseline"] is None and r["cka"]["vlm"] == [1.0] * res["cka"]["layers"] and r["mixture"] is None
+        else:
+            d = r["vs_baseline"]
+            assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    for name, scorer in (("learned", "proximity"), ("random", "random"), ("mean_distance", "mean_distance")):
+        mix = rows[name]["mixture"]
+        assert mix["scorer"] == scorer and mix["mmd_to_vla"] is not None and mix["diversity"] is not None
+        assert rows[name]["steps"][0]["samples_seen"] == 4  # the same mid-training budget for every row
+    assert rows["scratch"]["init"] == "random_weights" and rows["scratch"]["cka"]["vlm"][0] < 0.999
+    assert res["budgets"]["midtrain_equal"] and res["budgets"]["vla_equal"]
+    assert res["cost"]["total_wall_s"] > 0
+
+
+def test_files_are_written_and_figures_decode(study):
+    from PIL import Image
+
+    from midtrain.study.html import study_section_html
+
+    folder = study["run"].stage_dir("study")
+    assert set(study["json"]["figures"]) == {"success", "curves", "cka"}
+    for name in study["json"]["figures"].values():
+        with Image.open(folder / name) as im:
+            assert im.size[0] > 100
+    section = study_section_html(folder)
+    assert section.count("<tr") == 1 + 5 and section.count("data:image/png;base64,") == 3
+    assert (folder / "study.html").read_text().count("<section") == 1
+
+
+def test_rerunning_the_study_recomputes_nothing(study):
+    run = study["run"]
+    stages = [p.name for p in run.root.iterdir() if (p / "manifest.json").is_file()]
+    before = _started(run, stages)
+    buf = io.StringIO()
+    assert main(["study", "--config", str(SMOKE), "--run-dir", str(run.root)]) == 0, buf.getvalue()
+    assert _started(run, stages) == before
