@@ -123,3 +123,13 @@ def test_rerunning_the_study_recomputes_nothing(study):
     buf = io.StringIO()
     assert main(["study", "--config", str(SMOKE), "--run-dir", str(run.root)]) == 0, buf.getvalue()
     assert _started(run, stages) == before
+
+
+def test_the_run_report_has_the_study_section(study):
+    """`midtrain report` on a study's run directory shows the study's table and figures."""
+    run = study["run"]
+    assert main(["report", "--run-dir", str(run.root)]) == 0
+    page = (run.stage_dir("report") / "report.html").read_text()
+    start = page.index("Does mid-training make a better VLA?")
+    section = page[start : page.index("</section>", start)]
+    assert section.count("<tr") == 1 + 5 and section.count("data:image/png;base64,") == 3

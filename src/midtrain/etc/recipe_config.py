@@ -61,7 +61,7 @@ class WorldSettings(Settings):
 @dataclass
 class DriftSettings(Settings):
     """Representation drift (etc-two-bridges, Section 5): linear CKA per layer between a reference
-    VLM and other backbones on the same robot frames (:mod:`midtrain.etc.measures`)."""
+    VLM and other backbones on the same robot frames (:mod:`midtrain.study.drift`)."""
 
     name: str = option("", "label of the comparison (the stage folder is cka_<name>)")
     reference: str = option("", "the reference checkpoint, e.g. {run}/sft_etc_db/model (the Distribution-Bridged VLM)")

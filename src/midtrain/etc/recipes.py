@@ -16,10 +16,10 @@ Top to bottom (:func:`run_recipes`), every piece an ordinary resumable stage of 
 5. **evaluation** of each recipe's last step per seed on the target tasks
    (``evals/<step>/eval/``, ``midtrain eval``'s protocol: the same episodes for every recipe);
 6. **drift**: linear CKA per layer between a reference and other backbones (``cka_<name>/``,
-   :func:`midtrain.etc.measures.measure_drift`, a copy of the study's);
+   :func:`midtrain.study.drift.measure_drift`, the study's);
 7. **the table** (``recipes/``): ``results.json`` (per recipe: success per seed and task, the mean
    with its interval, the paired differences of ``compare``; drift; stage timings) and
-   ``results.md``. Intervals are :mod:`midtrain.etc.measures`' (the study's): a two-way bootstrap over seeds and
+   ``results.md``. Intervals are :mod:`midtrain.study.stats`': a two-way bootstrap over seeds and
    episodes, paired across recipes.
 """
 
@@ -284,7 +284,7 @@ def run_recipes(config: RecipesConfig, run_dir: RunDir, force: bool = False) -> 
         # -- drift -------------------------------------------------------------------------------
         drift = {}
         if config.drift:
-            from .measures import CKA_FILE, CKAStageConfig, measure_drift
+            from ..study.drift import CKA_FILE, CKAStageConfig, measure_drift
 
             for d in config.drift:
                 cfg = CKAStageConfig(seed=config.seed, base=fill(d.reference, variables),
@@ -306,7 +306,7 @@ def run_recipes(config: RecipesConfig, run_dir: RunDir, force: bool = False) -> 
 
 def summarize(config: RecipesConfig, recipes: list[Recipe], plan: Plan, success: dict, drift: dict) -> dict[str, Any]:
     """``results.json``: per recipe its steps, per-seed successes, mean with interval, paired difference."""
-    from .measures import INTERVAL_METHOD, paired_interval, success_summary
+    from ..study.stats import INTERVAL_METHOD, paired_interval, success_summary
 
     out: dict[str, Any] = {"seeds": list(config.seeds), "interval": INTERVAL_METHOD, "recipes": {}, "comparisons": [],
                            "drift": drift}  # fmt: skip

@@ -138,7 +138,7 @@ def study_section_html(study_dir: Path | str, title: str = "Does mid-training ma
     esc = html.escape
     p = res["protocol"]
     ev = p.get("eval", {})
-    out = [f'<section class="midtrain-study"><style>{STYLE}</style><h2>{esc(title)}</h2>']
+    out = [f'<section class="midtrain-study"><style>{STYLE}</style>' + (f"<h2>{esc(title)}</h2>" if title else "")]
     tasks = ", ".join(ev.get("tasks") or []) or "the benchmark's default tasks"
     out.append(
         f"<p>Every row trains the same VLA recipe on the same robot data over seeds {esc(str(p['seeds']))}; "
