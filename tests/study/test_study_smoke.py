@@ -99,6 +99,12 @@ def test_every_cell_is_filled_with_intervals(study):
     assert rows["scratch"]["init"] == "random_weights" and rows["scratch"]["cka"]["vlm"][0] < 0.999
     assert res["budgets"]["midtrain_equal"] and res["budgets"]["vla_equal"]
     assert res["cost"]["total_wall_s"] > 0
+    others = ["learned", "random", "mean_distance", "scratch"]  # every pair without the baseline, in row order
+    assert list(res["pairwise"]) == [f"{a} - {b}" for i, a in enumerate(others) for b in others[i + 1 :]]
+    for key, d in res["pairwise"].items():
+        a, b = key.split(" - ")
+        assert d["mean"] == pytest.approx(rows[a]["success"]["mean"] - rows[b]["success"]["mean"], abs=1e-3)
+        assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
 
 
 def test_files_are_written_and_figures_decode(study):

@@ -16,6 +16,7 @@ any time. Layout::
         "probe": {seeds: {<seed>: {stage, l1, gripper_accuracy}}, l1},
         "curve": [{step, mean, ci95}],
         "cka": {"vlm": [...] | null, "vla": {<seed>: [...]}}}},
+     "pairwise": {"<row a> - <row b>": {mean, ci95, share_of_replicates_above_0}},  # rows other than the baseline
      "budgets": {...}, "cost": {...}}
 """
 
@@ -170,6 +171,14 @@ def collect_results(config, run: RunDir, plans: list[RowStages], models: dict, c
             r["vs_baseline"] = paired_interval(r["_episodes"], base["_episodes"], config.seed)
         else:
             r["vs_baseline"] = None
+    # Every other pair of rows too (learned - random is the seed's headline comparison): row order is
+    # the config's, each difference is "first - second", paired over the same seeds and episodes.
+    names_in_order = [n for n in rows if rows[n]["success"]]
+    pairs = {
+        f"{a} - {b}": paired_interval(rows[a]["_episodes"], rows[b]["_episodes"], config.seed)
+        for i, a in enumerate(names_in_order) for b in names_in_order[i + 1 :]
+        if config.baseline_row not in (a, b)
+    }  # fmt: skip
     for r in rows.values():
         r.pop("_episodes")
     sft_samples = {name: sum(s["samples_seen"] or 0 for s in r["steps"] if s["kind"] == "sft") for name, r in rows.items()}
@@ -189,7 +198,7 @@ def collect_results(config, run: RunDir, plans: list[RowStages], models: dict, c
     names = [*WORLD_STAGES, VLM_STAGE, RANDOM_VLM_STAGE, VLA_TEXT_STAGE, CKA_STAGE]
     names += [s.name for rs in plans for s in rs.steps] + [n for rs in plans for n in (*rs.finals.values(), *rs.probes.values())]
     return {
-        "protocol": protocol, "baseline_row": config.baseline_row, "rows": rows,
+        "protocol": protocol, "baseline_row": config.baseline_row, "rows": rows, "pairwise": pairs,
         "budgets": {"midtrain_samples": mid, "midtrain_equal": len(set(mid.values())) <= 1,
                     "vla_samples": vla_samples,
                     "vla_equal": len({tuple(v) for v in vla_samples.values()}) <= 1},  # fmt: skip
