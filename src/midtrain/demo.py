@@ -328,7 +328,9 @@ def _build_demo_vlms(config: DemoConfig, run_dir: RunDir, log) -> tuple[str, str
 
 def _mid_training_summary(run: RunDir) -> dict[str, Any]:
     """Steps, first and last training loss, and held-out loss before and after the demo's short mid-training."""
-    rows = [json.loads(line) for line in (run.stage_dir("sft") / "metrics.jsonl").read_text().splitlines() if line]
+    from .train import read_metrics
+
+    rows = read_metrics(run.stage_dir("sft") / "metrics.jsonl")
     train = [r for r in rows if "loss" in r and "callback" not in r]
     val = [r for r in rows if "eval_loss" in r]
     return {

@@ -25,3 +25,10 @@ def save_png(fig, path: Path, **savefig_kwargs) -> None:
     """Write ``fig`` as a PNG at ``path`` atomically (a temporary file renamed into place)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", **savefig_kwargs)
+
+
+def png_data_uri(path: Path) -> str:
+    """A PNG file as a ``data:`` URI, so an HTML page carries its figures inside it."""
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")

@@ -4,13 +4,10 @@ processes (gloo) train like one process at the same global batch."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,12 +17,7 @@ from midtrain.sft.config import SFTConfig
 from midtrain.sft.stage import run_sft
 from midtrain.train import read_metrics
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
-
-
-def env() -> dict:
-    return {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "MIDTRAIN_PROGRESS": "off", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+from cli_processes import cli_env as env, kill_at_checkpoint
 
 
 def overrides(model: Path, steps: int, **train) -> list[str]:
@@ -58,15 +50,7 @@ def test_sigkill_and_rerun_continues_the_uninterrupted_loss_curve(catalog_run, t
     reference = in_process(copy_run(catalog_run, "reference"), args)
     run = copy_run(catalog_run, "killed")
     cmd = [sys.executable, "-m", "midtrain.cli", "sft", "--run-dir", str(run.root), *args]
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    in_progress = [run.root / "sft", run.root / ".partial" / "sft"]  # where a running stage writes
-    deadline = time.time() + 300
-    while not any((d / "checkpoints" / "step-000008").exists() for d in in_progress):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    stage = next(d for d in in_progress if (d / "checkpoints").exists())
+    stage = kill_at_checkpoint(cmd, run.root, "sft", 8)  # after its second checkpoint
     killed_at = max(s for s, _ in curve(stage))
     assert 8 <= killed_at < 40, "the kill must land mid-run"
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)

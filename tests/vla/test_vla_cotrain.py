@@ -116,7 +116,7 @@ def test_two_processes_co_train_like_one_at_the_same_global_batch(tiny_vlm, worl
     import subprocess
     import sys
 
-    import midtrain
+    from cli_processes import cli_env
 
     dataset, run_dir = world
     two_dir = tmp_path / "two"
@@ -126,12 +126,10 @@ def test_two_processes_co_train_like_one_at_the_same_global_batch(tiny_vlm, worl
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**__import__("os").environ, "PYTHONPATH": str(Path(midtrain.__file__).parents[1]), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MIDTRAIN_PROGRESS": "off", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
               "-m", "midtrain.cli", "vla", "--run-dir", str(two_dir), *base, "train.grad_accum=1", "name=vla_two"]  # fmt: skip
-    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(launch, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     two = two_dir / "vla_two"
     assert json.loads((two / "manifest.json").read_text())["train"]["processes"] == 2

@@ -6,27 +6,23 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import midtrain
 from midtrain.config import ConfigError, load_config
 from midtrain.policy import VLAPolicy
 from midtrain.runs import RunDir, SampleError, StageError
 from midtrain.vla.config import VLAConfig
 from midtrain.vla.stage import train_vla
+from cli_processes import cli_env, kill_at_checkpoint
 from robot_data import CAMERA, observation, robot_rows, write_lerobot
 
-SRC = str(Path(midtrain.__file__).parents[1])  # the sources this test imports, for the subprocess too
 
 
 @pytest.fixture(scope="module")
@@ -161,11 +157,6 @@ def test_config_errors_name_the_key():
         load_config(VLAConfig, overrides=["model=x", "data.lerobot=a", "data.sources=[b]"])
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "MIDTRAIN_PROGRESS": "off", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-
-
 @pytest.mark.slow
 def test_sigkill_and_rerun_continues_the_uninterrupted_run(tiny_vlm, dataset, tmp_path):
     overrides = args(tiny_vlm("qwen2_vl"), [f"data.lerobot={dataset}", "policy.head=flow", "policy.flow.width=32",
@@ -173,17 +164,9 @@ def test_sigkill_and_rerun_continues_the_uninterrupted_run(tiny_vlm, dataset, tm
     torch.set_num_threads(1)
     reference = run(tmp_path / "reference", overrides)
     cmd = [sys.executable, "-m", "midtrain.cli", "vla", "--run-dir", str(tmp_path / "killed"), *overrides]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stage_dirs = [tmp_path / "killed" / "vla", tmp_path / "killed" / ".partial" / "vla"]  # where a running stage writes
-    deadline = time.time() + 300
-    while not any((d / "checkpoints" / "step-000004").exists() for d in stage_dirs):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    stage = next(d for d in stage_dirs if (d / "checkpoints").exists())
+    stage = kill_at_checkpoint(cmd, tmp_path / "killed", "vla", 4)  # after its first checkpoint
     assert max(r["step"] for r in metrics(stage)) < 16, "the kill must land mid-run"
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     out = tmp_path / "killed" / "vla"
     assert _without_times(metrics(out)) == _without_times(metrics(reference))  # loss, eval metrics, lr, grad norm: bit-exact

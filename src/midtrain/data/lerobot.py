@@ -55,6 +55,7 @@ VIDEO_FILES_SIZE_MB = 500
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
 EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+WRITER_DEFAULT_ENCODER = "libx264"  # what LeRobotDatasetWriter encodes with unless told otherwise
 DEFAULT_CRF = {"libx264": 23, "libsvtav1": 30, "libx265": 28, "libx264rgb": 0}  # x264/x265 defaults; LeRobot's AV1
 # setting; libx264rgb at crf 0 is lossless
 # Pixel format each encoder is fed. yuv420p halves the chroma resolution (every decoder reads it); the RGB
@@ -549,6 +550,21 @@ class _VideoStream:
             self.file = None
 
 
+def encoder_problem(encoder: str, pix_fmt: str) -> Optional[tuple[str, str]]:
+    """Why PyAV cannot encode ``pix_fmt`` frames with ``encoder`` here: ``("encoder" | "pix_fmt",
+    message)``, or None when it can. Shared by the writer and the evaluation's codec round trip."""
+    import av
+
+    try:
+        codec = av.codec.Codec(encoder, "w")
+    except Exception:
+        return "encoder", f"PyAV has no encoder {encoder!r} here (try libx264 or libsvtav1)"
+    supported = {f.name for f in codec.video_formats or ()}
+    if supported and pix_fmt not in supported:
+        return "pix_fmt", f"{encoder} cannot encode {pix_fmt!r}; it takes {', '.join(sorted(supported))}"
+    return None
+
+
 class LeRobotDatasetWriter:
     """Write a LeRobot v3.0 dataset, one episode at a time.
 
@@ -604,12 +620,10 @@ class LeRobotDatasetWriter:
         extra_features: Optional[dict[str, list[str]]] = None,
         meta: Optional[dict[str, Any]] = None,
     ):
-        import av
-
         self.root = Path(root)
         if self.root.exists() and any(self.root.iterdir()):
             raise FileExistsError(f"{self.root}: already exists and is not empty; choose a new dataset folder")
-        video_codec = video_codec or "libx264"
+        video_codec = video_codec or WRITER_DEFAULT_ENCODER
         pix_fmt = pix_fmt or DEFAULT_PIX_FMT.get(video_codec, "yuv420p")
         for key, (h, w) in cameras.items():
             if h < 2 or w < 2 or (pix_fmt == "yuv420p" and (h % 2 or w % 2)):
@@ -622,13 +636,9 @@ class LeRobotDatasetWriter:
             if key in reserved or not names:
                 raise ValueError(f"extra_features[{key!r}]: a new feature key with at least one entry name is needed")
         crf = None if video_codec in NO_CRF else crf if crf is not None else DEFAULT_CRF.get(video_codec, 23)
-        try:
-            codec = av.codec.Codec(video_codec, "w")
-        except Exception:
-            raise ValueError(f"video_codec: PyAV has no encoder {video_codec!r} here (try libx264 or libsvtav1)") from None
-        supported = {f.name for f in codec.video_formats or ()}
-        if supported and pix_fmt not in supported:
-            raise ValueError(f"pix_fmt: {video_codec} does not encode {pix_fmt!r}; it takes {', '.join(sorted(supported))}")
+        problem = encoder_problem(video_codec, pix_fmt)
+        if problem:
+            raise ValueError(f"{'video_codec' if problem[0] == 'encoder' else 'pix_fmt'}: {problem[1]}")
         os.environ.setdefault("SVT_LOG", "2")  # SVT-AV1 prints its config banner at info level otherwise
         self.fps, self.robot_type, self.cameras = fps, robot_type, dict(cameras)
         self.state_dim, self.action_dim = state_dim, action_dim

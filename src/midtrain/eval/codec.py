@@ -34,7 +34,6 @@ RGB_PIX_FMTS = ("rgb24", "bgr24", "bgr0")
 LOW_LATENCY = {"libx264": {"tune": "zerolatency"}, "libx264rgb": {"tune": "zerolatency"},
                "libx265": {"tune": "zerolatency", "x265-params": "log-level=error"}}
 DECODERS = {"av1": ("libdav1d", "libaom-av1", "av1")}
-WRITER_DEFAULT_CODEC = "libx264"  # LeRobotDatasetWriter's default encoder
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ class CodecSpec:
 def resolve_codec(settings: Any, corpus_video: Optional[dict], fps: float) -> CodecSpec:
     """Codec settings: explicit ``codec.*`` settings, else the corpus's ``info.json`` video info
     (``corpus_video``), else the LeRobot writer's defaults (libx264, its crf, yuv420p)."""
-    from ..data.lerobot import DEFAULT_CRF, DEFAULT_PIX_FMT, STORED_PIX_FMT
+    from ..data.lerobot import DEFAULT_CRF, DEFAULT_PIX_FMT, STORED_PIX_FMT, WRITER_DEFAULT_ENCODER, encoder_problem
 
     info = corpus_video or {}
     encoder = settings.name
@@ -73,22 +72,12 @@ def resolve_codec(settings: Any, corpus_video: Optional[dict], fps: float) -> Co
         if not settings.pix_fmt and STORED_PIX_FMT.get(encoder) == pix_fmt:
             pix_fmt = DEFAULT_PIX_FMT[encoder]  # info.json records the stored format (planar GBR); encode from RGB
         source = "corpus"
-    encoder = encoder or WRITER_DEFAULT_CODEC
+    encoder = encoder or WRITER_DEFAULT_ENCODER
     crf = settings.crf if settings.crf is not None else info.get("video.crf", DEFAULT_CRF.get(encoder))
-    _check_encoder(encoder, pix_fmt)
+    problem = encoder_problem(encoder, pix_fmt)
+    if problem:
+        raise StageError(f"codec.{'name' if problem[0] == 'encoder' else 'pix_fmt'}: {problem[1]}")
     return CodecSpec(encoder, None if crf is None else int(crf), pix_fmt, int(settings.gop), float(fps), source)
-
-
-def _check_encoder(encoder: str, pix_fmt: str) -> None:
-    import av
-
-    try:
-        codec = av.codec.Codec(encoder, "w")
-    except Exception:
-        raise StageError(f"codec.name: PyAV has no encoder {encoder!r} here (try libx264 or libsvtav1)") from None
-    formats = [f.name for f in (codec.video_formats or [])]
-    if formats and pix_fmt not in formats:
-        raise StageError(f"codec.pix_fmt: {encoder} cannot encode {pix_fmt!r}; it takes {', '.join(formats)}")
 
 
 def corpus_video_info(corpus: Path) -> tuple[Path, dict]:

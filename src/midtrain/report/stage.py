@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..figures import png_data_uri
 from ..runs import RunDir, stage_run, write_text_atomic
 from ..stages import PIPELINE, STAGES
 from .config import ReportConfig
@@ -32,8 +33,7 @@ def _read_json(path: Path) -> Any:
 def _img_tag(path: Path, alt: str, width: str = "100%") -> str:
     if not path.exists():
         return f'<p class="missing">figure not found: {html.escape(path.name)}</p>'
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img class="fig" alt="{html.escape(alt)}" style="max-width:{width}" src="data:image/png;base64,{data}">'
+    return f'<img class="fig" alt="{html.escape(alt)}" style="max-width:{width}" src="{png_data_uri(path)}">'
 
 
 def _png_data_uri(image: Any, max_px: int) -> str:

@@ -7,13 +7,12 @@ page (``<run>/study/study.html``).
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 from pathlib import Path
 from typing import Any, Optional
 
-from ..runs import atomic_path
+from ..figures import new_figure, png_data_uri, save_png
 
 STUDY_FILE = "study.json"
 FIGURES = {"success": "success.png", "curves": "success_curves.png", "cka": "cka.png"}
@@ -26,20 +25,6 @@ STYLE = """
 .midtrain-study img { max-width: 48%; border: 1px solid #ddd; }
 .midtrain-study .note { color: #555; font-size: 0.85em; }
 """
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
 
 
 def _colors(n: int) -> list:
@@ -57,7 +42,7 @@ def write_figures(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
     written: dict[str, str] = {}
     with_success = [n for n in names if rows[n].get("success")]
     if with_success:
-        fig = _figure(max(4.0, 1.1 * len(with_success) + 1.5), 3.6)
+        fig = new_figure(max(4.0, 1.1 * len(with_success) + 1.5), 3.6)
         ax = fig.add_subplot(1, 1, 1)
         for i, n in enumerate(with_success):
             s = rows[n]["success"]
@@ -69,11 +54,11 @@ def write_figures(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
         ax.set_ylim(-0.02, 1.02)
         ax.set_title("success per row: mean, 95% interval, seeds (dots)", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
-        _save(fig, out_dir / FIGURES["success"])
+        save_png(fig, out_dir / FIGURES["success"], bbox_inches="tight")
         written["success"] = FIGURES["success"]
     with_curve = [n for n in names if rows[n].get("curve")]
     if with_curve and any(len(rows[n]["curve"]) > 1 for n in with_curve):
-        fig = _figure(6.4, 3.8)
+        fig = new_figure(6.4, 3.8)
         ax = fig.add_subplot(1, 1, 1)
         for n in with_curve:
             pts = rows[n]["curve"]
@@ -86,11 +71,11 @@ def write_figures(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
         ax.set_title("training dynamics: success vs VLA steps (mean over seeds, 95% band)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        _save(fig, out_dir / FIGURES["curves"])
+        save_png(fig, out_dir / FIGURES["curves"], bbox_inches="tight")
         written["curves"] = FIGURES["curves"]
     with_cka = [n for n in names if rows[n].get("cka", {}).get("vlm") or rows[n].get("cka", {}).get("vla")]
     if with_cka:
-        fig = _figure(6.4, 3.8)
+        fig = new_figure(6.4, 3.8)
         ax = fig.add_subplot(1, 1, 1)
         for n in with_cka:
             c = rows[n]["cka"]
@@ -104,7 +89,7 @@ def write_figures(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
         ax.set_title("representation drift on robot frames", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-        _save(fig, out_dir / FIGURES["cka"])
+        save_png(fig, out_dir / FIGURES["cka"], bbox_inches="tight")
         written["cka"] = FIGURES["cka"]
     return written
 
@@ -121,8 +106,7 @@ def _ci(s: Optional[dict], digits: int = 2) -> str:
 
 
 def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return f'<img alt="{html.escape(alt)}" src="{png_data_uri(path)}">'
 
 
 def _steps_text(row: dict) -> str:
