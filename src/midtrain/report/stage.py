@@ -323,7 +323,7 @@ def _other_sections(run: RunDir) -> list[tuple[str, str]]:
         elif (folder / "results.json").exists() and (folder / "episodes.parquet").exists():
             out.append((f"Closed-loop evaluation ({name})", _eval_section(folder)))
         elif (folder / "study.json").exists():
-            from ..study.html import study_section_html
+            from ..experiments.study.html import study_section_html
 
             out.append((f"Does mid-training make a better VLA? ({name})", study_section_html(folder, title="")))
     return out

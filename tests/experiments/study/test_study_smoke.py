@@ -22,7 +22,7 @@ from midtrain.runs import RunDir
 
 pytestmark = pytest.mark.slow  # the whole study, twice (a few minutes)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SMOKE = ROOT / "configs" / "study_smoke.yaml"
 DEFAULT = ROOT / "configs" / "study.yaml"
 SRC = str(Path(midtrain.__file__).parents[1])
@@ -110,7 +110,7 @@ def test_every_cell_is_filled_with_intervals(study):
 def test_files_are_written_and_figures_decode(study):
     from PIL import Image
 
-    from midtrain.study.html import study_section_html
+    from midtrain.experiments.study.html import study_section_html
 
     folder = study["run"].stage_dir("study")
     assert set(study["json"]["figures"]) == {"success", "curves", "cka"}

@@ -13,8 +13,8 @@ from torch_threads import one_thread  # noqa: F401  (autouse)
 
 import midtrain
 from midtrain.config import ConfigError, load_config
-from midtrain.etc.recipe_config import RecipesConfig
-from midtrain.etc.recipes import fill, load_recipe, plan_recipes, recipe_files, run_recipes
+from midtrain.experiments.recipes.config import RecipesConfig
+from midtrain.experiments.recipes.stage import fill, load_recipe, plan_recipes, recipe_files, run_recipes
 from midtrain.runs import RunDir
 
 RECIPES = Path(midtrain.__file__).parents[2] / "configs" / "recipes"

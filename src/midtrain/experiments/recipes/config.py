@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ..config import ConfigError, Settings, StageConfig, option
-from ..eval.config import EvalSettings
+from ...config import ConfigError, Settings, StageConfig, option
+from ...eval.config import EvalSettings
 
 STEP_STAGES = ("sft", "vla")
 
@@ -61,7 +61,7 @@ class WorldSettings(Settings):
 @dataclass
 class DriftSettings(Settings):
     """Representation drift (etc-two-bridges, Section 5): linear CKA per layer between a reference
-    VLM and other backbones on the same robot frames (:mod:`midtrain.study.drift`)."""
+    VLM and other backbones on the same robot frames (:mod:`midtrain.experiments.study.drift`)."""
 
     name: str = option("", "label of the comparison (the stage folder is cka_<name>)")
     reference: str = option("", "the reference checkpoint, e.g. {run}/sft_etc_db/model (the Distribution-Bridged VLM)")

@@ -1,5 +1,5 @@
 """The ``cka`` stage of a study: how far each row's VLM (and VLA backbone) drifted from the base VLM,
-as linear CKA per layer on the same robot frames (:mod:`midtrain.study.cka`).
+as linear CKA per layer on the same robot frames (:mod:`midtrain.experiments.study.cka`).
 
 Output ``<run>/cka/cka.json``::
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import StageConfig, option
-from ..runs import RunDir, StageError, stage_run, write_json_atomic
+from ...config import StageConfig, option
+from ...runs import RunDir, StageError, stage_run, write_json_atomic
 from .cka import cka_per_layer, evenly_spaced, layer_representations
 
 CKA_FILE = "cka.json"
@@ -36,8 +36,8 @@ class CKAStageConfig(StageConfig):
 
 def robot_frames(root: Path, n: int, seed: int) -> list[dict]:
     """``n`` frames spread evenly over a LeRobot dataset (decoding about 4n frames, not all of them)."""
-    from ..data.lerobot import load_lerobot_info
-    from ..vla.data import read_lerobot
+    from ...data.lerobot import load_lerobot_info
+    from ...vla.data import read_lerobot
 
     total = int(load_lerobot_info(root).get("total_frames") or 0)
     stride = max(1, total // (4 * n)) if total else 1

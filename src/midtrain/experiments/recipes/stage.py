@@ -3,23 +3,23 @@ evaluated in closed loop, with representation drift and one table (``docs/recipe
 
 Top to bottom (:func:`run_recipes`), every piece an ordinary resumable stage of the run directory:
 
-1. **the world** (:class:`~midtrain.etc.recipe_config.WorldSettings`): the source split (Stages 1-2)
+1. **the world** (:class:`~midtrain.experiments.recipes.config.WorldSettings`): the source split (Stages 1-2)
    and the target split (Stage 3, evaluation) - two LeRobot datasets, given or recorded by
    ``sim collect`` into ``worlds/source/`` and ``worlds/target/`` from disjoint task lists;
 2. **the VLM** (``model``, or the causal demo VLM built into ``vlm/model``);
 3. **ETC** of both splits: ``midtrain etc`` into ``etc_source/`` and ``etc_target/``, so recipes
    reference ``etc_source:<domains>`` (Stages 1-2) and ``etc_target:<domains>`` (Stage 3);
-4. **the recipes** (:mod:`midtrain.etc.recipe_config`): every step a ``midtrain sft`` / ``vla``
+4. **the recipes** (:mod:`midtrain.experiments.recipes.config`): every step a ``midtrain sft`` / ``vla``
    stage named by the recipe; a step several recipes name alike runs once (a step name must
    always mean the same config: checked before anything runs), steps with ``{seed}`` in the name
    once per seed;
 5. **evaluation** of each recipe's last step per seed on the target tasks
    (``evals/<step>/eval/``, ``midtrain eval``'s protocol: the same episodes for every recipe);
 6. **drift**: linear CKA per layer between a reference and other backbones (``cka_<name>/``,
-   :func:`midtrain.study.drift.measure_drift`, the study's);
+   :func:`midtrain.experiments.study.drift.measure_drift`, the study's);
 7. **the table** (``recipes/``): ``results.json`` (per recipe: success per seed and task, the mean
    with its interval, the paired differences of ``compare``; drift; stage timings) and
-   ``results.md``. Intervals are :mod:`midtrain.study.stats`': a two-way bootstrap over seeds and
+   ``results.md``. Intervals are :mod:`midtrain.experiments.study.stats`': a two-way bootstrap over seeds and
    episodes, paired across recipes.
 """
 
@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, from_dict, load_yaml
-from ..runs import RunDir, StageError, stage_run, write_json_atomic, write_text_atomic
-from .recipe_config import STEP_STAGES, RecipesConfig
+from ...config import ConfigError, from_dict, load_yaml
+from ...runs import RunDir, StageError, stage_run, write_json_atomic, write_text_atomic
+from .config import STEP_STAGES, RecipesConfig
 
 STAGE = "recipes"
 RESULTS_FILE = "results.json"
@@ -136,7 +136,7 @@ class Plan:
 def plan_recipes(config: RecipesConfig, recipes: list[Recipe], variables: dict[str, Any]) -> Plan:
     """Every stage of every recipe and seed, resolved and checked (configs build; one config per
     stage folder), before anything runs."""
-    from ..stages import STAGES
+    from ...stages import STAGES
 
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
@@ -183,7 +183,7 @@ def plan_recipes(config: RecipesConfig, recipes: list[Recipe], variables: dict[s
 
 
 def _run_stage(name: str, run_dir: RunDir, mapping: dict[str, Any], key: str) -> Path:
-    from ..stages import STAGES
+    from ...stages import STAGES
 
     config_cls, fn = STAGES[name].load()
     try:
@@ -227,7 +227,7 @@ def _base_model(config: RecipesConfig, run: RunDir, timer: _Timer) -> str:
     folder = run.root / "vlm" / "model"
     if not (folder / "config.json").is_file():
         try:
-            from ..models.demo_vlm import build_demo_vlm
+            from ...models.demo_vlm import build_demo_vlm
         except ImportError as exc:  # pragma: no cover - the demo extra
             raise StageError(f"model: empty, and the causal demo VLM cannot be built ({exc}); give model=<a VLM>") from None
         timer("vlm", lambda: build_demo_vlm(folder, seed=config.seed, language_model="smollm2", text_layers=config.text_layers))
@@ -246,7 +246,7 @@ def _successes(eval_dir: Path) -> dict[str, list[bool]]:
 
 def run_recipes(config: RecipesConfig, run_dir: RunDir, force: bool = False) -> Path:
     """Run ``midtrain recipes`` (module docstring) into ``run_dir``; returns ``<run>/recipes``."""
-    from ..fit.estimator import torch_threads
+    from ...fit.estimator import torch_threads
 
     recipes = [load_recipe(r, f"recipes[{i}]") for i, r in enumerate(config.recipes)]
     timer = _Timer()

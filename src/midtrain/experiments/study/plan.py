@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from ..config import ConfigError
+from ...config import ConfigError
 
 if TYPE_CHECKING:
     from .config import RowSpec, StudyConfig
@@ -255,7 +255,7 @@ SftResolver = Callable[[Any, Ref], "DataInput"]
 def resolve_sft_data(ctx: Any, value: Any, key: str) -> DataInput:
     """The ``midtrain sft`` data keys for an sft step's ``data:`` (see the module docstring).
 
-    ``ctx`` is the running study (:class:`midtrain.study.stage.StudyContext`): the resolvers ask it
+    ``ctx`` is the running study (:class:`midtrain.experiments.study.stage.StudyContext`): the resolvers ask it
     for artefacts (a selection's mixture, the ETC folder), which it produces on first use.
     """
     refs = sft_data_refs(value, key)
@@ -311,7 +311,7 @@ SFT_DATA: dict[str, SftResolver] = {"selection": _selection, "robot_text": _robo
 
 def robot_episodes(lerobot_root: Path, tasks: list[str]) -> list[int]:
     """Episode indices of a LeRobot dataset whose task (Meta-World name or instruction) is in ``tasks``."""
-    from ..demo import episodes_by_group
+    from ...demo import episodes_by_group
 
     groups = episodes_by_group(Path(lerobot_root), {t: [t] for t in tasks})
     missing = [t for t in tasks if not groups.get(t)]

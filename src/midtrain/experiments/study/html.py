@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from ..figures import new_figure, png_data_uri, save_png
+from ...figures import new_figure, png_data_uri, save_png
 
 STUDY_FILE = "study.json"
 FIGURES = {"success": "success.png", "curves": "success_curves.png", "cka": "cka.png"}

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..config import StageConfig, option
-from ..runs import RunDir, StageError, stage_run
+from ...config import StageConfig, option
+from ...runs import RunDir, StageError, stage_run
 
 MODEL_DIR = "model"
 
@@ -49,13 +49,13 @@ def build_vlm_stage(config: BuildVLMConfig, run_dir: RunDir, name: str, force: b
         with st.timed("build"):
             if config.build == "causal_demo":
                 try:
-                    from ..models.causal_demo_vlm import build_causal_demo_vlm
+                    from ...models.causal_demo_vlm import build_causal_demo_vlm
                 except ImportError as exc:
                     raise StageError(f"vlm.build: causal_demo needs midtrain.models.causal_demo_vlm ({exc}); "
                                      "or give vlm.model (a VLM checkpoint)") from None  # fmt: skip
                 build_causal_demo_vlm(out, seed=config.seed, text_layers=config.text_layers)
             elif config.build == "tiny":
-                from ..models.tiny import build_tiny_vlm
+                from ...models.tiny import build_tiny_vlm
 
                 build_tiny_vlm(config.tiny_arch, out, size=config.tiny_size, seed=config.seed)
             else:
@@ -71,7 +71,7 @@ def save_random_weights(source: str | Path, out_dir: Path, seed: int) -> int:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from ..models.loading import check_vlm, load_processor
+    from ...models.loading import check_vlm, load_processor
 
     config = check_vlm(str(source))
     processor = load_processor(str(source))

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..runs import StageError
+from ...runs import StageError
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -68,9 +68,9 @@ def layer_representations(model: str | Path, rows: Sequence[dict[str, Any]], bat
     with ``pooling="image"``, has no image token)."""
     import torch
 
-    from ..featurize.featurizer import FeatureExtractor
-    from ..models.inputs import build_batch
-    from ..models.loading import load_vlm
+    from ...featurize.featurizer import FeatureExtractor
+    from ...models.inputs import build_batch
+    from ...models.loading import load_vlm
 
     if pooling not in ("image", "all"):
         raise ValueError(f"pooling: expected image or all, got {pooling!r}")

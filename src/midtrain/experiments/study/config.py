@@ -6,7 +6,7 @@ every row shares, the closed-loop protocol, the seeds, and the **rows** - the in
 compared. A row is a named recipe: where its weights start (``init``) and a list of **steps**
 applied to the VLM before the common VLA recipe. A step is ``{sft: {...}}`` or ``{vla: {...}}``:
 overrides of the common mid-training (``midtrain``) or VLA (``vla``) config, whose ``data:``
-names an artefact by reference (see :mod:`midtrain.study.plan`)::
+names an artefact by reference (see :mod:`midtrain.experiments.study.plan`)::
 
     rows:
       - {name: base}                                                 # no mid-training
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from ..config import ConfigError, Settings, StageConfig, from_dict, option
-from ..demo import DemoConfig
-from ..eval.config import EvalSettings
+from ...config import ConfigError, Settings, StageConfig, from_dict, option
+from ...demo import DemoConfig
+from ...eval.config import EvalSettings
 
 ROW_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
 PLACEHOLDER_MODEL = "<study VLM>"  # stands in for the model while a step's config is checked
@@ -67,7 +67,7 @@ class VLMSettings(Settings):
 class StepSpec(Settings):
     """One step of a row: ``sft`` (mid-training) or ``vla`` (policy training, e.g. robot-data
     pretraining or an ETC stage), each a mapping of that stage's config keys on top of the study's
-    common recipe; ``data:`` inside it is a data reference (see :mod:`midtrain.study.plan`)."""
+    common recipe; ``data:`` inside it is a data reference (see :mod:`midtrain.experiments.study.plan`)."""
 
     sft: Optional[dict[str, Any]] = option(None, "midtrain sft keys on top of the study's `midtrain` recipe")
     vla: Optional[dict[str, Any]] = option(None, "midtrain vla keys on top of the study's `vla` recipe")
@@ -206,13 +206,13 @@ class StudyConfig(StageConfig):
 
 def sft_config(base: dict[str, Any], overrides: dict[str, Any], key: str):
     """An ``SFTConfig`` from the study's recipe and a step's overrides (one-line errors naming ``key``)."""
-    from ..sft.config import SFTConfig
+    from ...sft.config import SFTConfig
 
     return _build(SFTConfig, base, overrides, key)
 
 
 def vla_config(base: dict[str, Any], overrides: dict[str, Any], key: str):
-    from ..vla.config import VLAConfig
+    from ...vla.config import VLAConfig
 
     return _build(VLAConfig, base, overrides, key)
 

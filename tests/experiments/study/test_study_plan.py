@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from midtrain.config import ConfigError, load_config
-from midtrain.study.config import StudyConfig
-from midtrain.study.plan import (Ref, parse_ref, referenced_scorers, resolve_sft_data, resolve_vla_data, row_stages,
+from midtrain.experiments.study.config import StudyConfig
+from midtrain.experiments.study.plan import (Ref, parse_ref, referenced_scorers, resolve_sft_data, resolve_vla_data, row_stages,
                                  sft_data_refs, SFT_REF_KINDS)  # fmt: skip
-from midtrain.study.stage import StudyContext, vla_mapping
+from midtrain.experiments.study.stage import StudyContext, vla_mapping
 from midtrain.runs import RunDir
 
 ROWS = [

@@ -8,8 +8,8 @@ import pytest
 from scipy import stats as sps
 
 from midtrain.eval.results import wilson_interval
-from midtrain.study.cka import cka_per_layer, evenly_spaced, linear_cka
-from midtrain.study.stats import paired_interval, replicate_means, success_summary, t_interval
+from midtrain.experiments.study.cka import cka_per_layer, evenly_spaced, linear_cka
+from midtrain.experiments.study.stats import paired_interval, replicate_means, success_summary, t_interval
 
 
 def _cka_feature_space(x, y):

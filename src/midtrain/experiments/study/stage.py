@@ -2,7 +2,7 @@
 experiment end to end, in one run directory.
 
 Top to bottom (:func:`run_study`), every step an ordinary resumable stage (folders in
-:mod:`midtrain.study.plan`), so a killed study rerun continues where it stopped:
+:mod:`midtrain.experiments.study.plan`), so a killed study rerun continues where it stopped:
 
 1. **the world**: with ``world: embedded``, ``midtrain demo``'s data engine (sim collect, sim pool,
    catalog, featurize, gap, fit, score, select, export) on the ``demo`` settings; with
@@ -16,7 +16,7 @@ Top to bottom (:func:`run_study`), every step an ordinary resumable stage (folde
 5. **the frozen-backbone probe** of every row's VLM (``probe_<row>_s<seed>``);
 6. **CKA drift** of every row from the base VLM (``cka/``);
 7. **the study** (``study/``): ``study.json`` with every number and its seed, ``study.html`` (the
-   table and figures, :func:`midtrain.study.html.study_section_html`) and the figures as PNGs.
+   table and figures, :func:`midtrain.experiments.study.html.study_section_html`) and the figures as PNGs.
 
 ``--force`` recomputes the ``study/`` folder only (the aggregate); a sub-stage is redone by
 deleting its folder or running it with ``--force``.
@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..config import ConfigError, load_config
-from ..runs import RunDir, StageError, stage_run, write_json_atomic, write_text_atomic
-from ..stages import STAGES
+from ...config import ConfigError, load_config
+from ...runs import RunDir, StageError, stage_run, write_json_atomic, write_text_atomic
+from ...stages import STAGES
 from .config import PLACEHOLDER_DATA, PLACEHOLDER_MODEL, StudyConfig, deep_merge, vla_config, with_robot_data
 from .plan import (CKA_STAGE, PERPLEXITY_SCORERS, RANDOM_VLM_STAGE, SELECTIONS_DIR, STUDY_STAGE, VLA_TEXT_STAGE,
                    VLM_STAGE, RowStages, references_kind, referenced_scorers, resolve_sft_data, resolve_vla_data,
@@ -40,7 +40,7 @@ from .plan import (CKA_STAGE, PERPLEXITY_SCORERS, RANDOM_VLM_STAGE, SELECTIONS_D
 
 STUDY_FILE = "study.json"
 PAGE = "study.html"
-log = logging.getLogger("midtrain.study")
+log = logging.getLogger("midtrain.experiments.study")
 
 
 def run_registered(name: str, run_dir: RunDir, mapping: dict[str, Any], key: str) -> Path:
@@ -107,7 +107,7 @@ class StudyContext:
         key = f"selection:{scorer}"
         self.timed(f"{SELECTIONS_DIR}/{scorer}/score",
                    lambda: run_registered("score", sub, deep_merge(score, cfg.scorers.get(scorer, {})), f"{key} score"))
-        from ..score.stage import SCORES_FILE
+        from ...score.stage import SCORES_FILE
 
         select = deep_merge(cfg.select, {**self.common, "k": cfg.k, "fraction": None, "features": features,
                                          "scores": str(sub.stage_dir("score") / SCORES_FILE)})  # fmt: skip
@@ -143,7 +143,7 @@ class StudyContext:
 def _world(ctx: StudyContext) -> None:
     cfg = ctx.config
     if cfg.world == "embedded":
-        from ..demo import run_demo
+        from ...demo import run_demo
 
         ctx.timed("demo", lambda: run_demo(cfg.demo, ctx.run, force=False))
     else:
@@ -171,7 +171,7 @@ def _vlms(ctx: StudyContext) -> None:
 def eval_settings(ctx: StudyContext) -> dict[str, Any]:
     """The closed-loop protocol as ``closed_loop`` keys: the study's ``eval``, tasks defaulting to the
     embedded world's."""
-    from ..sim.metaworld_env import DEFAULT_TASKS
+    from ...sim.metaworld_env import DEFAULT_TASKS
 
     cfg = ctx.config
     settings = cfg.eval.to_dict()
@@ -278,7 +278,7 @@ def _peak_rss_mb() -> dict[str, float]:
 
 def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path:
     """Run the study into ``run_dir`` (see the module docstring); returns ``<run>/study``."""
-    from ..fit.estimator import torch_threads
+    from ...fit.estimator import torch_threads
     from .results import collect_results
     from .html import study_page_html, write_figures
 

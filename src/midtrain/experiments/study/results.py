@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from ..runs import RunDir
+from ...runs import RunDir
 from .plan import CKA_STAGE, RANDOM_VLM_STAGE, SELECTIONS_DIR, VLA_TEXT_STAGE, VLM_STAGE, RowStages, sft_data_refs
 from .stats import INTERVAL_METHOD, paired_interval, success_summary, t_interval
 
