@@ -56,7 +56,8 @@ from pathlib import Path
 import numpy as np
 
 from midtrain.config import load_config
-from midtrain.demo import DEMO_SMOLLM2_LAYERS, DEMO_VLM_POOLING, FINDINGS, MT50_GROUPS, DemoConfig, run_demo
+from midtrain.demo import DEMO_SMOLLM2_LAYERS, DEMO_VLM_POOLING, FINDINGS, DemoConfig, run_demo
+from midtrain.sim.task_groups import MT50_GROUPS
 from midtrain.runs import RunDir
 from midtrain.stages import STAGES
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from midtrain.config import ConfigError, load_config
-from midtrain.demo import FINDINGS, MT50_GROUPS, DemoConfig, finding_margins
+from midtrain.demo import FINDINGS, DemoConfig, finding_margins
+from midtrain.sim.task_groups import MT50_GROUPS
 from midtrain.sim.metaworld_env import DEFAULT_TASKS, TASK_INSTRUCTIONS
 
 

@@ -6,8 +6,8 @@
     stages:
       - stage: catalog
         config: {datasets: [...]}
-      - stage: featurize
-        config_file: configs/featurize.yaml   # optional, merged under `config`
+      - stage: sft
+        config_file: configs/sft.yaml   # optional, merged under `config`
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, help_text, load_config, load_yaml
+from .config import ConfigError, help_text, load_yaml
+from .experiments.runner import StageRunner
 from .extras import missing_extra_message
 from .runs import RunDir, SampleError, StageError
 from .stages import PIPELINE, STAGES
@@ -48,14 +49,9 @@ def _setup_console_logging(verbose: bool) -> None:
 
 def run_stage(name: str, run_dir: Path, config_file: Path | None, overrides: list[str], force: bool = False,
               base: dict | None = None) -> Path:  # fmt: skip
-    """Resolve the stage's config and run it; the same call the CLI and pipelines make."""
-    spec = STAGES[name]
-    config_cls, fn = spec.load()
-    try:
-        config = load_config(config_cls, config_file, overrides, base=base)
-    except ConfigError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
-    return fn(config, RunDir(run_dir), force=force)
+    """Resolve the stage's config and run it (:class:`midtrain.experiments.runner.StageRunner`)."""
+    return StageRunner(RunDir(run_dir), force=force).run(name, base, config_file=config_file, overrides=overrides,
+                                                         label=name)  # fmt: skip
 
 
 def run_pipeline(pipeline_file: Path, run_dir: Path | None, overrides: list[str], force: bool) -> None:
@@ -63,7 +59,7 @@ def run_pipeline(pipeline_file: Path, run_dir: Path | None, overrides: list[str]
     stages = spec.get("stages")
     if not isinstance(stages, list) or not stages:
         raise ConfigError(f"{pipeline_file}: expected a non-empty `stages:` list")
-    root = Path(run_dir or spec.get("run_dir") or "runs/default")
+    runner = StageRunner(RunDir(Path(run_dir or spec.get("run_dir") or "runs/default")), name="pipeline", force=force)
     for i, entry in enumerate(stages):
         if not isinstance(entry, dict) or entry.get("stage") not in STAGES:
             raise ConfigError(
@@ -76,7 +72,7 @@ def run_pipeline(pipeline_file: Path, run_dir: Path | None, overrides: list[str]
         base.update(entry.get("config") or {})
         stage_overrides = [o.split(".", 1)[1] for o in overrides if o.startswith(f"{name}.")]
         logging.getLogger("midtrain").info("pipeline: stage %d/%d: %s", i + 1, len(stages), name)
-        run_stage(name, root, None, stage_overrides, force=force, base=base)
+        runner.run(name, base, overrides=stage_overrides, label=name)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -30,7 +30,6 @@ the paper reports, checked on this run's artefacts (see ``demo_findings``).
 from __future__ import annotations
 
 import json
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,32 +37,12 @@ from typing import Any, Literal, Optional
 
 import pyarrow.parquet as pq
 
-from .config import ConfigError, Device, StageConfig, load_config, option, to_plain
+from .config import ConfigError, Device, StageConfig, option, to_plain
 from .runs import RunDir, write_json_atomic
-from .stages import PIPELINE, STAGES
+from .experiments.runner import StageRunner, peak_rss_mb
+from .sim.task_groups import MT50_GROUPS, episodes_by_group
+from .stages import PIPELINE
 
-# The robot corpus enters the catalog as two VLA sources, one per task family, as the paper
-# compares several robot datasets: tasks that move objects vs tasks that work articulated parts.
-# Every Meta-World MT50 task, by kind. "objects": the task moves a free object (puck, ball, mug,
-# nut, peg, plate, stick, lid, hammer; reach and reach-wall, which move only the arm, go here too);
-# "articulated": the task works a part jointed to a fixed fixture (button, dial, door, lock,
-# drawer, faucet, handle, lever, window).
-MT50_GROUPS = {
-    "metaworld_objects": [
-        "assembly-v3", "basketball-v3", "bin-picking-v3", "box-close-v3", "coffee-pull-v3", "coffee-push-v3",
-        "disassemble-v3", "hammer-v3", "hand-insert-v3", "peg-insert-side-v3", "peg-unplug-side-v3",
-        "pick-out-of-hole-v3", "pick-place-v3", "pick-place-wall-v3", "plate-slide-v3", "plate-slide-side-v3",
-        "plate-slide-back-v3", "plate-slide-back-side-v3", "push-v3", "push-wall-v3", "push-back-v3", "reach-v3",
-        "reach-wall-v3", "shelf-place-v3", "soccer-v3", "stick-push-v3", "stick-pull-v3", "sweep-v3", "sweep-into-v3",
-    ],
-    "metaworld_articulated": [
-        "button-press-topdown-v3", "button-press-topdown-wall-v3", "button-press-v3", "button-press-wall-v3",
-        "coffee-button-v3", "dial-turn-v3", "door-close-v3", "door-lock-v3", "door-open-v3", "door-unlock-v3",
-        "drawer-close-v3", "drawer-open-v3", "faucet-open-v3", "faucet-close-v3", "handle-press-side-v3",
-        "handle-press-v3", "handle-pull-side-v3", "handle-pull-v3", "lever-pull-v3", "window-open-v3",
-        "window-close-v3",
-    ],
-}  # fmt: skip
 # How the built demo featurizer pools its last hidden state, per language model.
 # MiniLM: the demo VLM gives an image 49 tokens while a pool conversation has 15-150 text tokens,
 # so mean pooling over the whole sequence would be text-dominated; a real LLaVA-family VLM gives
@@ -141,26 +120,6 @@ class DemoConfig(StageConfig):
             raise ConfigError(f"overrides: unknown stage(s) {sorted(unknown)}; stages: {', '.join(PIPELINE)}, sft")
 
 
-def episodes_by_group(lerobot_root: Path, groups: dict[str, list[str]]) -> dict[str, list[int]]:
-    """Episode indices of a LeRobot v3.0 dataset per group of task names (from its episode metadata).
-
-    Episodes record their task as the instruction string, mapped back to the Meta-World task
-    name through the simulator's instruction table. Episodes of tasks in no group form
-    ``metaworld_other``.
-    """
-    from .sim.metaworld_env import TASK_INSTRUCTIONS
-
-    episodes = pq.read_table(sorted((lerobot_root / "meta" / "episodes").glob("*/*.parquet"))[0]).to_pylist()
-    instruction_to_task = {v: k for k, v in TASK_INSTRUCTIONS.items()}
-    task_to_group = {t: g for g, ts in groups.items() for t in ts}
-    out: dict[str, list[int]] = {}
-    for ep in episodes:
-        tasks = ep["tasks"] if isinstance(ep["tasks"], list) else [ep["tasks"]]
-        task = instruction_to_task.get(tasks[0], tasks[0])
-        out.setdefault(task_to_group.get(task, "metaworld_other"), []).append(int(ep["episode_index"]))
-    return out
-
-
 def _stage_configs(cfg: DemoConfig, run: RunDir, model: str, sft_model: str = "") -> dict[str, dict[str, Any]]:
     """The demo's choices for each stage, as plain config mappings.
 
@@ -213,14 +172,6 @@ def _stage_configs(cfg: DemoConfig, run: RunDir, model: str, sft_model: str = ""
     if not cfg.report:
         stages.pop("report")
     return stages
-
-
-def _peak_rss_mb() -> dict[str, float]:
-    """Peak resident memory so far of this process and of its (finished) children, in MiB."""
-    return {
-        "self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-    }
 
 
 def demo_findings(run: RunDir) -> dict[str, Any]:
@@ -368,30 +319,22 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
     elif config.demo_vlm == "minilm" and config.sft_steps:
         log.info("demo: no mid-training with demo_vlm=minilm (a sentence encoder has no next-token loss)")
 
-    costs: list[dict[str, Any]] = []
+    runner = StageRunner(run_dir, name="demo", force=force)
     out = run_dir.root
     configs = _stage_configs(config, run_dir, model, sft_model)
     order = [n for n in PIPELINE if n not in ("sft", "report")] + ["sft", "report"]  # the report shows the mid-training too
     for name in [n for n in order if n in configs]:
-        base = configs[name]
-        spec = STAGES[name]
-        config_cls, fn = spec.load()
-        stage_cfg = load_config(config_cls, base=base)
-        log.info("demo: %s", name)
-        t0 = time.perf_counter()
-        out = fn(stage_cfg, run_dir, force=force)
-        costs.append({"stage": name, "wall_s": round(time.perf_counter() - t0, 2), **_peak_rss_mb()})
+        out = runner.run(name, configs[name], label=name)
         if name == "sim collect":  # the catalog's VLA sources are the episodes it kept
             configs = _stage_configs(config, run_dir, model, sft_model)
-        log.info("demo: %s done in %.1fs", name, costs[-1]["wall_s"])
 
     findings = demo_findings(run_dir)
     summary = {
         "config": to_plain(config),
         "featurizer": {**(built_model or {"model": model}), "pooling": configs["featurize"]["pooling"]},
         "wall_s": round(time.perf_counter() - t_start, 2),
-        "peak_rss": _peak_rss_mb(),
-        "stages": costs,
+        "peak_rss": peak_rss_mb(),
+        "stages": runner.records,
         "findings": findings,
         "mid_training": _mid_training_summary(run_dir) if "sft" in configs else None,
     }

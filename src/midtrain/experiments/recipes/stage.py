@@ -26,16 +26,14 @@ Top to bottom (:func:`run_recipes`), every piece an ordinary resumable stage of 
 from __future__ import annotations
 
 import json
-import logging
 import re
-import resource
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...config import ConfigError, from_dict, load_yaml
+from ...config import ConfigError, load_yaml
 from ...runs import RunDir, StageError, stage_run, write_json_atomic, write_text_atomic
+from ..runner import StageRunner, deep_merge, episode_successes, peak_rss_mb, stage_config
 from .config import STEP_STAGES, RecipesConfig
 
 STAGE = "recipes"
@@ -43,7 +41,6 @@ RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"
 PLACEHOLDER = re.compile(r"\{(run|base|source|target|seed)\}")
 STEP_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*(\{seed\}[a-z0-9_.-]*)?$")
-log = logging.getLogger("midtrain.recipes")
 
 
 # --------------------------------------------------------------------------- recipes
@@ -110,13 +107,6 @@ def fill(value: Any, variables: dict[str, Any]) -> Any:
     return PLACEHOLDER.sub(lambda m: str(variables[m.group(1)]), value)
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 @dataclass
 class Planned:
     """One stage to run: its folder, kind, resolved config mapping, and the recipes that use it."""
@@ -136,8 +126,6 @@ class Plan:
 def plan_recipes(config: RecipesConfig, recipes: list[Recipe], variables: dict[str, Any]) -> Plan:
     """Every stage of every recipe and seed, resolved and checked (configs build; one config per
     stage folder), before anything runs."""
-    from ...stages import STAGES
-
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
         raise ConfigError(f"recipes: names repeat: {sorted({n for n in names if names.count(n) > 1})}")
@@ -157,10 +145,7 @@ def plan_recipes(config: RecipesConfig, recipes: list[Recipe], variables: dict[s
                 key = f"{recipe.name}.steps[{i}] ({name})"
                 mapping = fill(deep_merge(deep_merge(common, config.defaults.get(step.stage, {})), step.config), vars_)
                 mapping["name"] = name
-                try:
-                    from_dict(STAGES[step.stage].load_config_class(), mapping)
-                except ConfigError as exc:
-                    raise ConfigError(f"{key}: {exc}") from None
+                stage_config(step.stage, mapping, key=key)  # builds, or fails naming the step
                 have = stages.get(name)
                 if have is None:
                     stages[name] = Planned(name, step.stage, mapping, [recipe.name])
@@ -182,30 +167,7 @@ def plan_recipes(config: RecipesConfig, recipes: list[Recipe], variables: dict[s
 # --------------------------------------------------------------------------- the run
 
 
-def _run_stage(name: str, run_dir: RunDir, mapping: dict[str, Any], key: str) -> Path:
-    from ...stages import STAGES
-
-    config_cls, fn = STAGES[name].load()
-    try:
-        config = from_dict(config_cls, mapping)
-    except ConfigError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
-    return fn(config, run_dir, force=False)
-
-
-class _Timer:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, label: str, fn):
-        t0 = time.perf_counter()
-        out = fn()
-        self.seconds[label] = round(time.perf_counter() - t0, 2)
-        log.info("recipes: %s done (%.1fs)", label, self.seconds[label])
-        return out
-
-
-def _world(config: RecipesConfig, run: RunDir, timer: _Timer) -> tuple[Path, Path]:
+def _world(config: RecipesConfig, run: RunDir, runner: StageRunner) -> tuple[Path, Path]:
     w = config.world
     out = []
     for split in ("source", "target"):
@@ -216,12 +178,12 @@ def _world(config: RecipesConfig, run: RunDir, timer: _Timer) -> tuple[Path, Pat
         sub = RunDir(run.root / "worlds" / split)
         mapping = {**w.collect, "seed": config.seed, "tasks": getattr(w, f"{split}_tasks"),
                    "episodes_per_task": getattr(w, f"{split}_episodes")}  # fmt: skip
-        folder = timer(f"worlds/{split}", lambda: _run_stage("sim collect", sub, mapping, f"world.{split}"))
+        folder = runner.run("sim collect", mapping, run_dir=sub, label=f"worlds/{split}", key=f"world.{split}")
         out.append((Path(folder) / "lerobot").resolve())
     return out[0], out[1]
 
 
-def _base_model(config: RecipesConfig, run: RunDir, timer: _Timer) -> str:
+def _base_model(config: RecipesConfig, run: RunDir, runner: StageRunner) -> str:
     if config.model:
         return config.model
     folder = run.root / "vlm" / "model"
@@ -230,18 +192,8 @@ def _base_model(config: RecipesConfig, run: RunDir, timer: _Timer) -> str:
             from ...models.demo_vlm import build_demo_vlm
         except ImportError as exc:  # pragma: no cover - the demo extra
             raise StageError(f"model: empty, and the causal demo VLM cannot be built ({exc}); give model=<a VLM>") from None
-        timer("vlm", lambda: build_demo_vlm(folder, seed=config.seed, language_model="smollm2", text_layers=config.text_layers))
+        runner.timed("vlm", lambda: build_demo_vlm(folder, seed=config.seed, language_model="smollm2", text_layers=config.text_layers))
     return str(folder)
-
-
-def _successes(eval_dir: Path) -> dict[str, list[bool]]:
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(eval_dir / "episodes.parquet", columns=["task", "episode", "success"]).to_pylist()
-    out: dict[str, list[bool]] = {}
-    for r in sorted(rows, key=lambda r: r["episode"]):
-        out.setdefault(r["task"], []).append(bool(r["success"]))
-    return out
 
 
 def run_recipes(config: RecipesConfig, run_dir: RunDir, force: bool = False) -> Path:
@@ -249,22 +201,22 @@ def run_recipes(config: RecipesConfig, run_dir: RunDir, force: bool = False) -> 
     from ...fit.estimator import torch_threads
 
     recipes = [load_recipe(r, f"recipes[{i}]") for i, r in enumerate(config.recipes)]
-    timer = _Timer()
+    runner = StageRunner(run_dir, name="recipes")
     with torch_threads(config.num_threads), stage_run(run_dir, STAGE, config, force=force) as st:
         if st.skipped_as_complete:
             return st.final_dir
         # a cheap check of every recipe before the world is recorded: placeholders stand in for paths
         plan_recipes(config, recipes, {"run": str(run_dir.root.resolve()), "base": "<base>", "source": "<source>",
                                        "target": "<target>"})  # fmt: skip
-        source, target = _world(config, run_dir, timer)
-        base = _base_model(config, run_dir, timer)
+        source, target = _world(config, run_dir, runner)
+        base = _base_model(config, run_dir, runner)
         variables = {"run": str(run_dir.root.resolve()), "base": base, "source": str(source), "target": str(target)}
         plan = plan_recipes(config, recipes, variables)
         for split, dataset in (("source", source), ("target", target)):
             mapping = {**config.etc, "seed": config.seed, "name": f"etc_{split}", "dataset": str(dataset)}
-            timer(f"etc_{split}", lambda: _run_stage("etc", run_dir, mapping, f"etc ({split})"))
+            runner.run("etc", mapping, key=f"etc ({split})")
         for stage in plan.stages.values():
-            timer(stage.name, lambda: _run_stage(stage.stage, run_dir, stage.mapping, f"{stage.used_by[0]}: {stage.name}"))
+            runner.run(stage.stage, stage.mapping, key=f"{stage.used_by[0]}: {stage.name}")
 
         # -- closed loop on the target split ---------------------------------------------------
         eval_map = {**config.eval.to_dict(), "seed": config.eval.seed, "corpus": str(target)}
@@ -277,9 +229,9 @@ def run_recipes(config: RecipesConfig, run_dir: RunDir, force: bool = False) -> 
             success[recipe] = []
             for seed, final in per_seed.items():
                 sub = RunDir(run_dir.root / "evals" / final)
-                folder = timer(f"evals/{final}", lambda: _run_stage(
-                    "eval", sub, {**eval_map, "policy": str(run_dir.stage_dir(final) / "policy")}, f"{recipe}: eval {final}"))  # fmt: skip
-                success[recipe].append(_successes(Path(folder)))
+                folder = runner.run("eval", {**eval_map, "policy": str(run_dir.stage_dir(final) / "policy")}, run_dir=sub,
+                                    label=f"evals/{final}", key=f"{recipe}: eval {final}")  # fmt: skip
+                success[recipe].append(episode_successes(folder / "episodes.parquet"))
 
         # -- drift -------------------------------------------------------------------------------
         drift = {}
@@ -290,13 +242,13 @@ def run_recipes(config: RecipesConfig, run_dir: RunDir, force: bool = False) -> 
                 cfg = CKAStageConfig(seed=config.seed, base=fill(d.reference, variables),
                                      models={k: fill(v, variables) for k, v in d.models.items()},
                                      robot_data=fill(d.data, variables), frames=d.frames)  # fmt: skip
-                folder = timer(f"cka_{d.name}", lambda: measure_drift(cfg, run_dir, name=f"cka_{d.name}"))
+                folder = runner.timed(f"cka_{d.name}", lambda: measure_drift(cfg, run_dir, name=f"cka_{d.name}"))
                 drift[d.name] = json.loads((Path(folder) / CKA_FILE).read_text())
 
         # -- the table ---------------------------------------------------------------------------
         results = summarize(config, recipes, plan, success, drift)
-        results["seconds"] = timer.seconds
-        results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        results["seconds"] = runner.seconds
+        results["peak_rss_mb"] = peak_rss_mb()["self_mb"]
         write_json_atomic(Path(st.dir) / RESULTS_FILE, results)
         write_text_atomic(Path(st.dir) / TABLE_FILE, results_table(results))
         st.extra.update({"recipes": {r: v["success"] for r, v in results["recipes"].items()}, "stages": len(plan.stages)})

@@ -33,6 +33,7 @@ from typing import Any, Literal, Optional, Union
 from ...config import ConfigError, Settings, StageConfig, from_dict, option
 from ...demo import DemoConfig
 from ...eval.config import EvalSettings
+from ..runner import deep_merge
 
 ROW_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
 PLACEHOLDER_MODEL = "<study VLM>"  # stands in for the model while a step's config is checked
@@ -215,15 +216,6 @@ def vla_config(base: dict[str, Any], overrides: dict[str, Any], key: str):
     from ...vla.config import VLAConfig
 
     return _build(VLAConfig, base, overrides, key)
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``extra`` over ``base``, nested mappings merged key by key (a recipe's ``train:`` keeps the
-    keys a step does not name)."""
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def with_robot_data(recipe: dict[str, Any], path: Any) -> dict[str, Any]:

@@ -311,7 +311,7 @@ SFT_DATA: dict[str, SftResolver] = {"selection": _selection, "robot_text": _robo
 
 def robot_episodes(lerobot_root: Path, tasks: list[str]) -> list[int]:
     """Episode indices of a LeRobot dataset whose task (Meta-World name or instruction) is in ``tasks``."""
-    from ...demo import episodes_by_group
+    from ...sim.task_groups import episodes_by_group
 
     groups = episodes_by_group(Path(lerobot_root), {t: [t] for t in tasks})
     missing = [t for t in tasks if not groups.get(t)]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ...runs import RunDir
+from ..runner import episode_successes
 from .plan import CKA_STAGE, RANDOM_VLM_STAGE, SELECTIONS_DIR, VLA_TEXT_STAGE, VLM_STAGE, RowStages, sft_data_refs
 from .stats import INTERVAL_METHOD, paired_interval, success_summary, t_interval
 
@@ -39,18 +40,11 @@ def _read_json(path: Path) -> Any:
 
 def closed_loop_episodes(stage_dir: Path) -> dict[int, dict[str, list[bool]]]:
     """``{step: {task: [success of episode 0, 1, ...]}}`` from a vla stage's ``closed_loop/step-*/``."""
-    import pyarrow.parquet as pq
-
     out: dict[int, dict[str, list[bool]]] = {}
     for folder in sorted((stage_dir / "closed_loop").glob("step-*")):
         path = folder / "episodes.parquet"
-        if not path.is_file():
-            continue
-        rows = sorted(pq.read_table(path, columns=["task", "episode", "success"]).to_pylist(), key=lambda r: r["episode"])
-        tasks: dict[str, list[bool]] = {}
-        for r in rows:
-            tasks.setdefault(r["task"], []).append(bool(r["success"]))
-        out[int(folder.name.split("-")[1])] = tasks
+        if path.is_file():
+            out[int(folder.name.split("-")[1])] = episode_successes(path)
     return out
 
 

@@ -24,34 +24,19 @@ deleting its folder or running it with ``--force``.
 
 from __future__ import annotations
 
-import logging
-import resource
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from ...config import ConfigError, load_config
 from ...runs import RunDir, StageError, stage_run, write_json_atomic, write_text_atomic
-from ...stages import STAGES
-from .config import PLACEHOLDER_DATA, PLACEHOLDER_MODEL, StudyConfig, deep_merge, vla_config, with_robot_data
+from ..runner import StageRunner, deep_merge, peak_rss_mb
+from .config import PLACEHOLDER_DATA, PLACEHOLDER_MODEL, StudyConfig, vla_config, with_robot_data
 from .plan import (CKA_STAGE, PERPLEXITY_SCORERS, RANDOM_VLM_STAGE, SELECTIONS_DIR, STUDY_STAGE, VLA_TEXT_STAGE,
                    VLM_STAGE, RowStages, references_kind, referenced_scorers, resolve_sft_data, resolve_vla_data,
                    row_stages)  # fmt: skip
 
 STUDY_FILE = "study.json"
 PAGE = "study.html"
-log = logging.getLogger("midtrain.experiments.study")
-
-
-def run_registered(name: str, run_dir: RunDir, mapping: dict[str, Any], key: str) -> Path:
-    """Run the registered stage ``name`` with the config ``mapping`` into ``run_dir`` (a complete
-    stage with the same config and inputs is skipped, as always)."""
-    config_cls, fn = STAGES[name].load()
-    try:
-        config = load_config(config_cls, base=mapping)
-    except ConfigError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
-    return fn(config, run_dir, force=False)
 
 
 class StudyContext:
@@ -65,16 +50,15 @@ class StudyContext:
         self.frame_stride = recipe.data.frame_stride
         self.base_vlm = ""
         self.random_vlm = ""
-        self.seconds: dict[str, float] = {}  # sub-stage -> wall seconds of this invocation
+        self.runner = StageRunner(run, name="study")  # runs and times every sub-stage
         self._selections: dict[str, tuple[Path, Path]] = {}
         self._vla_text: Optional[str] = None
 
-    def timed(self, stage: str, fn: Callable[[], Path]) -> Path:
-        t0 = time.perf_counter()
-        out = fn()
-        self.seconds[stage] = round(time.perf_counter() - t0, 2)
-        log.info("study: %s done (%.1fs)", stage, self.seconds[stage])
-        return out
+    def run_stage(self, stage: str, mapping: dict[str, Any], key: str, run_dir: Optional[RunDir] = None,
+                  label: Optional[str] = None) -> Path:  # fmt: skip
+        """Run the registered ``stage`` with ``mapping`` (a complete stage with the same config and
+        inputs is skipped, as always); errors name ``key``."""
+        return self.runner.run(stage, mapping, run_dir=run_dir, label=label or mapping.get("name") or key, key=key)
 
     @property
     def common(self) -> dict[str, Any]:
@@ -105,16 +89,15 @@ class StudyContext:
         if scorer == "proximity":
             score["estimator"] = str(self.run.require("fit") / "estimator")
         key = f"selection:{scorer}"
-        self.timed(f"{SELECTIONS_DIR}/{scorer}/score",
-                   lambda: run_registered("score", sub, deep_merge(score, cfg.scorers.get(scorer, {})), f"{key} score"))
+        self.run_stage("score", deep_merge(score, cfg.scorers.get(scorer, {})), f"{key} score", sub, f"{SELECTIONS_DIR}/{scorer}/score")
         from ...score.stage import SCORES_FILE
 
         select = deep_merge(cfg.select, {**self.common, "k": cfg.k, "fraction": None, "features": features,
                                          "scores": str(sub.stage_dir("score") / SCORES_FILE)})  # fmt: skip
-        self.timed(f"{SELECTIONS_DIR}/{scorer}/select", lambda: run_registered("select", sub, select, f"{key} select"))
+        self.run_stage("select", select, f"{key} select", sub, f"{SELECTIONS_DIR}/{scorer}/select")
         export = {**self.common, "image_mode": "reference", "parquet": True, "dataset_name": f"selection_{scorer}",
                   "selection": str(sub.stage_dir("select") / "selection.parquet")}  # fmt: skip
-        out = self.timed(f"{SELECTIONS_DIR}/{scorer}/export", lambda: run_registered("export", sub, export, f"{key} export"))
+        out = self.run_stage("export", export, f"{key} export", sub, f"{SELECTIONS_DIR}/{scorer}/export")
         self._selections[scorer] = (Path(out) / "mixture.parquet", sub.stage_dir("select") / "selection_metrics.json")
         return self._selections[scorer]
 
@@ -126,14 +109,14 @@ class StudyContext:
             data = SFT_DATA["robot_text"](self, Ref("robot_text")).keys
             mapping = deep_merge(deep_merge(self.config.midtrain, data),
                                  {**self.common, "name": VLA_TEXT_STAGE, "model": self.base_vlm})  # fmt: skip
-            out = self.timed(VLA_TEXT_STAGE, lambda: run_registered("sft", self.run, mapping, VLA_TEXT_STAGE))
+            out = self.run_stage("sft", mapping, VLA_TEXT_STAGE)
             self._vla_text = str(Path(out) / "model")
         return self._vla_text
 
     def etc_llava_dir(self) -> Path:
         """``<run>/etc/llava``: the ETC VQA of the robot data (``midtrain etc``, run on first use)."""
         mapping = deep_merge({**self.common, "dataset": str(self.robot_data)}, self.config.etc)
-        out = self.timed("etc", lambda: run_registered("etc", self.run, mapping, "etc"))
+        out = self.run_stage("etc", mapping, "etc", label="etc")
         return Path(out) / "llava"
 
 
@@ -145,7 +128,7 @@ def _world(ctx: StudyContext) -> None:
     if cfg.world == "embedded":
         from ...demo import run_demo
 
-        ctx.timed("demo", lambda: run_demo(cfg.demo, ctx.run, force=False))
+        ctx.runner.timed("demo", lambda: run_demo(cfg.demo, ctx.run, force=False))
     else:
         for stage in ("catalog", "featurize"):
             ctx.run.require(stage)
@@ -162,10 +145,10 @@ def _vlms(ctx: StudyContext) -> None:
     else:
         build = BuildVLMConfig(seed=cfg.seed, build=cfg.vlm.build, text_layers=cfg.vlm.text_layers,
                                tiny_arch=cfg.vlm.tiny_arch, tiny_size=cfg.vlm.tiny_size)  # fmt: skip
-        ctx.base_vlm = str(ctx.timed(VLM_STAGE, lambda: build_vlm_stage(build, ctx.run, VLM_STAGE)))
+        ctx.base_vlm = str(ctx.runner.timed(VLM_STAGE, lambda: build_vlm_stage(build, ctx.run, VLM_STAGE)))
     if any(r.init == "random_weights" for r in cfg.rows):
         rnd = BuildVLMConfig(seed=cfg.seed, build="random_weights", source=str(ctx.base_vlm))
-        ctx.random_vlm = str(ctx.timed(RANDOM_VLM_STAGE, lambda: build_vlm_stage(rnd, ctx.run, RANDOM_VLM_STAGE)))
+        ctx.random_vlm = str(ctx.runner.timed(RANDOM_VLM_STAGE, lambda: build_vlm_stage(rnd, ctx.run, RANDOM_VLM_STAGE)))
 
 
 def eval_settings(ctx: StudyContext) -> dict[str, Any]:
@@ -217,12 +200,12 @@ def _run_rows(ctx: StudyContext, plans: list[RowStages]) -> dict[str, tuple[str,
                 keys = resolve_sft_data(ctx, data, f"{key}.data").keys if data is not None else {}
                 mapping = deep_merge(deep_merge(cfg.midtrain, over), keys)
                 mapping.update(ctx.common, name=step.name, model=vlm)
-                stage = ctx.timed(step.name, lambda m=mapping, k=key: run_registered("sft", ctx.run, m, k))
+                stage = ctx.run_stage("sft", mapping, key)
                 vlm, policy = str(Path(stage) / "model"), None
             else:
                 recipe = deep_merge(deep_merge(cfg.vla, over), resolve_vla_data(ctx, data, f"{key}.data") if data else {})
                 mapping = vla_mapping(ctx, recipe, step.name, cfg.seed, vlm, policy, closed_loop=False)
-                stage = ctx.timed(step.name, lambda m=mapping, k=key: run_registered("vla", ctx.run, m, k))
+                stage = ctx.run_stage("vla", mapping, key)
                 policy = str(Path(stage) / "policy")
                 vlm = str(Path(policy) / "backbone")
         out[row.name] = (vlm, policy)
@@ -237,7 +220,7 @@ def _run_finals(ctx: StudyContext, plans: list[RowStages], models: dict[str, tup
         for row, rs in zip(cfg.rows, plans):
             vlm, policy = models[row.name]
             mapping = vla_mapping(ctx, deep_merge(cfg.vla, row.vla), rs.finals[seed], seed, vlm, policy, closed_loop=True)
-            ctx.timed(rs.finals[seed], lambda m=mapping, n=rs.finals[seed]: run_registered("vla", ctx.run, m, n))
+            ctx.run_stage("vla", mapping, rs.finals[seed])
 
 
 def _run_probes(ctx: StudyContext, plans: list[RowStages], models: dict[str, tuple[str, Optional[str]]]) -> None:
@@ -247,7 +230,7 @@ def _run_probes(ctx: StudyContext, plans: list[RowStages], models: dict[str, tup
         vlm, _ = models[row.name]
         for seed, name in rs.probes.items():
             mapping = vla_mapping(ctx, recipe, name, seed, vlm, None, closed_loop=False)
-            ctx.timed(name, lambda m=mapping, n=name: run_registered("vla", ctx.run, m, n))
+            ctx.run_stage("vla", mapping, name)
 
 
 def _run_cka(ctx: StudyContext, plans: list[RowStages], models: dict[str, tuple[str, Optional[str]]]) -> Optional[Path]:
@@ -265,15 +248,10 @@ def _run_cka(ctx: StudyContext, plans: list[RowStages], models: dict[str, tuple[
             targets[f"{row.name}/vla_s{seed}"] = str(ctx.run.stage_dir(rs.finals[seed]) / "policy" / "backbone")
     drift = CKAStageConfig(seed=cfg.seed, base=str(ctx.base_vlm), models=targets, frames=cfg.cka.frames,
                            robot_data=str(ctx.robot_data), batch_size=cfg.cka.batch_size)  # fmt: skip
-    return ctx.timed(CKA_STAGE, lambda: measure_drift(drift, ctx.run))
+    return ctx.runner.timed(CKA_STAGE, lambda: measure_drift(drift, ctx.run))
 
 
 # --------------------------------------------------------------------------- the study
-
-
-def _peak_rss_mb() -> dict[str, float]:
-    return {"self_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "children_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}  # fmt: skip
 
 
 def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path:
@@ -307,8 +285,8 @@ def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path
         if st.skipped_as_complete:
             return st.final_dir
         results = collect_results(config, run_dir, plans, models, ctx)
-        results["cost"]["this_invocation"] = {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss": _peak_rss_mb(),
-                                              "stages_s": ctx.seconds}  # fmt: skip
+        results["cost"]["this_invocation"] = {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss": peak_rss_mb(),
+                                              "stages_s": ctx.runner.seconds}  # fmt: skip
         figures = write_figures(results, Path(st.dir))
         results["figures"] = figures
         write_json_atomic(Path(st.dir) / STUDY_FILE, results)

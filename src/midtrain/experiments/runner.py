@@ -1,0 +1,111 @@
+"""One way to run a registered stage from a config mapping: the call ``midtrain <stage>``,
+``midtrain run PIPELINE.yaml``, ``midtrain demo``, ``midtrain study`` and ``midtrain recipes`` make.
+
+    runner = StageRunner(run_dir, name="study")
+    out = runner.run("sft", {"model": ..., "train": {...}})        # -> the stage's output folder
+    out = runner.run("score", mapping, run_dir=sub, label="selections/learned/score")
+    runner.timed("cka", lambda: measure_drift(cka_config, run_dir))  # a step that is no registered stage
+    runner.records    # [{stage, wall_s, self_mb, children_mb}] in running order
+    runner.seconds    # {label: wall seconds} of this invocation
+
+One call, top to bottom (:meth:`StageRunner.run`):
+
+1. **the config**: the stage's defaults <- the mapping <- ``config_file`` (YAML) <- ``key=value``
+   overrides (:func:`midtrain.config.load_config`, the CLI's order); a bad key fails in one line
+   naming ``key``;
+2. **the stage**: :func:`call_stage`, the stage function itself (a complete stage with the same
+   config and inputs is skipped, as always). It is a plain function of picklable arguments: an
+   executor that runs stages elsewhere (a Ray task per stage) replaces this one call;
+3. **the cost**: wall seconds and peak resident memory after the call, kept in ``records``.
+
+The results experiments read back are written once here too: per-task closed-loop successes
+from an evaluation's ``episodes.parquet`` (:func:`episode_successes`), and :func:`deep_merge`,
+how an experiment layers a step's keys over a shared recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, TypeVar
+
+from ..config import ConfigError, load_config
+from ..runs import RunDir
+from ..stages import STAGES
+
+T = TypeVar("T")
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, nested mappings merged key by key (a recipe's ``train:`` keeps the
+    keys a step does not name)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory so far of this process and of its (finished) children, in MiB."""
+    return {"self_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "children_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}  # fmt: skip
+
+
+def stage_config(stage: str, mapping: Optional[dict[str, Any]] = None, config_file: Optional[Path] = None,
+                 overrides: Sequence[str] = (), key: Optional[str] = None) -> Any:  # fmt: skip
+    """The registered stage's config: defaults <- ``mapping`` <- ``config_file`` <- ``overrides``."""
+    config_cls = STAGES[stage].load_config_class()
+    try:
+        return load_config(config_cls, config_file, list(overrides), base=mapping)
+    except ConfigError as exc:
+        raise ConfigError(f"{key or stage}: {exc}") from None
+
+
+def call_stage(stage: str, config: Any, run_dir: RunDir, force: bool = False) -> Path:
+    """Run the registered stage ``stage`` with its built ``config`` into ``run_dir``."""
+    _, fn = STAGES[stage].load()
+    return Path(fn(config, run_dir, force=force))
+
+
+class StageRunner:
+    """Runs registered stages into one run directory (or a nested one per call), timing each."""
+
+    def __init__(self, run_dir: RunDir, name: str = "midtrain", force: bool = False):
+        self.run_dir, self.name, self.force = run_dir, name, force
+        self.log = logging.getLogger(f"midtrain.{name}")
+        self.records: list[dict[str, Any]] = []
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return {r["stage"]: r["wall_s"] for r in self.records}
+
+    def run(self, stage: str, mapping: Optional[dict[str, Any]] = None, *, run_dir: Optional[RunDir] = None,
+            label: Optional[str] = None, key: Optional[str] = None, config_file: Optional[Path] = None,
+            overrides: Sequence[str] = ()) -> Path:  # fmt: skip
+        """Run ``stage`` with ``mapping`` (see the module docstring); ``label`` names it in the
+        records (default: its folder name in the mapping, else the stage), ``key`` in errors."""
+        label = label or (mapping or {}).get("name") or stage
+        config = stage_config(stage, mapping, config_file, overrides, key)
+        return self.timed(label, lambda: call_stage(stage, config, run_dir or self.run_dir, self.force))
+
+    def timed(self, label: str, fn: Callable[[], T]) -> T:
+        """Call ``fn`` and record its wall time and the peak memory after it under ``label``."""
+        self.log.info("%s: %s", self.name, label)
+        t0 = time.perf_counter()
+        out = fn()
+        self.records.append({"stage": label, "wall_s": round(time.perf_counter() - t0, 2), **peak_rss_mb()})
+        self.log.info("%s: %s done (%.1fs)", self.name, label, self.records[-1]["wall_s"])
+        return out
+
+
+def episode_successes(episodes_parquet: Path) -> dict[str, list[bool]]:
+    """``{task: [success of episode 0, 1, ...]}`` from an evaluation's ``episodes.parquet``."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(episodes_parquet, columns=["task", "episode", "success"]).to_pylist()
+    out: dict[str, list[bool]] = {}
+    for r in sorted(rows, key=lambda r: r["episode"]):
+        out.setdefault(r["task"], []).append(bool(r["success"]))
+    return out
