@@ -42,7 +42,7 @@ import midtrain.catalog.stage as build
 from midtrain.config import load_config
 from midtrain.data.catalog import iter_catalog
 from midtrain.data.content import RowHasher, changed_references
-from midtrain.demo import DemoConfig, _stage_configs
+from midtrain.experiments.demo import DemoConfig, _stage_configs
 from midtrain.runs import RunDir
 from midtrain.stages import STAGES
 

@@ -1,7 +1,7 @@
 """The demo's findings on worlds nobody tuned on: how often each holds, by how much, and what is selected.
 
 The demo (``midtrain demo``) checks five of the EmbodiedMidtrain paper's findings on its own
-artefacts (``midtrain.demo.demo_findings``). Its defaults (the featurizer's pooling, the
+artefacts (``midtrain.experiments.demo.demo_findings``). Its defaults (the featurizer's pooling, the
 estimator's AUC monitor) were chosen while looking at a handful of worlds (the test's reduced
 world with seeds 0-4, two larger ones, the full default). This benchmark re-runs the demo's
 engine on ``--worlds`` worlds *drawn* from a seed, none of which was looked at while choosing:
@@ -12,7 +12,7 @@ engine on ``--worlds`` worlds *drawn* from a seed, none of which was looked at w
   (``sim collect``), a pool seed (``sim pool``) and a seed for everything else (estimator, random
   baseline, Gumbel noise), each in [10,000, 2^31) - disjoint from the seeds 0-4 used while
   choosing defaults;
-- at the sizes of the end-to-end test (``tests/test_demo.py``): 1 episode per task, 30 samples
+- at the sizes of the end-to-end test (``tests/experiments/test_demo.py``): 1 episode per task, 30 samples
   per pool source, 64-px images, frame stride 3 (``--episodes-per-task`` etc. change them); the
   simulator may drop an episode whose scripted expert fails within 500 steps (Meta-World's limit;
   the demo stops at 200), and the world keeps what succeeded (``vla_frames`` per group in the
@@ -23,7 +23,7 @@ engine on ``--worlds`` worlds *drawn* from a seed, none of which was looked at w
   unless ``--pooling`` says otherwise.
 
 Per world it records the five findings and their margins (positive = holds; see
-``midtrain.demo.finding_margins``), the per-source mean proximity scores, and two selections of the
+``midtrain.experiments.demo.finding_margins``), the per-source mean proximity scores, and two selections of the
 top 20% of the pool from the same scores: the demo's top-K and the Gumbel variant (``method:
 gumbel``, temperature 1: sampling in proportion to the estimator's density ratio), each with its
 per-source shares, its source diversity (``midtrain.select.diversity``: normalised entropy of the
@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from midtrain.config import load_config
-from midtrain.demo import DEMO_SMOLLM2_LAYERS, DEMO_VLM_POOLING, FINDINGS, DemoConfig, run_demo
+from midtrain.experiments.demo import DEMO_SMOLLM2_LAYERS, DEMO_VLM_POOLING, FINDINGS, DemoConfig, run_demo
 from midtrain.sim.task_groups import MT50_GROUPS
 from midtrain.runs import RunDir
 from midtrain.stages import STAGES

@@ -86,7 +86,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("study", "midtrain.experiments.study.stage", "StudyConfig", "run_study",
                   "compare VLA initialisations (base, mid-trained on selections, scratch, ...) end to end, over seeds",
                   "midtrain.experiments.study.config", pipeline=False),
-        StageSpec("demo", "midtrain.demo", "DemoConfig", "run_demo",
+        StageSpec("demo", "midtrain.experiments.demo", "DemoConfig", "run_demo",
                   "the whole engine end to end on the embedded Meta-World world, into one run directory",
                   pipeline=False),
     ]

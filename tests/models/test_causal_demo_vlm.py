@@ -117,7 +117,7 @@ def test_trainable_with_llava_labels_on_assistant_tokens(causal_demo_vlm_dir):
 
 
 def test_truncated_build_keeps_the_first_layers(smollm2, causal_demo_vlm, causal_vlm, tmp_path):
-    from midtrain.demo import DEMO_SMOLLM2_LAYERS
+    from midtrain.experiments.demo import DEMO_SMOLLM2_LAYERS
     from midtrain.models import load_vlm
     from midtrain.models.causal_demo_vlm import build_causal_demo_vlm
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from ...config import ConfigError, Settings, StageConfig, from_dict, option
-from ...demo import DemoConfig
+from ..demo import DemoConfig
 from ...eval.config import EvalSettings
 from ..runner import deep_merge
 

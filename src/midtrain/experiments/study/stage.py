@@ -126,7 +126,7 @@ class StudyContext:
 def _world(ctx: StudyContext) -> None:
     cfg = ctx.config
     if cfg.world == "embedded":
-        from ...demo import run_demo
+        from ..demo import run_demo
 
         ctx.runner.timed("demo", lambda: run_demo(cfg.demo, ctx.run, force=False))
     else:

@@ -37,11 +37,11 @@ from typing import Any, Literal, Optional
 
 import pyarrow.parquet as pq
 
-from .config import ConfigError, Device, StageConfig, option, to_plain
-from .runs import RunDir, write_json_atomic
-from .experiments.runner import StageRunner, peak_rss_mb
-from .sim.task_groups import MT50_GROUPS, episodes_by_group
-from .stages import PIPELINE
+from ..config import ConfigError, Device, StageConfig, option, to_plain
+from ..runs import RunDir, write_json_atomic
+from .runner import StageRunner, peak_rss_mb
+from ..sim.task_groups import MT50_GROUPS, episodes_by_group
+from ..stages import PIPELINE
 
 # How the built demo featurizer pools its last hidden state, per language model.
 # MiniLM: the demo VLM gives an image 49 tokens while a pool conversation has 15-150 text tokens,
@@ -128,7 +128,7 @@ def _stage_configs(cfg: DemoConfig, run: RunDir, model: str, sft_model: str = ""
     """
     common = {"seed": cfg.seed, "on_error": cfg.on_error}
     sim_pool_dir = run.stage_dir("sim_pool")
-    from .sim.pool_sources import SOURCES
+    from ..sim.pool_sources import SOURCES
 
     lerobot_root = run.stage_dir("sim_collect") / "lerobot"
     groups = episodes_by_group(lerobot_root, cfg.vla_groups) if (lerobot_root / "meta").exists() else {}
@@ -253,7 +253,7 @@ def finding_margins(findings: dict, mean_scores: dict[str, float], mmd_to_vla: d
 def _build_demo_vlms(config: DemoConfig, run_dir: RunDir, log) -> tuple[str, str]:
     """Build (once per run directory) the demo featurizer and, with SmolLM2, the full-depth VLM that
     the short mid-training starts from; one GGUF load serves both. Returns ``(featurizer, sft model)``."""
-    from .models.demo_vlm import build_demo_vlm
+    from ..models.demo_vlm import build_demo_vlm
 
     if config.demo_vlm == "minilm":
         model_dir = run_dir.root / "demo_model"
@@ -261,8 +261,8 @@ def _build_demo_vlms(config: DemoConfig, run_dir: RunDir, log) -> tuple[str, str
             log.info("building the demo featurizer (EfficientNet-Lite0 + MiniLM, LLaVA architecture) in %s", model_dir)
             build_demo_vlm(model_dir, seed=config.seed, language_model="minilm")
         return str(model_dir), ""
-    from .models.causal_demo_vlm import SMOLLM2_LAYERS, build_causal_demo_vlm
-    from .models.smollm2 import load_smollm2
+    from ..models.causal_demo_vlm import SMOLLM2_LAYERS, build_causal_demo_vlm
+    from ..models.smollm2 import load_smollm2
 
     layers = config.demo_vlm_layers or DEMO_SMOLLM2_LAYERS
     wanted = {layers: run_dir.root / f"demo_model_smollm2_{layers}layers"}
@@ -279,7 +279,7 @@ def _build_demo_vlms(config: DemoConfig, run_dir: RunDir, log) -> tuple[str, str
 
 def _mid_training_summary(run: RunDir) -> dict[str, Any]:
     """Steps, first and last training loss, and held-out loss before and after the demo's short mid-training."""
-    from .train import read_metrics
+    from ..train import read_metrics
 
     rows = read_metrics(run.stage_dir("sft") / "metrics.jsonl")
     train = [r for r in rows if "loss" in r and "callback" not in r]
@@ -300,7 +300,7 @@ def run_demo(config: DemoConfig, run_dir: RunDir, force: bool = False) -> Path:
     model, sft_model = config.model, ""
     built_model = None
     if not model and config.random_init_arch:
-        from .models.tiny import build_tiny_vlm
+        from ..models.tiny import build_tiny_vlm
 
         model_dir = run_dir.root / f"demo_model_{config.random_init_arch}_{config.random_init_size}"
         if not (model_dir / "midtrain_tiny.json").exists():

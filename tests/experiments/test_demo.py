@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from midtrain.cli import main
-from midtrain.demo import DEMO_SMOLLM2_LAYERS, FINDINGS, DemoConfig
+from midtrain.experiments.demo import DEMO_SMOLLM2_LAYERS, FINDINGS, DemoConfig
 from midtrain.report.browser import check_report_in_browser
 from midtrain.runs import RunDir
 

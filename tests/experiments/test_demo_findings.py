@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from midtrain.config import ConfigError, load_config
-from midtrain.demo import FINDINGS, DemoConfig, finding_margins
+from midtrain.experiments.demo import FINDINGS, DemoConfig, finding_margins
 from midtrain.sim.task_groups import MT50_GROUPS
 from midtrain.sim.metaworld_env import DEFAULT_TASKS, TASK_INSTRUCTIONS
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "findings.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "findings.py"
     spec = importlib.util.spec_from_file_location("findings_bench", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
