@@ -20,7 +20,7 @@ import pytest
 
 from midtrain.cli import main
 from midtrain.experiments.demo import DEMO_SMOLLM2_LAYERS, FINDINGS, DemoConfig
-from midtrain.report.browser import check_report_in_browser
+from midtrain.browser import check_report_in_browser
 from midtrain.runs import RunDir
 
 pytestmark = pytest.mark.slow  # the whole pipeline end to end (a few minutes)

@@ -11,7 +11,7 @@ from PIL import Image
 from midtrain.config import StageConfig
 from midtrain.data.catalog import rows_to_table
 from midtrain.data.images import encode_image, ref_from_bytes
-from midtrain.report.browser import check_report_in_browser
+from midtrain.browser import check_report_in_browser
 from midtrain.report.config import ReportConfig
 from midtrain.report.stage import write_report
 from midtrain.runs import RunDir, stage_run, write_parquet_atomic

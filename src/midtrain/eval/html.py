@@ -3,7 +3,7 @@ page) and a headless-Chromium check that every video decodes.
 
 The section marks itself ``data-videos-ok=N data-videos-total=M`` once each ``<video>`` has
 decoded its first frame (``loadeddata``) or failed (``error``); Chromium's ``--dump-dom``
-prints the DOM after that, as ``midtrain.report.browser`` does for the report's figures.
+prints the DOM after that, as ``midtrain.browser`` does for the report's figures.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def eval_page_html(eval_dir: Path | str, embed_videos: bool = True, relative_to:
 
 def check_videos_in_browser(html_path: Path | str, timeout_s: float = 90) -> dict[str, int]:
     """Load a page with eval sections headless; ``{"videos_ok", "videos_total"}`` summed over sections."""
-    from ..report.browser import CHROMIUM_FLAGS, find_chromium
+    from ..browser import CHROMIUM_FLAGS, find_chromium
 
     url = Path(html_path).resolve().as_uri()
     with tempfile.TemporaryDirectory(prefix="midtrain-chromium-") as profile:
