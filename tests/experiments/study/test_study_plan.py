@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from midtrain.config import ConfigError, load_config
-from midtrain.experiments.study.config import StudyConfig
-from midtrain.experiments.study.plan import (Ref, parse_ref, referenced_scorers, resolve_sft_data, resolve_vla_data, row_stages,
-                                 sft_data_refs, SFT_REF_KINDS)  # fmt: skip
+from midtrain.experiments.study.config import StudyConfig, referenced_scorers, row_stages
+from midtrain.experiments.study.plan import Ref, parse_ref, resolve_sft_data, resolve_vla_data, sft_data_refs, SFT_REF_KINDS
 from midtrain.experiments.study.stage import StudyContext, vla_mapping
 from midtrain.runs import RunDir
 

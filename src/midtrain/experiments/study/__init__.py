@@ -1,7 +1,8 @@
 """``midtrain study``: the comparison of VLA initialisations, end to end (issue 14).
 
-- :mod:`midtrain.experiments.study.config`: ``StudyConfig`` - the world, the VLM, the shared recipes, the rows;
-- :mod:`midtrain.experiments.study.plan`: rows as stage folders, and data references (``selection:<scorer>``,
+- :mod:`midtrain.experiments.study.config`: ``StudyConfig`` - the world, the VLM, the shared recipes, the rows
+  (checked, and named as stage folders: ``row_stages``);
+- :mod:`midtrain.experiments.study.plan`: stage folders, and data references (``selection:<scorer>``,
   ``robot_text``, ``etc:<domain>``) resolved to ``midtrain sft`` / ``midtrain vla`` inputs;
 - :mod:`midtrain.experiments.study.stage`: ``run_study``, the recipe top to bottom;
 - :mod:`midtrain.experiments.study.models`: the study VLM and its random-weights twin;

@@ -34,6 +34,7 @@ from ...config import ConfigError, Settings, StageConfig, from_dict, option
 from ..demo import DemoConfig
 from ...eval.config import EvalSettings
 from ..runner import deep_merge
+from .plan import SCORERS, VLA_REF_KINDS, RowStages, StepStage, parse_ref, sft_data_refs
 
 ROW_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
 PLACEHOLDER_MODEL = "<study VLM>"  # stands in for the model while a step's config is checked
@@ -181,8 +182,6 @@ class StudyConfig(StageConfig):
         "than 2)", throughput=True)  # fmt: skip
 
     def validate(self) -> None:
-        from .plan import check_rows
-
         if self.k < 1:
             raise ConfigError(f"k: must be >= 1, got {self.k}")
         if not self.seeds:
@@ -231,3 +230,96 @@ def _build(cls, base: dict[str, Any], overrides: dict[str, Any], key: str):
         return from_dict(cls, deep_merge(base, overrides))
     except ConfigError as exc:
         raise ConfigError(f"{key}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- rows as stages
+
+
+def row_stages(row: RowSpec, seeds: list[int], probe_seeds: int, probe: bool = True) -> RowStages:
+    """The stage folders of ``row`` (see the module docstring)."""
+    out = RowStages(row.name, row.init)
+    start = ""
+    for i, step in enumerate(row.steps, start=1):
+        suffix = f"_{i}" if len(row.steps) > 1 or step.kind == "vla" else ""
+        name = f"{step.kind}_{row.name}{suffix}"
+        out.steps.append(StepStage(name, step.kind, step.overrides, start))
+        start = name
+    out.finals = {s: f"vla_{row.name}_s{s}" for s in seeds}
+    if probe:
+        out.probes = {s: f"probe_{row.name}_s{s}" for s in seeds[:probe_seeds]}
+    return out
+
+
+def check_rows(config: StudyConfig) -> None:
+    """Every row's steps parse and their configs build (with a placeholder model), before any work.
+
+    Also refuses what would make the comparison unfair or ambiguous: a step naming keys the study
+    sets (stage name, model, seed), two rows whose stage folders collide.
+    """
+    sft_base = {**config.midtrain, "model": PLACEHOLDER_MODEL}
+    vla_base = with_robot_data({**config.vla, "model": PLACEHOLDER_MODEL}, PLACEHOLDER_DATA)
+    for key, recipe, forbidden in (("midtrain", config.midtrain, SFT_STUDY_KEYS), ("vla", config.vla, VLA_STUDY_KEYS)):
+        bad = [k for k in forbidden if k in recipe]
+        if bad:
+            raise ConfigError(f"{key}.{bad[0]}: set by the study for every stage; leave it out of the recipe")
+    sft_config(sft_base, {}, "midtrain")
+    vla_config(vla_base, {}, "vla")
+    vla_config(vla_base, config.probe.vla, "probe.vla")
+    for i, row in enumerate(config.rows):
+        where = f"rows[{i}] ({row.name})"
+        for j, step in enumerate(row.steps):
+            key = f"{where}.steps[{j}].{step.kind}"
+            over = step.overrides
+            forbidden = SFT_STUDY_KEYS if step.kind == "sft" else VLA_STUDY_KEYS
+            bad = [k for k in forbidden if k in over]
+            if bad:
+                raise ConfigError(f"{key}.{bad[0]}: set by the study (the stage folder, the model from the previous step, the seed)")
+            if step.kind == "sft":
+                refs = sft_data_refs(over["data"], f"{key}.data") if "data" in over else []
+                rest = {k: v for k, v in over.items() if k != "data"}
+                if refs and any(k in rest for k in ("mixture_file", "sources", "datasets")):
+                    raise ConfigError(f"{key}: give data: (a reference) or mixture_file / sources / datasets, not both")
+                cfg = sft_config(sft_base, rest, key)
+                weighted = any(w is not None for _, w in refs)
+                if weighted and not cfg.mixture.budget:
+                    raise ConfigError(f"{key}.data: a weighted composition needs mixture.budget (samples drawn) in the recipe")
+                if not refs and not any(k in rest for k in ("mixture_file", "sources", "datasets")):
+                    raise ConfigError(f"{key}: no data; set data: (e.g. selection:proximity, robot_text, etc:grounding)")
+            else:
+                if "data" in over:
+                    parse_ref(over["data"], f"{key}.data", VLA_REF_KINDS)
+                vla_config(vla_base, {k: v for k, v in over.items() if k != "data"}, key)
+        bad = [k for k in VLA_STUDY_KEYS if k in row.vla]
+        if bad:
+            raise ConfigError(f"{where}.vla.{bad[0]}: set by the study")
+        vla_config(vla_base, row.vla, f"{where}.vla")
+    names = {}
+    for row in config.rows:
+        for stage in _all_names(row_stages(row, config.seeds, config.probe.seeds)):
+            if stage in names:
+                raise ConfigError(f"rows: {row.name} and {names[stage]} would both write the stage folder {stage}; rename one")
+            names[stage] = row.name
+
+
+def _all_names(rs: RowStages) -> list[str]:
+    return [s.name for s in rs.steps] + list(rs.finals.values()) + list(rs.probes.values())
+
+
+def referenced_scorers(config: StudyConfig) -> list[str]:
+    """The scorers whose selections some row uses, in :data:`SCORERS` order."""
+    used = set()
+    for row in config.rows:
+        for step in row.steps:
+            if step.kind == "sft" and "data" in step.sft:
+                used |= {r.arg for r, _ in sft_data_refs(step.sft["data"], "data") if r.kind == "selection"}
+    return [s for s in SCORERS if s in used]
+
+
+def references_kind(config: StudyConfig, kind: str) -> bool:
+    return any(
+        r.kind == kind
+        for row in config.rows
+        for step in row.steps
+        if step.kind == "sft" and "data" in step.sft
+        for r, _ in sft_data_refs(step.sft["data"], "data")
+    )

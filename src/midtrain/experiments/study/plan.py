@@ -1,4 +1,5 @@
-"""The rows of a study as stages: names, the model each step starts from, and data references.
+"""The study's stage folders and data references, resolved to ``midtrain sft`` / ``vla`` inputs against
+the running study (the folders of a row are named by :func:`midtrain.experiments.study.config.row_stages`).
 
 **Stage folders** (all in the study's run directory, each an ordinary resumable stage)::
 
@@ -36,12 +37,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 from ...config import ConfigError
-
-if TYPE_CHECKING:
-    from .config import RowSpec, StudyConfig
 
 SCORERS = ("proximity", "random", "mean_distance", "vla_perplexity", "delta_perplexity")
 PERPLEXITY_SCORERS = ("vla_perplexity", "delta_perplexity")
@@ -140,103 +138,6 @@ class RowStages:
     finals: dict[int, str] = field(default_factory=dict)  # seed -> vla_<row>_s<seed>
     probes: dict[int, str] = field(default_factory=dict)  # seed -> probe_<row>_s<seed>
 
-    @property
-    def last_step(self) -> Optional[StepStage]:
-        return self.steps[-1] if self.steps else None
-
-
-def row_stages(row: "RowSpec", seeds: list[int], probe_seeds: int, probe: bool = True) -> RowStages:
-    """The stage folders of ``row`` (see the module docstring)."""
-    out = RowStages(row.name, row.init)
-    start = ""
-    for i, step in enumerate(row.steps, start=1):
-        suffix = f"_{i}" if len(row.steps) > 1 or step.kind == "vla" else ""
-        name = f"{step.kind}_{row.name}{suffix}"
-        out.steps.append(StepStage(name, step.kind, step.overrides, start))
-        start = name
-    out.finals = {s: f"vla_{row.name}_s{s}" for s in seeds}
-    if probe:
-        out.probes = {s: f"probe_{row.name}_s{s}" for s in seeds[:probe_seeds]}
-    return out
-
-
-def check_rows(config: "StudyConfig") -> None:
-    """Every row's steps parse and their configs build (with a placeholder model), before any work.
-
-    Also refuses what would make the comparison unfair or ambiguous: a step naming keys the study
-    sets (stage name, model, seed), two rows whose stage folders collide.
-    """
-    from .config import (PLACEHOLDER_DATA, PLACEHOLDER_MODEL, SFT_STUDY_KEYS, VLA_STUDY_KEYS, sft_config, vla_config,
-                         with_robot_data)  # fmt: skip
-
-    sft_base = {**config.midtrain, "model": PLACEHOLDER_MODEL}
-    vla_base = with_robot_data({**config.vla, "model": PLACEHOLDER_MODEL}, PLACEHOLDER_DATA)
-    for key, recipe, forbidden in (("midtrain", config.midtrain, SFT_STUDY_KEYS), ("vla", config.vla, VLA_STUDY_KEYS)):
-        bad = [k for k in forbidden if k in recipe]
-        if bad:
-            raise ConfigError(f"{key}.{bad[0]}: set by the study for every stage; leave it out of the recipe")
-    sft_config(sft_base, {}, "midtrain")
-    vla_config(vla_base, {}, "vla")
-    vla_config(vla_base, config.probe.vla, "probe.vla")
-    for i, row in enumerate(config.rows):
-        where = f"rows[{i}] ({row.name})"
-        for j, step in enumerate(row.steps):
-            key = f"{where}.steps[{j}].{step.kind}"
-            over = step.overrides
-            forbidden = SFT_STUDY_KEYS if step.kind == "sft" else VLA_STUDY_KEYS
-            bad = [k for k in forbidden if k in over]
-            if bad:
-                raise ConfigError(f"{key}.{bad[0]}: set by the study (the stage folder, the model from the previous step, the seed)")
-            if step.kind == "sft":
-                refs = sft_data_refs(over["data"], f"{key}.data") if "data" in over else []
-                rest = {k: v for k, v in over.items() if k != "data"}
-                if refs and any(k in rest for k in ("mixture_file", "sources", "datasets")):
-                    raise ConfigError(f"{key}: give data: (a reference) or mixture_file / sources / datasets, not both")
-                cfg = sft_config(sft_base, rest, key)
-                weighted = any(w is not None for _, w in refs)
-                if weighted and not cfg.mixture.budget:
-                    raise ConfigError(f"{key}.data: a weighted composition needs mixture.budget (samples drawn) in the recipe")
-                if not refs and not any(k in rest for k in ("mixture_file", "sources", "datasets")):
-                    raise ConfigError(f"{key}: no data; set data: (e.g. selection:proximity, robot_text, etc:grounding)")
-            else:
-                if "data" in over:
-                    parse_ref(over["data"], f"{key}.data", VLA_REF_KINDS)
-                vla_config(vla_base, {k: v for k, v in over.items() if k != "data"}, key)
-        bad = [k for k in VLA_STUDY_KEYS if k in row.vla]
-        if bad:
-            raise ConfigError(f"{where}.vla.{bad[0]}: set by the study")
-        vla_config(vla_base, row.vla, f"{where}.vla")
-    names = {}
-    for row in config.rows:
-        for stage in _all_names(row_stages(row, config.seeds, config.probe.seeds)):
-            if stage in names:
-                raise ConfigError(f"rows: {row.name} and {names[stage]} would both write the stage folder {stage}; rename one")
-            names[stage] = row.name
-
-
-def _all_names(rs: RowStages) -> list[str]:
-    return [s.name for s in rs.steps] + list(rs.finals.values()) + list(rs.probes.values())
-
-
-def referenced_scorers(config: "StudyConfig") -> list[str]:
-    """The scorers whose selections some row uses, in :data:`SCORERS` order."""
-    used = set()
-    for row in config.rows:
-        for step in row.steps:
-            if step.kind == "sft" and "data" in step.sft:
-                used |= {r.arg for r, _ in sft_data_refs(step.sft["data"], "data") if r.kind == "selection"}
-    return [s for s in SCORERS if s in used]
-
-
-def references_kind(config: "StudyConfig", kind: str) -> bool:
-    return any(
-        r.kind == kind
-        for row in config.rows
-        for step in row.steps
-        if step.kind == "sft" and "data" in step.sft
-        for r, _ in sft_data_refs(step.sft["data"], "data")
-    )
-
 
 # --------------------------------------------------------------------------- resolving references
 
@@ -327,3 +228,16 @@ def resolve_vla_data(ctx: Any, value: Any, key: str) -> dict[str, Any]:
     if ref.arg:
         data["episodes"] = robot_episodes(ctx.robot_data, ref.arg.split("+"))
     return {"data": data}
+
+
+def eval_settings(ctx: Any) -> dict[str, Any]:
+    """The closed-loop protocol as ``closed_loop`` keys: the study's ``eval``, tasks defaulting to the
+    embedded world's."""
+    from ...sim.metaworld_env import DEFAULT_TASKS
+
+    cfg = ctx.config
+    settings = cfg.eval.to_dict()
+    if not settings["tasks"] and cfg.eval.benchmark == "metaworld" and cfg.world == "embedded":
+        settings["tasks"] = list(cfg.demo.tasks or DEFAULT_TASKS)
+    settings["corpus"] = str(settings["corpus"] or ctx.robot_data)
+    return settings

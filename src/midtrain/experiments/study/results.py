@@ -186,7 +186,7 @@ def collect_results(config, run: RunDir, plans: list[RowStages], models: dict, c
         "robot_data": str(ctx.robot_data) if ctx is not None else None, "base_vlm": str(ctx.base_vlm) if ctx else None,
     }  # fmt: skip
     if settings is not None:
-        from .stage import eval_settings
+        from .plan import eval_settings
 
         protocol["eval"] = eval_settings(ctx)
     names = [*WORLD_STAGES, VLM_STAGE, RANDOM_VLM_STAGE, VLA_TEXT_STAGE, CKA_STAGE]

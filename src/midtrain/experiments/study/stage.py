@@ -30,10 +30,10 @@ from typing import Any, Optional
 
 from ...runs import RunDir, StageError, stage_run, write_json_atomic, write_text_atomic
 from ..runner import StageRunner, deep_merge, peak_rss_mb
-from .config import PLACEHOLDER_DATA, PLACEHOLDER_MODEL, StudyConfig, vla_config, with_robot_data
+from .config import (PLACEHOLDER_DATA, PLACEHOLDER_MODEL, StudyConfig, references_kind, referenced_scorers, row_stages,
+                     vla_config, with_robot_data)  # fmt: skip
 from .plan import (CKA_STAGE, PERPLEXITY_SCORERS, RANDOM_VLM_STAGE, SELECTIONS_DIR, STUDY_STAGE, VLA_TEXT_STAGE,
-                   VLM_STAGE, RowStages, references_kind, referenced_scorers, resolve_sft_data, resolve_vla_data,
-                   row_stages)  # fmt: skip
+                   VLM_STAGE, RowStages, eval_settings, resolve_sft_data, resolve_vla_data)  # fmt: skip
 
 STUDY_FILE = "study.json"
 PAGE = "study.html"
@@ -149,19 +149,6 @@ def _vlms(ctx: StudyContext) -> None:
     if any(r.init == "random_weights" for r in cfg.rows):
         rnd = BuildVLMConfig(seed=cfg.seed, build="random_weights", source=str(ctx.base_vlm))
         ctx.random_vlm = str(ctx.runner.timed(RANDOM_VLM_STAGE, lambda: build_vlm_stage(rnd, ctx.run, RANDOM_VLM_STAGE)))
-
-
-def eval_settings(ctx: StudyContext) -> dict[str, Any]:
-    """The closed-loop protocol as ``closed_loop`` keys: the study's ``eval``, tasks defaulting to the
-    embedded world's."""
-    from ...sim.metaworld_env import DEFAULT_TASKS
-
-    cfg = ctx.config
-    settings = cfg.eval.to_dict()
-    if not settings["tasks"] and cfg.eval.benchmark == "metaworld" and cfg.world == "embedded":
-        settings["tasks"] = list(cfg.demo.tasks or DEFAULT_TASKS)
-    settings["corpus"] = str(settings["corpus"] or ctx.robot_data)
-    return settings
 
 
 def vla_mapping(ctx: StudyContext, recipe: dict[str, Any], name: str, seed: int, vlm: str, policy: Optional[str],
