@@ -27,7 +27,7 @@ def pixel_of(point) -> tuple[float, float]:
 
 def episode(T: int = 40, names=("puck",), goal_name="goal position", verb="grasp", target="object", **fields):
     """An :class:`EpisodeFields` with the overhead camera; ``fields`` override the defaults."""
-    from midtrain.etc.episodes import EpisodeFields, TaskNames
+    from midtrain.etc.fields import EpisodeFields, TaskNames
 
     t = np.arange(T)
     base = {

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -37,41 +36,10 @@ from ..data.lerobot import EpisodeRef, LeRobotReader, VideoFrames, _matrix
 from ..data.sources import DatasetSource
 from ..runs import SampleError, StageError
 from .config import EtcConfig, parse_field_spec
+from .fields import EpisodeFields, TaskNames
 
 OBJECTS_FILE = "meta/objects.json"
 QUANTITY_WIDTH = {"ee_pos": 3, "gripper_opening": 1, "gripper_command": 1, "contact": 1, "goal": 3}
-
-
-@dataclass
-class TaskNames:
-    """What questions call a task's things (see ``midtrain.sim.metaworld_env.TaskObjects``)."""
-
-    objects: list[str]
-    goal: Optional[str] = None
-    verb: str = "reach"
-    target: str = "object"  # the interaction point: "object" (object 1) or "goal"
-
-    def target_name(self) -> Optional[str]:
-        if self.target == "goal":
-            return self.goal or "goal position"
-        return self.objects[0] if self.objects else None
-
-
-@dataclass
-class EpisodeFields:
-    """One episode's quantities (see the module docstring); rows sorted by frame index."""
-
-    index: int
-    instruction: str
-    frame_ids: np.ndarray  # [T] frame_index
-    times: np.ndarray  # [T] timestamps, seconds
-    fields: dict[str, np.ndarray]
-    names: TaskNames
-    images: Optional[list] = field(default=None, repr=False)  # image-feature cells (image datasets only)
-
-    @property
-    def length(self) -> int:
-        return len(self.frame_ids)
 
 
 class EtcDataset:

@@ -27,15 +27,31 @@ from __future__ import annotations
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Protocol
 
 import numpy as np
 
 from ..data.calibration import SHORT_POINT_FORMAT, format_points, inside_image, project_points
 
-if TYPE_CHECKING:
-    from .config import EtcConfig
-    from .episodes import EpisodeFields
+from .fields import EpisodeFields
+
+
+class GeneratorSettings(Protocol):
+    """What generators read of the stage's config (``EtcConfig`` has these fields; its help says what
+    each means). A protocol, so the generators do not import the config that validates against them."""
+
+    axes: list[str]
+    direction_threshold_m: float
+    distance_buckets_m: list[float]
+    margin_m: float
+    trajectory_points: int
+    trajectory_stride: int
+    gripper_horizon: int
+    action_horizon: int
+    action_decimals: int
+    min_stage_steps: int
+    frame_order_gap: int
+
 
 AXIS_WORDS = {"right": "left", "left": "right", "forward": "backward", "backward": "forward", "up": "down", "down": "up"}
 
@@ -54,7 +70,7 @@ class QA:
 class Context:
     """What a generator may use besides the episode: config, image size, seeded RNG, counters."""
 
-    config: "EtcConfig"
+    config: GeneratorSettings
     width: int
     height: int
     rng: np.random.Generator
@@ -76,7 +92,7 @@ class Context:
         return format_points(np.atleast_2d(pixels), self.width, self.height)
 
 
-GeneratorFn = Callable[["EpisodeFields", np.ndarray, Context], Iterator[QA]]
+GeneratorFn = Callable[[EpisodeFields, np.ndarray, Context], Iterator[QA]]
 
 
 @dataclass(frozen=True)
@@ -137,7 +153,7 @@ def _distance_words(d: float, edges: list[float]) -> str:
 _DIRECTION_PHRASES = {"left": "to the left", "right": "to the right", "up": "above", "down": "below"}
 
 
-def _direction_words(offset: np.ndarray, config: EtcConfig) -> list[str]:
+def _direction_words(offset: np.ndarray, config: GeneratorSettings) -> list[str]:
     """Words for an offset (object - gripper) per axis: 'forward', 'to the left', 'below' ..."""
     words = []
     for value, positive in zip(offset, config.axes):
