@@ -48,7 +48,8 @@ import pyarrow as pa
 from midtrain.config import StageConfig
 from midtrain.data.features import shard_name, write_feature_shard
 from midtrain.runs import RunDir, stage_run
-from midtrain.fit.estimator import ProximityEstimator, save_estimator, torch_threads
+from midtrain.devices import torch_threads
+from midtrain.fit.estimator import ProximityEstimator, save_estimator
 from midtrain.score.config import ScoreConfig
 from midtrain.score.stage import score_feature_shard, score_pool
 from midtrain.score import scorers as scorers_mod

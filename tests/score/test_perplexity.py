@@ -14,7 +14,8 @@ from midtrain.data.images import encode_image, ref_from_bytes
 from midtrain.models import build_batch, load_vlm
 from midtrain.models.tiny import build_tiny_vlm
 from midtrain.runs import RunDir, SampleError, StageError
-from midtrain.score.perplexity import AnswerPerplexity, render_vla_as_text
+from midtrain.score.perplexity import AnswerPerplexity
+from midtrain.sft.vla_text import render_vla_as_text
 from midtrain.score.config import ScoreConfig
 from midtrain.score.stage import score_pool
 

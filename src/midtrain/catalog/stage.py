@@ -34,30 +34,14 @@ import pyarrow.parquet as pq
 
 from ..data.catalog import CATALOG_SCHEMA, rows_to_table
 from ..data.content import RowHasher, changed_references
-from ..data.sources import DatasetSource, SampleReader
+from ..data.readers import open_reader
+from ..data.sources import DatasetSource
 from ..runs import (
     RunDir, SampleError, StageError, StageRun, atomic_path, foreign_files, stage_run, write_parquet_atomic,
 )  # fmt: skip
 from .config import CatalogConfig
 
 STAGE = "catalog"
-
-
-def open_reader(source: DatasetSource, seed: int) -> SampleReader:
-    """The reader for ``source.format`` (imported lazily: only the formats in use are loaded)."""
-    if source.format == "llava_json":
-        from ..data.llava import LlavaJsonReader as reader_cls
-    elif source.format == "llava_jsonl":
-        from ..data.llava import LlavaJsonlReader as reader_cls
-    elif source.format == "parquet":
-        from ..data.tabular import ParquetReader as reader_cls
-    elif source.format == "hf_disk":
-        from ..data.tabular import HFDiskReader as reader_cls
-    elif source.format == "lerobot":
-        from ..data.lerobot import LeRobotReader as reader_cls
-    else:  # the config type check rejects this first; kept for direct callers
-        raise StageError(f"{source.name}: unknown format {source.format!r}")
-    return reader_cls(source, seed)
 
 
 def _part_name(source: str, part: int) -> str:

@@ -13,7 +13,6 @@ Ray actors while the model runs.
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..data.features import shard_name, write_feature_shard
+from ..models.forward import accepted_arguments
 from ..models.inputs import build_batch
 from ..models.loading import backbone, multimodal_token_ids
 from ..runs import SampleError, StageError, StageRun
@@ -180,8 +180,7 @@ class FeatureExtractor:
         ids = multimodal_token_ids(model.config)
         self.image_token_ids = ids["image"] + ids["video"]
         self.dim = int(model.config.get_text_config().hidden_size)
-        params = inspect.signature(self.backbone.forward).parameters
-        self.accepted = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        self.accepted = accepted_arguments(self.backbone.forward)
 
     def model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Inputs the backbone accepts, on its device; floating tensors in the model dtype."""

@@ -14,7 +14,6 @@ needs only torch and safetensors.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..devices import torch_threads
 from ..runs import atomic_path, write_json_atomic
 from .config import TrainSettings
 
@@ -147,20 +147,6 @@ def load_estimator(path: Path) -> ProximityEstimator:
 
 
 # --------------------------------------------------------------------------- training
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run with ``n`` intra-op threads, restoring the previous setting (None = leave as is)."""
-    if not n:
-        yield
-        return
-    prev = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 def stratified_split(n_pos: int, n_neg: int, val_fraction: float, rng: np.random.Generator):

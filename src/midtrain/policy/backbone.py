@@ -21,13 +21,13 @@ which :func:`midtrain.models.load_vlm` loads.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from ..models.forward import accepted_arguments
 from ..models.loading import ModelLoadError, backbone as base_model
 from ..models.parts import LoraSettings, find_parts, lora_targets
 from ..runs import StageError
@@ -77,10 +77,9 @@ class Backbone(nn.Module):
         self.processor = processor
         self._inject: dict[int, torch.Tensor] = {}
         self._hook = vlm.get_input_embeddings().register_forward_hook(self._replace_embeddings)
-        params = inspect.signature(base_model(vlm).forward).parameters
-        self.accepted = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        self.accepted |= {"pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "mm_token_type_ids"} & set(
-            inspect.signature(vlm.forward).parameters
+        self.accepted = accepted_arguments(base_model(vlm).forward)
+        self.accepted |= {"pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "mm_token_type_ids"} & (
+            accepted_arguments(vlm.forward)
         )
         self.lora_applied = False
 

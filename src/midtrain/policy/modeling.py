@@ -193,14 +193,13 @@ class VLAPolicy(nn.Module):
         """Mean next-token cross-entropy of the backbone's LM head on a VQA batch's answer tokens
         (``labels`` != -100, as :func:`midtrain.sft.data.collate_sft` builds them): the loss
         ``midtrain sft`` trains, computed on the policy's own backbone (LoRA or full)."""
-        from ..sft.model import IGNORE, chunked_answer_loss
+        from ..models.forward import IGNORE, chunked_answer_loss, logit_softcap
 
         vlm = self.backbone.vlm
         hidden = self.backbone.hidden_states({k: v for k, v in batch.items() if k != "labels"})
         labels = batch["labels"].to(self.device)[:, 1:]  # token t is predicted from position t - 1
         answer = labels != IGNORE
-        softcap = getattr(vlm.config.get_text_config(), "final_logit_softcapping", None)
-        return chunked_answer_loss(hidden[:, :-1][answer], vlm.get_output_embeddings(), labels[answer], softcap)
+        return chunked_answer_loss(hidden[:, :-1][answer], vlm.get_output_embeddings(), labels[answer], logit_softcap(vlm))
 
     def action_token_logits(self, inputs: dict[str, Any], state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced ``(logits [B, H*A, vocab], labels [B, H*A])`` of the action tokens in

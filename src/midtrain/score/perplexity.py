@@ -1,7 +1,7 @@
 """Perplexity baselines: how likely are a pool sample's answers under a VLA-adapted VLM?
 
 - ``vla_perplexity``: per-sample perplexity of the assistant-answer tokens under a VLM
-  fine-tuned on VLA data rendered as text (``render_vla_as_text``). Lower = closer, so
+  fine-tuned on VLA data rendered as text (:func:`midtrain.sft.vla_text.render_vla_as_text`). Lower = closer, so
   ``score = -log ppl_vla = -mean answer-token NLL``.
 - ``delta_perplexity``: the same minus the base VLM's, ranked ascending:
   ``score = -(log ppl_vla - log ppl_base)`` (``delta: log``, the default: a per-token
@@ -16,7 +16,6 @@ Rows the processor or either model cannot score go through ``on_error``.
 
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 from typing import Callable
@@ -33,47 +32,23 @@ READ_ROWS = 512  # catalog rows read (and length-sorted) at a time
 HEAD_BLOCK = 1024  # answer positions per LM-head block
 
 
-def render_vla_as_text(row: dict, bins: int = 256, low: float = -1.0, high: float = 1.0) -> dict:
-    """A VLA frame as a VLM conversation: the camera image(s) and the instruction as the user
-    turn, the action chunk as text as the answer (each dimension discretised into ``bins``
-    uniform bins over ``[low, high]``, one line per step, padded steps left out) - the
-    RT-2/OpenVLA action-as-tokens rendering, as plain text any tokenizer reads.
-
-    Fine-tuning a VLM on these rows gives the ``vla_model`` of the perplexity scorers.
-    """
-    action = np.asarray(row.get("action") or [], dtype=np.float64)
-    mask = row.get("action_mask")
-    if action.ndim == 2 and mask is not None and len(mask) == len(action):
-        action = action[np.asarray(mask, dtype=bool)]
-    ids = np.clip(np.floor((action - low) / (high - low) * bins), 0, bins - 1).astype(int) if action.size else action
-    answer = "\n".join(" ".join(str(int(v)) for v in step) for step in np.atleast_2d(ids)) if action.size else ""
-    n_images = len(row.get("image_refs") or [])
-    instruction = row.get("instruction") or ""
-    return {
-        "id": row["id"], "source": row.get("source"), "kind": "vla", "image_refs": row.get("image_refs") or [],
-        "messages": [{"role": "user", "content": "<image>\n" * n_images + f"What action should the robot take to {instruction}?"},
-                     {"role": "assistant", "content": answer}],
-        "origin": row.get("origin"),
-    }  # fmt: skip
-
-
 class AnswerPerplexity:
     """A frozen VLM that gives each row's mean NLL over its assistant-answer tokens (nats/token)."""
 
     def __init__(self, name_or_path: str | Path, *, device: str = "auto", dtype: str = "auto",
                  trust_remote_code: bool = False, max_length: int | None = 2048):  # fmt: skip
+        from ..models.forward import accepted_arguments, logit_softcap
         from ..models.loading import backbone, load_vlm
 
         self.name = str(name_or_path)
         self.model, self.processor = load_vlm(name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         self.backbone = backbone(self.model)
         self.head = self.model.get_output_embeddings()
-        self.softcap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        self.softcap = logit_softcap(self.model)
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.max_length = max_length
-        params = inspect.signature(self.backbone.forward).parameters
-        self.accepted = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        self.accepted = accepted_arguments(self.backbone.forward)
 
     def _inputs(self, batch) -> dict:
         out = {}
@@ -87,6 +62,7 @@ class AnswerPerplexity:
         """``(nll [len(rows)] float64, errors)``; NaN where a row was left out (its error is listed)."""
         import torch
 
+        from ..models.forward import answer_token_nll
         from ..models.inputs import build_batch
 
         nll = np.full(len(rows), np.nan)
@@ -103,10 +79,7 @@ class AnswerPerplexity:
             sums = torch.zeros(len(ids), dtype=torch.float64, device=hidden.device)
             for s in range(0, len(b_idx), HEAD_BLOCK):
                 b, t = b_idx[s : s + HEAD_BLOCK], t_idx[s : s + HEAD_BLOCK]
-                logits = self.head(hidden[b, t]).float()
-                if self.softcap:
-                    logits = torch.tanh(logits / self.softcap) * self.softcap
-                tok = torch.nn.functional.cross_entropy(logits, ids[b, t + 1], reduction="none")
+                tok = answer_token_nll(hidden[b, t], self.head, ids[b, t + 1], self.softcap)
                 sums.index_add_(0, b, tok.double())
             counts = targets.sum(1).cpu().numpy()
             sums = sums.cpu().numpy()
@@ -143,7 +116,7 @@ def score_catalog_with_perplexity(st: StageRun, config, catalog_dir: Path, write
     """Stream the catalog's pool rows through the perplexity model(s); one score part per catalog file."""
     import torch
 
-    from ..fit.estimator import torch_threads
+    from ..devices import torch_threads
 
     vla = AnswerPerplexity(config.vla_model, device=config.device, dtype=config.dtype,
                            trust_remote_code=config.trust_remote_code, max_length=config.max_length)  # fmt: skip

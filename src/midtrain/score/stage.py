@@ -29,7 +29,8 @@ from ..data.features import (
     POOL_KIND, VLA_KIND, FeatureRun, check_sources, empty_set_error, load_finite_rows, npy_layout, resolve_features,
     rows_mask, select_rows, stream_feature_chunks,
 )  # fmt: skip
-from ..fit.estimator import load_estimator, read_estimator_config, torch_threads
+from ..devices import torch_threads
+from ..fit.estimator import load_estimator, read_estimator_config
 from ..runs import RunDir, SampleError, StageError, StageRun, atomic_path, stage_run, write_parquet_atomic
 from .config import CATALOG_SCORERS, FEATURE_SCORERS, ScoreConfig
 from .scorers import FeatureScorer, MeanDistanceScorer, ProximityScorer, RandomScorer, choose_kernel

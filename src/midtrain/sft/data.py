@@ -45,9 +45,10 @@ import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset
 
 from ..data.catalog import CATALOG_SCHEMA, catalog_files, rows_to_table
+from ..models.forward import IGNORE
 from ..models.inputs import build_batch
 from ..runs import SampleError, StageError, write_json_atomic, write_parquet_atomic
-from ..score.perplexity import render_vla_as_text
+from .vla_text import render_vla_as_text
 
 ENCODE_ROWS = 32  # rows per processor call while measuring lengths
 POOL_BATCH_ROWS = 256  # rows per record batch of pool.arrow
@@ -55,7 +56,6 @@ DATA_DIR = "data"
 POOL_FILE = "pool.arrow"
 SAMPLES_FILE = "samples.parquet"
 COMPOSITION_FILE = "composition.json"
-IGNORE = -100
 
 
 # --------------------------------------------------------------------------- inputs
@@ -88,7 +88,7 @@ class InputIndex:
 
 def materialize_datasets(datasets, seed: int, out_dir: Path, st) -> list[Path]:
     """Read dataset files with the catalog readers into ``out_dir/<name>.parquet`` (bad records: on_error)."""
-    from ..catalog.stage import open_reader
+    from ..data.readers import open_reader
 
     files = []
     for src in datasets:

@@ -25,7 +25,6 @@ through the head in checkpointed chunks so the logits in memory stay bounded.
 
 from __future__ import annotations
 
-import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,10 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..models.forward import IGNORE, accepted_arguments, chunked_answer_loss, logit_softcap
 from ..models.parts import VLMParts, find_parts, lora_targets, trainable_modules  # noqa: F401 (re-exported)
 from ..runs import StageError
 
-HEAD_CHUNK_ELEMENTS = 1 << 27  # logits per chunk (512 MiB in fp32) before the loss is chunked
-IGNORE = -100
 
 
 def _expand_module_lists(vlm, names: list[str]) -> list[str]:
@@ -94,30 +92,6 @@ def parameter_counts(vlm, parts: VLMParts) -> dict[str, dict[str, int]]:
     return out
 
 
-def chunked_answer_loss(hidden, head, targets, softcap: float | None = None):
-    """Mean cross-entropy of ``head(hidden)`` against ``targets`` (``hidden`` ``[n, d]``, targets ``[n]``),
-    in chunks whose logits are recomputed in the backward pass when ``n x vocab`` is large."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
-
-    def chunk_sum(h, y):
-        logits = head(h).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return F.cross_entropy(logits, y, reduction="sum")
-
-    n = hidden.shape[0]
-    vocab = head.weight.shape[0]
-    if n * vocab <= HEAD_CHUNK_ELEMENTS:
-        return chunk_sum(hidden, targets) / n
-    step = max(1, HEAD_CHUNK_ELEMENTS // vocab)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, n, step):
-        total = total + checkpoint(chunk_sum, hidden[s : s + step], targets[s : s + step], use_reentrant=False)
-    return total / n
-
-
 class SFTModel(nn.Module):
     """The module the training loop runs: ``model(batch) -> (loss, logs)`` with the answer-token
     loss of the module docstring. ``net`` is the VLM (or its ``PeftModel``), registered once so
@@ -127,9 +101,8 @@ class SFTModel(nn.Module):
         super().__init__()
         self.net = peft_model if peft_model is not None else vlm
         object.__setattr__(self, "vlm", vlm)  # an alias, not a second registration
-        params = inspect.signature(vlm.model.forward).parameters
-        self.accepted = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        self.softcap = getattr(vlm.config.get_text_config(), "final_logit_softcapping", None)
+        self.accepted = accepted_arguments(vlm.model.forward)
+        self.softcap = logit_softcap(vlm)
         self.frozen_vision = frozen_vision
 
     def train(self, mode: bool = True):

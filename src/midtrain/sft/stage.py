@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..models.loading import check_vlm, load_processor, load_vlm
 from ..runs import RunDir, StageError
-from ..fit.estimator import torch_threads
+from ..devices import torch_threads
 from ..train import distributed_stage, make_accelerator, read_metrics, train
 from .config import SFTConfig
 from .data import (COMPOSITION_FILE, DATA_DIR, InputIndex, catalog_source_files, collate_sft, draw_and_prepare,

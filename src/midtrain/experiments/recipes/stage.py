@@ -198,7 +198,7 @@ def _base_model(config: RecipesConfig, run: RunDir, runner: StageRunner) -> str:
 
 def run_recipes(config: RecipesConfig, run_dir: RunDir, force: bool = False) -> Path:
     """Run ``midtrain recipes`` (module docstring) into ``run_dir``; returns ``<run>/recipes``."""
-    from ...fit.estimator import torch_threads
+    from ...devices import torch_threads
 
     recipes = [load_recipe(r, f"recipes[{i}]") for i, r in enumerate(config.recipes)]
     runner = StageRunner(run_dir, name="recipes")

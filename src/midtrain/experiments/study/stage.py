@@ -243,7 +243,7 @@ def _run_cka(ctx: StudyContext, plans: list[RowStages], models: dict[str, tuple[
 
 def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path:
     """Run the study into ``run_dir`` (see the module docstring); returns ``<run>/study``."""
-    from ...fit.estimator import torch_threads
+    from ...devices import torch_threads
     from .results import collect_results
     from .html import study_page_html, write_figures
 
