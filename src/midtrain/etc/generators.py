@@ -24,7 +24,6 @@ next run's stage.
 
 from __future__ import annotations
 
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Protocol
@@ -32,6 +31,7 @@ from typing import Callable, Iterator, Optional, Protocol
 import numpy as np
 
 from ..data.calibration import SHORT_POINT_FORMAT, format_points, inside_image, project_points
+from ..seeding import keyed_rng
 
 from .fields import EpisodeFields
 
@@ -112,7 +112,7 @@ class Generator:
 
     def rng(self, seed: int, episode: int) -> np.random.Generator:
         """Phrasing choices depend only on (seed, generator, episode)."""
-        return np.random.default_rng([seed, zlib.crc32(self.name.encode()), episode])
+        return keyed_rng(seed, self.name, episode)
 
 
 # --------------------------------------------------------------------------- helpers

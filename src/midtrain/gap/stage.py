@@ -26,7 +26,6 @@ heuristic over the pooled subsample unless ``sigma`` is set), optionally summed 
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import pyarrow.parquet as pq
 
 from ..data.features import FeatureSet, load_finite_rows, open_features
 from ..runs import RunDir, SampleError, StageError, StageRun, stage_run, write_json_atomic, write_parquet_atomic
+from ..seeding import keyed_rng
 from .config import GapConfig
 from .mmd import GapInputError, MMDMatrix, bandwidths, median_heuristic, mmd_matrix, mmd_matrix_rff
 from .plots import plot_feature_map, plot_mmd_heatmap
@@ -110,7 +110,7 @@ def _seeded_sample(rows: np.ndarray, k: int, seed: int, source: str, purpose: st
     subsample does not change when other sources are added or removed."""
     if k >= len(rows):
         return rows
-    rng = np.random.default_rng([seed, zlib.crc32(source.encode()), zlib.crc32(purpose.encode())])
+    rng = keyed_rng(seed, source, purpose)
     return np.sort(rng.choice(rows, size=k, replace=False))
 
 

@@ -29,7 +29,6 @@ template does.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -47,6 +46,7 @@ from torch.utils.data import IterableDataset
 from ..data.catalog import CATALOG_SCHEMA, catalog_files, rows_to_table
 from ..models.forward import IGNORE
 from ..models.inputs import build_batch
+from ..seeding import keyed_rng
 from ..runs import SampleError, StageError, write_json_atomic, write_parquet_atomic
 from .vla_text import render_vla_as_text
 
@@ -122,8 +122,7 @@ def catalog_source_files(catalog: Path, sources: list[str]) -> list[Path]:
 
 def source_order(seed: int, source: str, n: int) -> np.ndarray:
     """The seeded visiting order of a source's ``n`` rows (independent of the other sources)."""
-    key = int.from_bytes(hashlib.blake2b(source.encode(), digest_size=8).digest(), "little")
-    return np.random.default_rng([seed, key]).permutation(n)
+    return keyed_rng(seed, source, hash="blake2b").permutation(n)
 
 
 def allocate(weights: dict[str, float], budget: int) -> dict[str, int]:

@@ -25,13 +25,13 @@ import sys
 import time
 import warnings
 import weakref
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 
 from ..runs import StageError
+from ..seeding import keyed_seed
 
 # One instruction per Meta-World v3 task, in the imperative voice of robot datasets.
 TASK_INSTRUCTIONS: dict[str, str] = {
@@ -280,7 +280,7 @@ def metaworld_asset_path(relative: str) -> str:
 def episode_seed(base_seed: int, task: str, index: int) -> int:
     """A per-episode seed that depends only on (seed, task, episode index), not on which
     worker runs it or in which order, so a collection is reproducible at any parallelism."""
-    return int(np.random.SeedSequence([base_seed, zlib.crc32(task.encode()), index]).generate_state(1)[0])
+    return keyed_seed(base_seed, task, index)
 
 
 def make_env(task: str):

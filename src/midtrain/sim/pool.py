@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 from ..config import ConfigError, StageConfig, option
 from ..data.images import encode_image
 from ..runs import RunDir, stage_run, write_json_atomic
+from ..seeding import keyed_rng
 from .metaworld_env import CAMERAS, ensure_gl_backend
 from .parallel import map_in_workers
 from .pool_sources import GENERATORS, SOURCE_DESCRIPTIONS, SOURCES, PoolSample
@@ -91,7 +91,7 @@ class PoolJob:
 
 def sample_rng(seed: int, source: str, index: int) -> np.random.Generator:
     """The generator of sample ``index`` of ``source``: independent of order and worker."""
-    return np.random.default_rng([seed, zlib.crc32(source.encode()), index])
+    return keyed_rng(seed, source, index)
 
 
 def sample_id(source: str, index: int) -> str:

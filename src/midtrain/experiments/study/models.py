@@ -14,7 +14,6 @@ input pipeline and vocabulary, nothing learned.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Literal
 
 from ...config import StageConfig, option
 from ...runs import RunDir, StageError, stage_run
+from ...seeding import key_word
 
 MODEL_DIR = "model"
 
@@ -75,9 +75,8 @@ def save_random_weights(source: str | Path, out_dir: Path, seed: int) -> int:
 
     config = check_vlm(str(source))
     processor = load_processor(str(source))
-    digest = hashlib.blake2b(f"random weights {seed}".encode(), digest_size=8).digest()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int.from_bytes(digest, "little") % 2**63)
+        torch.manual_seed(key_word(f"random weights {seed}", hash="blake2b") % 2**63)
         model = AutoModelForImageTextToText.from_config(config)
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
