@@ -94,7 +94,7 @@ def tokens_agree_with_training_forward(policy: VLAPolicy, data: list[dict]) -> b
     target = [dict(r, action=policy.io.action_normalizer.unnormalize(generated[i].numpy()).tolist()) for i, r in enumerate(data)]
     tf = policy.io.collate(target)
     with torch.no_grad():
-        logits, labels = policy.action_token_logits(tf["inputs"], tf["state"])
+        logits, labels = policy.head.action_token_logits(tf["inputs"], tf["state"])
     argmax = policy.io.bin_ids[logits[..., policy.io.bin_ids].argmax(-1)]
     continuous = ~policy.binary.cpu().repeat(policy.config.chunk_size)
     return bool(torch.equal(argmax[:, continuous], labels[:, continuous]))

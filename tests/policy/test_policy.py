@@ -49,9 +49,9 @@ def _frozen_batch(policy: VLAPolicy, rows: list[dict], repeat: int = 1) -> dict:
 def _flow_loss_at_fixed_draws(policy: VLAPolicy, batch: dict, draws: int = 4) -> float:
     g = torch.Generator().manual_seed(1)
     b, h, a = batch["action"].shape
-    hidden, ctx_mask = policy._features_or_context(batch)
+    ctx = policy._context(batch.get("inputs"), batch["state"], batch.get("features"))
     with torch.no_grad():
-        values = [policy.head.loss(batch["action"], batch["action_mask"], policy.binary, hidden, ctx_mask, batch["state"],
+        values = [policy.head.net.loss(batch["action"], batch["action_mask"], policy.binary, ctx.hidden, ctx.mask, batch["state"],
                                    torch.randn(b, h, a, generator=g), torch.rand(b, generator=g) * 0.999 + 0.001)[0]
                   for _ in range(draws)]  # fmt: skip
     return float(torch.stack(values).mean())
@@ -190,7 +190,7 @@ def test_greedy_decoding_matches_the_training_forward(tiny_vlm, arch):
                  for i, r in enumerate(rows)]  # fmt: skip
     tf = policy.io.collate(as_target)
     with torch.no_grad():
-        logits, labels = policy.action_token_logits(tf["inputs"], tf["state"])
+        logits, labels = policy.head.action_token_logits(tf["inputs"], tf["state"])
     assert torch.equal(policy.io.bin_ids[logits[..., policy.io.bin_ids].argmax(-1)], labels)
 
 
@@ -205,7 +205,7 @@ def test_tokens_loss_is_causal(tiny_vlm):
     losses = []
     for b in (batch, batch2):
         ids = b["inputs"]["input_ids"]
-        with torch.no_grad(), policy.backbone.injected(policy._injected(1, b["state"])):
+        with torch.no_grad(), policy.backbone.injected(policy.head.injected(1, b["state"])):
             hidden = policy.backbone.hidden_states(b["inputs"])
         pos = torch.nonzero(torch.isin(ids, policy.io.bin_ids))[:, 1]
         losses.append(hidden[0, pos[:5] - 1])  # the first step's tokens and the next one's first

@@ -2,8 +2,9 @@
 
 - :class:`VLAPolicy` (``modeling``): LeRobot's policy contract (``forward``, ``predict_action_chunk``,
   ``select_action``, ``reset``, ``save_pretrained`` / ``from_pretrained``);
-- heads (``heads``): ``mlp`` (OpenVLA-OFT / VLM4VLA regression), ``flow`` (pi0-style flow-matching
-  expert), ``tokens`` (action next-token prediction);
+- heads by name (``action_heads``: ``HEADS``, each behind ``loss(context, batch)`` / ``sample(context)``):
+  ``mlp`` (OpenVLA-OFT / VLM4VLA regression), ``flow`` (pi0-style flow-matching expert), ``tokens``
+  (action next-token prediction); their networks and math are in ``heads``;
 - :class:`Normalizer` (``normalize``): per-dimension ``mean_std | min_max | q01_q99``, gripper binarised;
 - :class:`PolicyProcessor` (``processor``): prompts, targets and observations to model inputs;
 - :class:`PolicyConfig` / :class:`PolicySettings` (``configuration``): what a checkpoint is.

@@ -5,7 +5,7 @@
   probe: see :meth:`VLAPolicy.backbone_features`), or on a VQA batch with ``labels`` (ETC
   co-training: the backbone's next-token loss on the answer tokens, :meth:`VLAPolicy.answer_loss`);
 - ``predict_action_chunk(batch) -> [B, H, A]`` in the dataset's action units;
-- ``select_action(observation) -> np.ndarray [A]``: pops actions from a queue filled with the
+- ``select_action(observation) -> np.ndarray [A]`` (``[B, A]`` for a batch): pops actions from a queue filled with the
   first ``n_action_steps`` of a predicted chunk, predicting again only when it is empty;
 - ``reset()`` empties the queue (call it at every episode start); ``seed(n)`` makes the flow
   head's noise a function of ``n`` (the closed-loop evaluator seeds every episode);
@@ -29,9 +29,10 @@ import torch
 from torch import nn
 
 from ..devices import resolve_device
-from .backbone import ACTION_QUERY_TOKEN, STATE_TOKEN, Backbone, action_bin_token, add_special_tokens, is_bidirectional
+from .action_heads import HEADS, HeadContext
+from .backbone import Backbone, add_special_tokens, is_bidirectional
 from .configuration import PolicyConfig
-from .heads import FlowActionExpert, MLPActionHead, masked_mean, step_dim_mask
+from .heads import step_dim_mask
 from .processor import PolicyProcessor
 
 HEAD_WEIGHTS = "model.safetensors"
@@ -42,28 +43,18 @@ class VLAPolicy(nn.Module):
 
     def __init__(self, config: PolicyConfig, vlm, processor):
         super().__init__()
-        s = config.settings
-        if s.head == "tokens" and is_bidirectional(vlm):
+        head_cls = HEADS[config.head]
+        if head_cls.needs_causal_lm and is_bidirectional(vlm):
             raise ValueError(
-                f"policy.head: tokens needs a causal language model; {vlm.config.get_text_config().model_type!r} attends "
-                "both ways (the demo VLM's MiniLM), so next-token targets would be visible. Use head: mlp or flow"
+                f"policy.head: {config.head} needs a causal language model; {vlm.config.get_text_config().model_type!r} "
+                "attends both ways (the demo VLM's MiniLM), so next-token targets would be visible. Use head: mlp or flow"
             )
-        tokens = {"mlp": [ACTION_QUERY_TOKEN], "flow": [],
-                  "tokens": [action_bin_token(k) for k in range(s.tokens.bins)] + ([STATE_TOKEN] if config.state_dim else [])}[s.head]  # fmt: skip
-        add_special_tokens(vlm, processor, tokens)
+        add_special_tokens(vlm, processor, head_cls.added_tokens(config))
         self.config = config
         self.backbone = Backbone(vlm, processor)
         self.io = PolicyProcessor(processor, config)
         self.register_buffer("binary", self.io.binary.clone(), persistent=False)
-        d, a, h, sd = self.backbone.hidden_size, config.action_dim, config.chunk_size, config.state_dim
-        if s.head == "mlp":
-            scale = self.backbone.embedding_scale()
-            self.queries = nn.Parameter(torch.randn(self.io.num_queries, d) * scale)
-            self.head = MLPActionHead(d, a, h, sd, s.mlp)
-        elif s.head == "flow":
-            self.head = FlowActionExpert(d, a, h, sd, s.flow)
-        else:
-            self.state_proj = nn.Linear(sd, d) if sd else None
+        self.head = head_cls(config, self.backbone, self.io)
         self.frozen_backbone = False
         self._eval_modules: list[nn.Module] = []
         self._noise: torch.Generator | None = None
@@ -96,7 +87,7 @@ class VLAPolicy(nn.Module):
         config = PolicyConfig.load(directory)
         vlm, processor = load_vlm(directory / config.backbone, dtype, device)
         policy = cls(config, vlm, processor)
-        state = load_file(str(directory / HEAD_WEIGHTS))
+        state = {policy.head.checkpoint_key(k): v for k, v in load_file(str(directory / HEAD_WEIGHTS)).items()}
         missing, unexpected = policy.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:
@@ -126,46 +117,30 @@ class VLAPolicy(nn.Module):
         return self.backbone.device
 
     # -- backbone ------------------------------------------------------------------------
-    def _injected(self, batch_size: int, state: torch.Tensor | None) -> dict[int, torch.Tensor]:
-        io = self.io
-        out = {}
-        if io.query_id is not None:
-            out[io.query_id] = self.queries[None].expand(batch_size, -1, -1)
-        if io.state_id is not None:
-            out[io.state_id] = self.state_proj(state.to(self.device))[:, None, :]
-        return out
+    def _context(self, inputs: dict[str, Any] | None, state: torch.Tensor | None,
+                 features: list[torch.Tensor] | None = None) -> HeadContext:  # fmt: skip
+        """What the head reads of a batch: the backbone's output as the head keeps it (computed here,
+        or from precomputed ``features``), the state and the binarised dims."""
+        ctx = HeadContext(inputs, state.to(self.device) if state is not None else None, self.binary)
+        if not self.head.reads_backbone:
+            return ctx
+        if features is not None:
+            ctx.hidden, ctx.mask = self.head.collate_features([f.to(self.device) for f in features])
+            return ctx
+        ids = inputs["input_ids"].to(self.device)
+        with self.backbone.injected(self.head.injected(ids.shape[0], ctx.state)):
+            hidden = self.backbone.hidden_states(inputs)
+        ctx.hidden, ctx.mask = self.head.read(hidden, inputs)
+        return ctx
 
     def backbone_features(self, inputs: dict[str, Any], state: torch.Tensor | None = None) -> list[torch.Tensor]:
         """What the head reads from the backbone, per sample: the query states ``[Q, D]`` (mlp) or
         the unpadded last hidden states ``[T_i, D]`` (flow). With a frozen backbone these are fixed,
         so they can be computed once per sample and passed as ``batch["features"]``."""
-        if self.config.head == "tokens":
-            raise ValueError("the tokens head has no fixed backbone features: it trains the backbone")
-        hidden, mask = self._context(inputs, state)
-        if self.config.head == "mlp":
-            return list(hidden)
-        return [hidden[i, mask[i]] for i in range(len(hidden))]
-
-    def _context(self, inputs: dict[str, Any], state: torch.Tensor | None):
-        ids = inputs["input_ids"].to(self.device)
-        with self.backbone.injected(self._injected(ids.shape[0], state)):
-            hidden = self.backbone.hidden_states(inputs)
-        if self.config.head == "mlp":
-            where = ids == self.io.query_id
-            return hidden[where].reshape(ids.shape[0], self.io.num_queries, hidden.shape[-1]), None
-        return hidden, inputs["attention_mask"].to(self.device).bool()
-
-    def _features_or_context(self, batch: dict[str, Any]):
-        """``(hidden, mask)`` from precomputed ``features`` (padded here) or by running the backbone."""
-        feats = batch.get("features")
-        if feats is None:
-            return self._context(batch["inputs"], batch.get("state"))
-        feats = [f.to(self.device) for f in feats]
-        if self.config.head == "mlp":
-            return torch.stack(feats), None
-        lengths = torch.tensor([len(f) for f in feats], device=self.device)
-        hidden = nn.utils.rnn.pad_sequence(feats, batch_first=True)
-        return hidden, torch.arange(hidden.shape[1], device=self.device)[None] < lengths[:, None]
+        if not self.head.reads_backbone:
+            raise ValueError(f"the {self.config.head} head has no fixed backbone features: it trains the backbone")
+        ctx = self._context(inputs, state)
+        return self.head.features(ctx.hidden, ctx.mask)
 
     # -- training ------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -173,21 +148,9 @@ class VLAPolicy(nn.Module):
         answer-token loss of a VQA batch (one with ``labels``)."""
         if "labels" in batch:
             return self.answer_loss(batch), {}
-        target = batch["action"].to(self.device).float()
-        mask = batch["action_mask"].to(self.device)
-        state = batch.get("state")
-        state = state.to(self.device) if state is not None else None
-        head = self.config.head
-        if head == "tokens":
-            loss, logs = self._token_loss(batch["inputs"], target, mask, state)
-        else:
-            hidden, ctx_mask = self._features_or_context(batch)
-            if head == "mlp":
-                loss, logs = self.head.loss(self.head(hidden, state), target, mask, self.binary)
-            else:
-                loss, logs = self.head.loss(target, mask, self.binary, hidden, ctx_mask, state)
-        logs = {"loss": float(loss.detach()), **logs}
-        return loss, logs
+        ctx = self._context(batch.get("inputs"), batch.get("state"), batch.get("features"))
+        loss, logs = self.head.loss(ctx, batch)
+        return loss, {"loss": float(loss.detach()), **logs}
 
     def answer_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Mean next-token cross-entropy of the backbone's LM head on a VQA batch's answer tokens
@@ -201,67 +164,14 @@ class VLAPolicy(nn.Module):
         answer = labels != IGNORE
         return chunked_answer_loss(hidden[:, :-1][answer], vlm.get_output_embeddings(), labels[answer], logit_softcap(vlm))
 
-    def action_token_logits(self, inputs: dict[str, Any], state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced ``(logits [B, H*A, vocab], labels [B, H*A])`` of the action tokens in
-        ``inputs`` (training format): each token's logits come from the hidden state before it, and
-        only those rows go through the LM head (no ``[B, T, vocab]`` tensor)."""
-        ids = inputs["input_ids"].to(self.device)
-        with self.backbone.injected(self._injected(ids.shape[0], state)):
-            hidden = self.backbone.hidden_states(inputs)
-        is_action = torch.isin(ids, self.io.bin_ids.to(self.device))
-        b, n = ids.shape[0], self.config.chunk_size * self.config.action_dim
-        pos = torch.nonzero(is_action)[:, 1].reshape(b, n)
-        prev = hidden.gather(1, (pos - 1)[..., None].expand(-1, -1, hidden.shape[-1]))
-        return self.backbone.vlm.get_output_embeddings()(prev).float(), ids.gather(1, pos)
-
-    def _token_loss(self, inputs, target, mask, state):
-        """Cross-entropy of the LM on the action tokens only, over valid chunk steps."""
-        logits, labels = self.action_token_logits(inputs, state)
-        b, n = labels.shape
-        ce = nn.functional.cross_entropy(logits.reshape(b * n, -1), labels.reshape(-1), reduction="none").reshape(b, n)
-        weights = mask[:, :, None].expand(-1, -1, self.config.action_dim).reshape(b, n)
-        loss = masked_mean(ce, weights)
-        acc = masked_mean((logits.argmax(-1) == labels).float(), weights)
-        return loss, {"token_accuracy": float(acc)}
-
     # -- inference -----------------------------------------------------------------------
     @torch.no_grad()
     def predict_normalized(self, inputs: dict[str, Any], state: torch.Tensor | None, noise: torch.Tensor | None = None,
                            features: list[torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
         """The normalised chunk ``[B, H, A]`` (binarised dims as probabilities / indicators) for
         ``inputs`` as :meth:`PolicyProcessor.encode` builds them (for the tokens head, the prompt is
-        cut before the action tokens here)."""
-        head = self.config.head
-        state = state.to(self.device) if state is not None else None
-        if head == "tokens":
-            return self._decode_tokens(inputs, state)
-        hidden, ctx_mask = self._features_or_context({"inputs": inputs, "state": state, "features": features})
-        if head == "mlp":
-            return self.head.decode(self.head(hidden, state), self.binary)
-        if noise is not None:
-            noise = noise.to(self.device)
-        return self.head.sample(hidden, ctx_mask, self.binary, state, noise)
-
-    def _decode_tokens(self, inputs, state) -> torch.Tensor:
-        from transformers import LogitsProcessor, LogitsProcessorList
-
-        allowed = self.io.bin_ids.to(self.device)
-
-        class OnlyActionTokens(LogitsProcessor):
-            def __call__(self, input_ids, scores):
-                keep = torch.full_like(scores, float("-inf"))
-                keep[:, allowed] = 0
-                return scores + keep
-
-        kw = self.backbone.model_inputs(self.io.prompt_inputs(inputs))
-        n = self.config.chunk_size * self.config.action_dim
-        with self.backbone.injected(self._injected(kw["input_ids"].shape[0], state)):
-            out = self.backbone.vlm.generate(
-                **kw, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
-                logits_processor=LogitsProcessorList([OnlyActionTokens()]),
-                pad_token_id=self.io.processor.tokenizer.pad_token_id, eos_token_id=None,
-            )  # fmt: skip
-        return self.io.decode_tokens(out[:, -n:])
+        cut before the action tokens)."""
+        return self.head.sample(self._context(inputs, state, features), noise)
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Any], noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -271,7 +181,7 @@ class VLAPolicy(nn.Module):
         self.eval()
         try:
             rows, state = self.io.observation_rows(batch)
-            if noise is None and self._noise is not None and self.config.head == "flow":
+            if noise is None and self._noise is not None and self.head.draws_noise:
                 noise = torch.randn(len(rows), self.config.chunk_size, self.config.action_dim, generator=self._noise)
             y = self.predict_normalized(self.io.encode(rows), state, noise)
         finally:
@@ -289,12 +199,21 @@ class VLAPolicy(nn.Module):
 
     @torch.no_grad()
     def select_action(self, observation: dict[str, Any]) -> np.ndarray:
-        """One action ``[A]`` (float32, dataset units) for one observation; a new chunk is predicted
-        only when the first ``n_action_steps`` of the previous one have been executed."""
+        """One action per observation (float32, dataset units): ``[A]`` for one observation, ``[B, A]``
+        for a batch of B (images ``[B, H, W, 3]``). A new chunk is predicted only when the first
+        ``n_action_steps`` of the previous one have been executed; a batch keeps its size until
+        :meth:`reset`."""
+        camera = observation.get(self.config.camera_keys[0]) if self.config.camera_keys else None
+        batched = camera is not None and len(np.shape(camera)) == 4
         if not self._queue:
-            chunk = self.predict_action_chunk(observation)[0].numpy()
-            self._queue.extend(chunk[: self.config.n_action_steps])
-        return self._queue.popleft()
+            chunk = self.predict_action_chunk(observation).numpy()  # [B, H, A]
+            self._queue.extend(chunk[:, : self.config.n_action_steps].transpose(1, 0, 2))
+        actions, n = self._queue[0], np.shape(camera)[0] if batched else 1
+        if n != len(actions):
+            raise ValueError(f"select_action: {n} observation(s), but the queued actions are for {len(actions)}; "
+                             "call reset() when the batch changes")  # fmt: skip
+        self._queue.popleft()
+        return actions if batched else actions[0]
 
     # -- trainable parts ----------------------------------------------------------------
     def configure_trainable(self, mode: str, vision: str = "frozen", lora=None) -> dict[str, int]:
@@ -302,10 +221,11 @@ class VLAPolicy(nn.Module):
         trains. ``frozen`` also fixes the learned queries (they are backbone inputs), so the
         backbone's output depends only on the sample and :meth:`backbone_features` can be computed
         once per sample. Returns trainable parameter counts per part."""
-        counts = self.backbone.configure_trainable(mode, vision, lora, train_token_matrix=self.config.head == "tokens")
+        counts = self.backbone.configure_trainable(mode, vision, lora, train_token_matrix=self.head.trains_token_matrix)
         self.frozen_backbone = mode == "frozen"
-        if self.frozen_backbone and self.config.head == "mlp":
-            self.queries.requires_grad_(False)
+        if self.frozen_backbone:
+            for p in self.head.backbone_inputs():
+                p.requires_grad_(False)
         self._eval_modules = [self.backbone.vlm] if self.frozen_backbone else []
         if not self.frozen_backbone and vision != "trainable":
             from .backbone import vision_module
