@@ -244,16 +244,47 @@ def train(task: TrainTask, settings: TrainSettings, st, *, accelerator=None,
     complete checkpoint there. Raises :class:`TrainingDiverged` on a NaN/inf loss or gradient.
     ``streams``: co-training streams (:class:`AuxStream`) accumulated into the same steps.
     """
-    import torch
-
     from .distributed import make_accelerator
 
     acc = accelerator or make_accelerator(settings.precision, find_unused_parameters=getattr(task, "find_unused_parameters", False))
-    main, rank, procs = acc.is_main_process, acc.process_index, acc.num_processes
-    ckpt_root = Path(st.dir) / "checkpoints"
-    log = st.log
+    model, optimizer, scheduler, counts = _prepare_model(task, settings, acc)
+    plan = BatchPlan(len(task.train_dataset), settings.batch_size, settings.grad_accum, acc.num_processes, settings.seed,
+                     getattr(task, "lengths", None) if settings.group_by_length else None)  # fmt: skip
+    loop = _Loop(task, settings, st, acc, model, optimizer, scheduler, plan, callbacks, streams)
+    start, resumed = loop.resume()
+    if start == 0 and settings.eval_every and task.eval_dataset is not None:
+        loop.evaluate(0)  # the starting point of the validation curve
 
-    # -- model, optimizer, schedule -----------------------------------------------------------
+    data = _StepData(loop, start)
+    t_start = time.perf_counter()
+    final_path = resumed if resumed is not None and start >= settings.steps else None
+    for step in range(start + 1, settings.steps + 1):
+        model.train()
+        sums = loop.accumulate(data.next_step())
+        loop.raise_if_loss_diverged(step, sums)
+        grad_norm = loop.clip_gradients(step)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loop.running.add(sums.loss, sums.weight, grad_norm, sums.tokens, sums.samples, lr, sums.logs,
+                         {s.name: (v, t) for s, v, t in zip(streams, sums.stream_loss, sums.stream_weight)})  # fmt: skip
+        final_path = loop.after_step(step, time.perf_counter() - t_start) or final_path
+    loop.metrics.close()
+    return TrainResult(
+        steps=settings.steps, resumed_from=start if resumed is not None else None,
+        final_checkpoint=Path(getattr(st, "final_dir", None) or st.dir) / "checkpoints" / final_path.name,
+        train_loss=loop.running.last_loss, eval=loop.last_eval, samples=int(loop.running.samples_total),
+        tokens=int(loop.running.tokens_total), seconds=time.perf_counter() - t_start, processes=acc.num_processes,
+        global_batch=plan.global_batch, parameters=counts,
+    )  # fmt: skip
+
+
+def _prepare_model(task: TrainTask, settings: TrainSettings, acc):
+    """``(model, optimizer, scheduler, parameter counts)``: gradient checkpointing if asked, AdamW
+    over the task's parameter groups, the schedule, all prepared by the accelerator."""
+    import torch
+
     model = task.model
     if settings.gradient_checkpointing:
         enable = getattr(model, "gradient_checkpointing_enable", None)
@@ -271,138 +302,202 @@ def train(task: TrainTask, settings: TrainSettings, st, *, accelerator=None,
                                   weight_decay=settings.weight_decay)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: settings.lr_factor(update))
     model, optimizer = acc.prepare(model, optimizer)
-    plan = BatchPlan(len(task.train_dataset), settings.batch_size, settings.grad_accum, procs, settings.seed,
-                     getattr(task, "lengths", None) if settings.group_by_length else None)  # fmt: skip
+    return model, optimizer, scheduler, counts
+
+
+@dataclass
+class _MicroBatches:
+    """What one optimizer step trains on (this process): the task's micro-batches and, per
+    co-training stream, that stream's, each with its weight (units its loss averages over)."""
+
+    task: list[dict]
+    task_weights: list[float]
+    streams: list[list[dict]]
+    stream_weights: list[list[float]]
+
+
+class _StepData:
+    """The step-by-step micro-batches of the task and of every stream, from ``start`` on: pure
+    functions of (seed, step, process, accumulation index), so a resumed run sees the same ones."""
+
+    def __init__(self, loop: "_Loop", start: int):
+        settings, acc, rank, procs = loop.settings, loop.acc, loop.acc.process_index, loop.acc.num_processes
+        self.accum = settings.grad_accum
+        self.task = iter(_loader(loop.task, loop.task.train_dataset, StepBatches(loop.plan, start, settings.steps, rank),
+                                 settings, acc.device))  # fmt: skip
+        self.streams = [iter(_loader(loop.task, s.dataset, _StreamBatches(s, start, settings.steps, rank, procs, self.accum),
+                                     settings, acc.device, collate=s.collate)) for s in loop.streams]  # fmt: skip
+
+    def next_step(self) -> _MicroBatches:
+        task = [next(self.task) for _ in range(self.accum)]
+        streams = [[next(it) for _ in range(self.accum)] for it in self.streams]
+        return _MicroBatches(task, [_weight(b) for b in task], streams, [[_weight(b) for b in bs] for bs in streams])
+
+
+@dataclass
+class _StepSums:
+    """What the micro-batches of one step add up to, summed over processes (``bad_ids``: this
+    process's first micro-batch with a non-finite loss, if any)."""
+
+    loss: float = 0.0  # sum of w_i l_i over the task's micro-batches
+    weight: float = 0.0  # sum of w_i: the units the step's loss averages over
+    tokens: float = 0.0
+    samples: float = 0.0
+    logs: dict = field(default_factory=dict)  # the model's logs, weighted sums
+    stream_loss: list = field(default_factory=list)  # per stream: sum of w_j l_j
+    stream_weight: list = field(default_factory=list)  # per stream: sum of w_j
+    processes_with_bad_loss: float = 0.0
+    bad_ids: Optional[list] = None
+
+
+class _Loop:
+    """The state one training run carries from step to step, and the steps of a step."""
+
+    def __init__(self, task, settings, st, acc, model, optimizer, scheduler, plan, callbacks, streams):
+        self.task, self.settings, self.st, self.acc = task, settings, st, acc
+        self.model, self.optimizer, self.scheduler, self.plan = model, optimizer, scheduler, plan
+        self.callbacks, self.streams = callbacks, streams
+        self.ckpt_root = Path(st.dir) / "checkpoints"
+        self.log = st.log
+        self.main = acc.is_main_process
+        self.running = _Running()
+        self.last_eval: dict = {}
+        self.metrics: Optional[MetricsLog] = None
 
     # -- resume ---------------------------------------------------------------------------------
-    if main:
-        for name in remove_partial_checkpoints(ckpt_root):
-            log.info("removed %s, the temporary of a checkpoint save that did not finish", name)
-    acc.wait_for_everyone()
-    found = complete_checkpoints(ckpt_root)
-    start, state = 0, {}
-    if found:
-        step0, path = found[-1]
-        state = load_checkpoint(acc, path, model, optimizer, scheduler)
-        if state.get("global_batch") != plan.global_batch:
-            raise StageError(
-                f"{path}: checkpoint trained with a global batch of {state.get('global_batch')} "
-                f"({state.get('processes')} process(es)); this run has {plan.global_batch} ({procs} x {settings.batch_size} x "
-                f"{settings.grad_accum}) - resume with the same global batch, or --force to start over"
-            )
-        start = step0
-        log.info("resuming from %s (step %d of %d)", path, start, settings.steps)
-    else:
-        torch.manual_seed(settings.seed + 7919 * rank)  # dropout etc.; differs per process like DDP's data
-        np.random.seed((settings.seed + 7919 * rank) % 2**32)
-    metrics = MetricsLog(Path(st.dir) / "metrics.jsonl", main, start if found else None)
-    run = _Running.from_state(state)
-    result_eval: dict = dict(state.get("last_eval", {}))
+    def resume(self) -> tuple[int, Optional[Path]]:
+        """``(first step to run - 1, the checkpoint resumed from or None)``; restores the model,
+        optimizer, schedule, RNG and running sums, or seeds the RNG of a fresh run."""
+        import torch
 
-    def evaluate(step: int) -> dict:
-        nonlocal result_eval
-        if task.eval_dataset is None or len(task.eval_dataset) == 0:
-            return {}
-        result_eval = _evaluate(task, model, acc, settings, step, streams)
-        if main:
-            metrics.write({"step": step, **result_eval})
-            log.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in result_eval.items()))
-        return result_eval
+        acc, settings, plan = self.acc, self.settings, self.plan
+        if self.main:
+            for name in remove_partial_checkpoints(self.ckpt_root):
+                self.log.info("removed %s, the temporary of a checkpoint save that did not finish", name)
+        acc.wait_for_everyone()
+        found = complete_checkpoints(self.ckpt_root)
+        start, state, path = 0, {}, None
+        if found:
+            start, path = found[-1]
+            state = load_checkpoint(acc, path, self.model, self.optimizer, self.scheduler)
+            if state.get("global_batch") != plan.global_batch:
+                raise StageError(
+                    f"{path}: checkpoint trained with a global batch of {state.get('global_batch')} "
+                    f"({state.get('processes')} process(es)); this run has {plan.global_batch} ({acc.num_processes} x "
+                    f"{settings.batch_size} x {settings.grad_accum}) - resume with the same global batch, or --force to start over"
+                )
+            self.log.info("resuming from %s (step %d of %d)", path, start, settings.steps)
+        else:
+            rank = acc.process_index
+            torch.manual_seed(settings.seed + 7919 * rank)  # dropout etc.; differs per process like DDP's data
+            np.random.seed((settings.seed + 7919 * rank) % 2**32)
+        self.metrics = MetricsLog(Path(self.st.dir) / "metrics.jsonl", self.main, start if found else None)
+        self.running = _Running.from_state(state)
+        self.last_eval = dict(state.get("last_eval", {}))
+        return start, path
 
-    def save(step: int) -> Path:
-        path = save_checkpoint(acc, ckpt_root, step, task, model, optimizer, scheduler,
-                               {**run.state(), "global_batch": plan.global_batch, "processes": procs,
-                                "last_eval": result_eval}, settings.keep_checkpoints)  # fmt: skip
-        if main:
-            log.info("step %d: checkpoint %s", step, path)
-        return path
+    # -- one accumulation step ------------------------------------------------------------------
+    def accumulate(self, micro: _MicroBatches) -> _StepSums:
+        """Forward and backward every micro-batch of one optimizer step: the streams' first, the
+        task's last (gradients are all-reduced only after the last, a task batch, as DDP needs),
+        each loss scaled so the gradient is that of the step's loss (module docstring)."""
+        acc, procs = self.acc, self.acc.num_processes
+        task_total, *stream_totals = _sum_over_processes(acc, [sum(micro.task_weights), *(sum(w) for w in micro.stream_weights)])
+        task_total = task_total or 1.0  # units the step's loss averages over
+        out = _StepSums(weight=task_total, stream_weight=stream_totals)
+        stream_loss = [0.0] * len(self.streams)
+        for k, (stream, batches, weights, total) in enumerate(zip(self.streams, micro.streams, micro.stream_weights, stream_totals)):
+            for batch, w in zip(batches, weights):
+                value, _ = self._forward_backward(batch, stream.weight * w * procs / (total or 1.0), sync=False, sums=out)
+                stream_loss[k] += value * w
+        loss, tokens, logs = 0.0, 0, {}
+        for i, (batch, w) in enumerate(zip(micro.task, micro.task_weights)):
+            value, batch_logs = self._forward_backward(batch, w * procs / task_total, sync=i == len(micro.task) - 1, sums=out)
+            loss += value * w
+            tokens += int(batch.get("num_tokens", 0) or 0)
+            for key, v in (batch_logs or {}).items():
+                logs[key] = logs.get(key, 0.0) + float(v) * w
+        log_keys = sorted(logs)  # the model returns the same keys for every batch, on every process
+        out.loss, out.tokens, out.samples, out.processes_with_bad_loss, *rest = _sum_over_processes(
+            acc, [loss, float(tokens), float(sum(len(b["sample_ids"]) for b in micro.task)), float(out.bad_ids is not None),
+                  *stream_loss, *(logs[k] for k in log_keys)])  # fmt: skip
+        out.stream_loss, out.logs = rest[: len(self.streams)], dict(zip(log_keys, rest[len(self.streams) :]))
+        return out
 
-    if start == 0 and settings.eval_every and task.eval_dataset is not None:
-        evaluate(0)  # the starting point of the validation curve
+    def _forward_backward(self, batch: dict, factor: float, sync: bool, sums: _StepSums) -> tuple[float, dict]:
+        """One micro-batch: ``backward(loss * factor)``; the gradient all-reduce only when ``sync``."""
+        acc, model = self.acc, self.model
+        batch = _to_device(batch, acc.device)
+        with contextlib.nullcontext() if sync else acc.no_sync(model):
+            with acc.autocast():
+                loss, logs = model(batch)
+            acc.backward(loss * factor)
+        value = float(loss.detach())
+        if not math.isfinite(value) and sums.bad_ids is None:
+            sums.bad_ids = list(batch["sample_ids"])
+        return value, logs
 
-    # -- steps ----------------------------------------------------------------------------------
-    loader = iter(_loader(task, task.train_dataset, StepBatches(plan, start, settings.steps, rank), settings, acc.device))
-    stream_loaders = [iter(_loader(task, s.dataset, _StreamBatches(s, start, settings.steps, rank, procs, settings.grad_accum),
-                                   settings, acc.device, collate=s.collate)) for s in streams]  # fmt: skip
-    t_start = time.perf_counter()
-    final_path = found[-1][1] if found and start >= settings.steps else None
-    for step in range(start + 1, settings.steps + 1):
-        model.train()
-        micro = [next(loader) for _ in range(settings.grad_accum)]
-        weights = [_weight(b) for b in micro]
-        side = [[next(it) for _ in range(settings.grad_accum)] for it in stream_loaders]
-        side_w = [[_weight(b) for b in batches] for batches in side]
-        total_w, *side_total = _sum_over_processes(acc, [sum(weights), *(sum(w) for w in side_w)])
-        total_w = total_w or 1.0  # units the step's loss averages over
-        # the streams' passes first, the task's last: the synced backward is a task batch (DDP)
-        passes = [(b, w, s.weight * w * procs / (t or 1.0), k) for k, (s, batches, ws, t) in
-                  enumerate(zip(streams, side, side_w, side_total)) for b, w in zip(batches, ws)]  # fmt: skip
-        passes += [(b, w, w * procs / total_w, None) for b, w in zip(micro, weights)]
-        loss_sum, bad_ids, step_tokens, logs_sum = 0.0, None, 0, {}
-        side_sum = [0.0] * len(streams)
-        for i, (batch, w, factor, k) in enumerate(passes):
-            batch = _to_device(batch, acc.device)
-            sync = contextlib.nullcontext() if i == len(passes) - 1 else acc.no_sync(model)
-            with sync:  # gradients are all-reduced only after the step's last micro-batch
-                with acc.autocast():
-                    loss, logs = model(batch)
-                acc.backward(loss * factor)
-            value = float(loss.detach())
-            if not math.isfinite(value) and bad_ids is None:
-                bad_ids = list(batch["sample_ids"])
-            if k is not None:
-                side_sum[k] += value * w
-                continue
-            loss_sum += value * w
-            step_tokens += int(batch.get("num_tokens", 0) or 0)
-            for key, v in (logs or {}).items():
-                logs_sum[key] = logs_sum.get(key, 0.0) + float(v) * w
-        log_keys = sorted(logs_sum)  # the model returns the same keys for every batch, on every process
-        step_loss_sum, step_tokens_all, n_samples, n_bad, *log_sums = _sum_over_processes(
-            acc, [loss_sum, float(step_tokens), float(sum(len(b["sample_ids"]) for b in micro)), float(bad_ids is not None),
-                  *side_sum, *(logs_sum[k] for k in log_keys)])  # fmt: skip
-        side_loss, log_sums = log_sums[: len(streams)], log_sums[len(streams) :]
-        if n_bad:
-            bad = _gather_objects(acc, bad_ids)
-            r = next(i for i, b in enumerate(bad) if b is not None)
-            last = complete_checkpoints(ckpt_root)
-            keep = f"; the last good checkpoint is {last[-1][1]}" if last else "; no checkpoint was written yet"
-            raise TrainingDiverged(f"step {step}: the loss is not finite on a micro-batch of process {r} with samples "
-                                   f"{', '.join(map(str, bad[r][:16]))}{keep} (lower train.lr or check those samples)")  # fmt: skip
-        grad_norm = float(acc.clip_grad_norm_(model.parameters(), settings.max_grad_norm or float("inf")))
+    # -- divergence -----------------------------------------------------------------------------
+    def raise_if_loss_diverged(self, step: int, sums: _StepSums) -> None:
+        """Stop on a non-finite loss on any process, naming the step, the process and its samples."""
+        if not sums.processes_with_bad_loss:
+            return
+        bad = _gather_objects(self.acc, sums.bad_ids)
+        r = next(i for i, b in enumerate(bad) if b is not None)
+        last = complete_checkpoints(self.ckpt_root)
+        keep = f"; the last good checkpoint is {last[-1][1]}" if last else "; no checkpoint was written yet"
+        raise TrainingDiverged(f"step {step}: the loss is not finite on a micro-batch of process {r} with samples "
+                               f"{', '.join(map(str, bad[r][:16]))}{keep} (lower train.lr or check those samples)")  # fmt: skip
+
+    def clip_gradients(self, step: int) -> float:
+        """Clip to ``max_grad_norm``; stop on a non-finite norm (fp16 skips such steps itself)."""
+        settings, acc = self.settings, self.acc
+        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), settings.max_grad_norm or float("inf")))
         if not math.isfinite(grad_norm) and settings.precision != "fp16" and acc.mixed_precision != "fp16":
-            last = complete_checkpoints(ckpt_root)
+            last = complete_checkpoints(self.ckpt_root)
             keep = f"; the last good checkpoint is {last[-1][1]}" if last else ""
             raise TrainingDiverged(f"step {step}: the gradient norm is {grad_norm}{keep} (lower train.lr or train.max_grad_norm)")
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        run.add(step_loss_sum, total_w, grad_norm, step_tokens_all, n_samples, lr, dict(zip(log_keys, log_sums)),
-                {s.name: (v, t) for s, v, t in zip(streams, side_loss, side_total)})  # fmt: skip
+        return grad_norm
 
-        if step % settings.log_every == 0 or step == settings.steps:
-            row = run.row(step, plan.epoch_of(step), time.perf_counter() - t_start)
-            metrics.write(row)
-            if main:
-                log.info("step %d/%d: loss %.4f, lr %.3g, grad_norm %.3g", step, settings.steps, row["loss"], row["lr"], row["grad_norm"])
-        if (settings.eval_every and step % settings.eval_every == 0) or step == settings.steps:
-            evaluate(step)
-        for cb in callbacks:
-            if (cb.every and step % cb.every == 0) or step == settings.steps:
-                out = cb.fn(StepContext(step, acc.unwrap_model(model), acc, Path(st.dir)))
-                if out and main:
-                    metrics.write({"step": step, "callback": cb.name, **out})
-        if (settings.save_every and step % settings.save_every == 0) or step == settings.steps:
-            final_path = save(step)
-    metrics.close()
-    seconds = time.perf_counter() - t_start
-    return TrainResult(
-        steps=settings.steps, resumed_from=start if found else None,
-        final_checkpoint=Path(getattr(st, "final_dir", None) or st.dir) / "checkpoints" / final_path.name,
-        train_loss=run.last_loss, eval=result_eval, samples=int(run.samples_total), tokens=int(run.tokens_total),
-        seconds=seconds, processes=procs, global_batch=plan.global_batch, parameters=counts,
-    )  # fmt: skip
+    # -- after a step: metrics, validation, callbacks, checkpoint --------------------------------
+    def after_step(self, step: int, elapsed: float) -> Optional[Path]:
+        """What is due after ``step``; returns the checkpoint written, if one was (last, so a resumed
+        run restarts from a state that already includes the rest)."""
+        settings, last = self.settings, step == self.settings.steps
+        if step % settings.log_every == 0 or last:
+            row = self.running.row(step, self.plan.epoch_of(step), elapsed)
+            self.metrics.write(row)
+            if self.main:
+                self.log.info("step %d/%d: loss %.4f, lr %.3g, grad_norm %.3g", step, settings.steps, row["loss"], row["lr"],
+                              row["grad_norm"])  # fmt: skip
+        if (settings.eval_every and step % settings.eval_every == 0) or last:
+            self.evaluate(step)
+        for cb in self.callbacks:
+            if (cb.every and step % cb.every == 0) or last:
+                out = cb.fn(StepContext(step, self.acc.unwrap_model(self.model), self.acc, Path(self.st.dir)))
+                if out and self.main:
+                    self.metrics.write({"step": step, "callback": cb.name, **out})
+        if (settings.save_every and step % settings.save_every == 0) or last:
+            return self.save(step)
+        return None
+
+    def evaluate(self, step: int) -> dict:
+        if self.task.eval_dataset is None or len(self.task.eval_dataset) == 0:
+            return {}
+        self.last_eval = _evaluate(self.task, self.model, self.acc, self.settings, step, self.streams)
+        if self.main:
+            self.metrics.write({"step": step, **self.last_eval})
+            self.log.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in self.last_eval.items()))
+        return self.last_eval
+
+    def save(self, step: int) -> Path:
+        path = save_checkpoint(self.acc, self.ckpt_root, step, self.task, self.model, self.optimizer, self.scheduler,
+                               {**self.running.state(), "global_batch": self.plan.global_batch,
+                                "processes": self.acc.num_processes, "last_eval": self.last_eval},
+                               self.settings.keep_checkpoints)  # fmt: skip
+        if self.main:
+            self.log.info("step %d: checkpoint %s", step, path)
+        return path
 
 
 @dataclass
