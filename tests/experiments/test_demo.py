@@ -114,5 +114,7 @@ def test_the_demo_mid_trains_its_vlm_on_the_selected_mixture(demo_run, summary):
     assert mid["val_loss_after"] != mid["val_loss_before"]  # the adapter changed the model's predictions
     sft_dir = demo_run.stage_dir("sft")
     assert (sft_dir / "adapter" / "adapter_config.json").exists() or any(sft_dir.rglob("adapter_config.json"))
-    assert (demo_run.stage_dir("report") / "report.html").read_text().count("sft") > 0
+    page = (demo_run.stage_dir("report") / "report.html").read_text()
+    section = page.split("<h2>Mid-training (sft)</h2>", 1)[1].split("<h2>", 1)[0]  # the report's section of this stage
+    assert "data:image/png;base64," in section and "<td>lora</td>" in section  # its loss curves and its mode
     assert len(exported) > 0

@@ -17,7 +17,7 @@ from midtrain.data.features import shard_name, write_feature_shard
 from midtrain.gap.mmd import mmd_matrix
 from midtrain.gap.config import GapConfig
 from midtrain.gap.stage import measure_gap
-from midtrain.gap.tsne import stratified_quota, umap_available
+from midtrain.gap.tsne import stratified_quota
 from midtrain.runs import RunDir, SampleError, StageError
 
 FAST = dict(
@@ -274,12 +274,6 @@ def test_unknown_source_and_missing_features_dir(tmp_path, features_dir):
 def test_bad_config_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(GapConfig, None, [override])
-
-
-@pytest.mark.skipif(umap_available(), reason="umap-learn is installed")
-def test_umap_without_umap_learn_gives_install_hint(features_dir, tmp_path):
-    with pytest.raises(StageError, match=r"pip install 'midtrain\[umap\]'"):
-        measure_gap(GapConfig(features=features_dir, umap=True), RunDir(tmp_path))
 
 
 def test_stratified_quota():

@@ -21,6 +21,18 @@ def _png(path, color):
     Image.fromarray(np.full((40, 60, 3), color, dtype=np.uint8)).save(path)
 
 
+def _gap_summary() -> dict:
+    """``summary.json`` as the gap stage writes it (its own summary function), for VLM sources a, b
+    and the VLA source r: b is the VLM source closer to the VLA data."""
+    from midtrain.gap.config import GapConfig
+    from midtrain.gap.mmd import MMDMatrix
+    from midtrain.gap.stage import _summary
+
+    mmd2 = np.array([[0.0, 0.04, 0.25], [0.04, 0.0, 0.09], [0.25, 0.09, 0.0]])
+    result = MMDMatrix(["a", "b", "r"], [4, 4, 4], (1.0,), mmd2, mmd2, "unbiased", "exact")
+    return _summary(result, ["vlm", "vlm", "vla"], GapConfig(), sigma=1.0)
+
+
 def _fake_run(tmp_path):
     """A run directory with completed catalog, gap, fit and select stages (synthetic artefacts)."""
     run = RunDir(tmp_path / "run")
@@ -35,9 +47,7 @@ def _fake_run(tmp_path):
     with stage_run(run, "gap", StageConfig()) as st:
         _png(st.dir / "mmd_heatmap.png", (200, 0, 0))
         _png(st.dir / "tsne.png", (0, 200, 0))
-        (st.dir / "summary.json").write_text(json.dumps(
-            {"mean_within_vlm": 0.1, "mean_within_vla": 0.05, "mean_cross": 0.4,
-             "vlm_ranking": [{"source": "a", "mmd_to_vla": 0.3}]}))  # fmt: skip
+        (st.dir / "summary.json").write_text(json.dumps(_gap_summary()))
     with stage_run(run, "fit", StageConfig()) as st:
         st.extra.update({"val_auc": 0.93, "curve": [{"epoch": 0, "train_loss": 0.7, "val_loss": 0.69},
                                                     {"epoch": 1, "train_loss": 0.5, "val_loss": 0.52}]})  # fmt: skip
@@ -58,6 +68,14 @@ def test_report_embeds_figures_and_gallery(tmp_path):
     assert "src=\"file:" not in page and "src=\"/" not in page  # self-contained
     assert page.count("data:image/png;base64,") == 7  # 4 stage figures + loss curve + 2 gallery thumbnails
     assert "Book 3" in page and "What is the title?" in page
+    # the gap's group means and its ranking of VLM sources, from the keys the gap stage writes
+    summary = _gap_summary()
+    assert summary["mean_mmd_cross"] == pytest.approx((0.5 + 0.3) / 2)
+    means = page.split("<h3>Group means</h3>", 1)[1].split("</table>", 1)[0]
+    assert "<th>mean_mmd_cross</th>" in means and "<td>0.4</td>" in means and "<td>0.2</td>" in means  # cross, within-VLM
+    ranking = page.split("ranked by distance to the VLA group</h3>", 1)[1].split("</table>", 1)[0]
+    assert "<th>mean_mmd_to_vla</th>" in ranking and ranking.index("<td>b</td>") < ranking.index("<td>a</td>")
+    assert "<td>0.3</td>" in ranking and "<td>0.5</td>" in ranking
     assert "The export stage has not run." in page  # missing stages are named, not silently dropped
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 

@@ -13,7 +13,7 @@ from ..config import ConfigError, Device, StageConfig, option
 class GapConfig(StageConfig):
     """Config of ``midtrain gap``: which datasets, how many points each, the RBF kernel and MMD
     estimator (these decide the numbers), the memory and threads they take (throughput), and the
-    t-SNE / UMAP map. Both MMD^2 estimators are always written; ``estimator`` picks the one the
+    t-SNE map. Both MMD^2 estimators are always written; ``estimator`` picks the one the
     ``mmd`` column, heatmap, summary and permutation tests use."""
 
     features: Optional[Path] = option(None, "features directory to read (default: this run's featurize stage)")
@@ -33,10 +33,9 @@ class GapConfig(StageConfig):
     device: Device = option("auto", "where the kernel tiles are computed: auto (a GPU if visible), cpu, cuda, cuda:N", throughput=True)
     tsne: bool = option(True, "draw the t-SNE map of the datasets")
     tsne_max_points: int = option(20000, "points of the map (a subsample stratified by source)")
-    pca_dim: int = option(50, "PCA dimension before t-SNE / UMAP")
+    pca_dim: int = option(50, "PCA dimension before t-SNE")
     perplexity: float = option(30.0, "t-SNE perplexity")
     tsne_iterations: int = option(500, "t-SNE iterations (openTSNE n_iter)")
-    umap: bool = option(False, "also draw a UMAP map (needs the umap extra)")
     n_jobs: int = option(0, "t-SNE threads (0: all cores)", throughput=True)
 
     def validate(self) -> None:
@@ -65,5 +64,3 @@ class GapConfig(StageConfig):
                 f"tsne_max_points / pca_dim / perplexity / tsne_iterations: expected >= 2, >= 2, > 0, >= 1, got "
                 f"{self.tsne_max_points}, {self.pca_dim}, {self.perplexity}, {self.tsne_iterations}"
             )
-        if self.umap and not self.tsne:
-            raise ConfigError("umap: true draws a map next to the t-SNE map; set tsne: true as well")

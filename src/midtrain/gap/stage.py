@@ -17,7 +17,7 @@ seed, and writes into ``<run>/gap/``:
 - ``mmd_heatmap.png``: the normalised matrix (MMD / largest off-diagonal MMD), VLM sources
   first, group boundary marked.
 - ``tsne.parquet`` (``id``, ``source``, ``kind``, ``x``, ``y``) and ``tsne.png``: openTSNE map
-  of a stratified subsample after PCA; ``umap.parquet`` / ``umap.png`` with ``umap: true``.
+  of a stratified subsample after PCA.
 
 The kernel is a Gaussian RBF with one global bandwidth for all pairs (the median
 heuristic over the pooled subsample unless ``sigma`` is set), optionally summed over
@@ -39,7 +39,7 @@ from ..seeding import keyed_rng
 from .config import GapConfig
 from .mmd import GapInputError, MMDMatrix, bandwidths, median_heuristic, mmd_matrix, mmd_matrix_rff
 from .plots import plot_feature_map, plot_mmd_heatmap
-from .tsne import UMAP_INSTALL_HINT, pca_reduce, stratified_quota, tsne_map, umap_available, umap_map
+from .tsne import pca_reduce, stratified_quota, tsne_map
 
 KIND_ORDER = {"vlm": 0, "vla": 1}
 
@@ -302,37 +302,27 @@ def _write_maps(st: StageRun, pool: _Pool, config: GapConfig, reported: set[int]
         reduced = pca_reduce(x, config.pca_dim, config.seed)
     ids = np.array(pool.fs.ids_of(all_rows), dtype=object)
     kinds = [pool.kinds[s] for s in labels]
-    maps = {"tsne": "t-SNE"} | ({"umap": "UMAP"} if config.umap else {})
-    for name, title in maps.items():
-        with st.timed(name):
-            if name == "tsne":
-                coords, perplexity = tsne_map(
-                    reduced, config.perplexity, config.seed, config.n_jobs, config.tsne_iterations
-                )
-                st.extra["tsne"] = {"points": len(coords), "perplexity": perplexity, "pca_dim": reduced.shape[1]}
-                detail = f"perplexity {perplexity:g}"
-            else:
-                coords = umap_map(reduced, config.seed)
-                st.extra["umap"] = {"points": len(coords), "pca_dim": reduced.shape[1]}
-                detail = "umap-learn"
-        table = pa.table(
-            {
-                "id": pa.array(ids.tolist(), pa.string()),
-                "source": labels,
-                "kind": kinds,
-                "x": coords[:, 0],
-                "y": coords[:, 1],
-            }
-        )
-        write_parquet_atomic(st.dir / f"{name}.parquet", table)
-        plot_feature_map(
-            coords,
-            labels,
-            pool.kinds,
-            st.dir / f"{name}.png",
-            f"{title} of frozen-VLM features ({len(coords)} points, stratified by source; "
-            f"PCA to {reduced.shape[1]}, {detail})",
-        )
+    with st.timed("tsne"):
+        coords, perplexity = tsne_map(reduced, config.perplexity, config.seed, config.n_jobs, config.tsne_iterations)
+        st.extra["tsne"] = {"points": len(coords), "perplexity": perplexity, "pca_dim": reduced.shape[1]}
+    table = pa.table(
+        {
+            "id": pa.array(ids.tolist(), pa.string()),
+            "source": labels,
+            "kind": kinds,
+            "x": coords[:, 0],
+            "y": coords[:, 1],
+        }
+    )
+    write_parquet_atomic(st.dir / "tsne.parquet", table)
+    plot_feature_map(
+        coords,
+        labels,
+        pool.kinds,
+        st.dir / "tsne.png",
+        f"t-SNE of frozen-VLM features ({len(coords)} points, stratified by source; "
+        f"PCA to {reduced.shape[1]}, perplexity {perplexity:g})",
+    )
     st.counts["map_points"] = len(x)
 
 
@@ -342,8 +332,6 @@ def _write_maps(st: StageRun, pool: _Pool, config: GapConfig, reported: set[int]
 def measure_gap(config: GapConfig, run_dir: RunDir, force: bool = False) -> Path:
     """Pairwise MMD (with permutation p-values), the heatmap, the summary and the t-SNE map."""
     features_dir = Path(config.features) if config.features is not None else run_dir.require("featurize")
-    if config.umap and not umap_available():
-        raise StageError(UMAP_INSTALL_HINT)
     with stage_run(run_dir, "gap", config, inputs=[features_dir], force=force) as st:
         if st.skipped_as_complete:
             return st.dir

@@ -1,4 +1,4 @@
-"""2-D maps of the feature space: PCA to 50 dimensions, then openTSNE (or UMAP if installed).
+"""2-D maps of the feature space: PCA to 50 dimensions, then openTSNE.
 
 The map is drawn from a stratified subsample so small sources are visible next to
 large ones: every source gets an equal share of the point budget, and shares a small
@@ -60,24 +60,3 @@ def tsne_map(
         early_exaggeration_iter=min(250, iterations // 2),
     ).fit(np.ascontiguousarray(features, dtype=np.float64))
     return np.asarray(embedding, dtype=np.float32), used
-
-
-def umap_available() -> bool:
-    try:
-        import umap  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-UMAP_INSTALL_HINT = "UMAP maps need umap-learn: pip install 'midtrain[umap]' (or set umap: false)"
-
-
-def umap_map(features: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
-    """UMAP embedding ``[n, 2]`` (umap-learn; optional dependency)."""
-    try:
-        import umap
-    except ImportError as exc:
-        raise ImportError(UMAP_INSTALL_HINT) from exc
-    reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, features.shape[0] - 1), random_state=seed)
-    return np.asarray(reducer.fit_transform(features), dtype=np.float32)

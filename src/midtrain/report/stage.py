@@ -121,8 +121,6 @@ def _gap_section(run: RunDir) -> str:
         return '<p class="missing">The gap stage has not run.</p>'
     parts = ['<div class="row">', _img_tag(gap / "mmd_heatmap.png", "MMD heatmap", "48%")]
     parts.append(_img_tag(gap / "tsne.png", "t-SNE map", "48%"))
-    if (gap / "umap.png").exists():
-        parts.append(_img_tag(gap / "umap.png", "UMAP map", "48%"))
     parts.append("</div>")
     means = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
     parts.append("<h3>Group means</h3>" + _table([means]))
