@@ -65,6 +65,7 @@ def score_file(scorer: ProximityScorer, path, n: int, chunk_rows: int | None) ->
     return score_feature_shard(scorer, path, [str(i) for i in range(n)], chunk_rows)["logit"]
 
 
+@pytest.mark.slow  # the compile: 13-21 s
 @needs_cxx
 def test_compiled_kernel_matches_eager_and_the_module(tmp_path):
     d, n = 64, 1000

@@ -51,13 +51,6 @@ CATALOG_SCHEMA = pa.schema(
     ]
 )
 
-KINDS = ("vlm", "vla")
-
-
-def empty_row() -> dict:
-    return {name: None for name in CATALOG_SCHEMA.names}
-
-
 def rows_to_table(rows: list[dict]) -> pa.Table:
     """Catalog rows (dicts with any subset of the columns) to a table with the full schema."""
     cols = {name: [r.get(name) for r in rows] for name in CATALOG_SCHEMA.names}

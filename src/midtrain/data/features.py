@@ -92,10 +92,6 @@ class FeatureSet:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def iter_shards(self) -> Iterator[tuple[str, np.ndarray, pa.Table]]:
-        for name in self.names:
-            yield name, self.array(name), self.ids(name)
-
     def sources(self) -> dict[str, str]:
         """source name -> kind."""
         out: dict[str, str] = {}

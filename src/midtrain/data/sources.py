@@ -27,8 +27,6 @@ import numpy as np
 from ..runs import SampleError
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 
-FORMATS = ("llava_json", "llava_jsonl", "parquet", "hf_disk", "lerobot")
-
 
 @dataclass
 class DatasetSource:

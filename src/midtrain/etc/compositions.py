@@ -171,9 +171,3 @@ def resolve_etc(spec: EtcSpec, run_root: Optional[Path], where: str = "etc") -> 
             weights[name] = share / len(wanted)
             domains[name] = slug
     return EtcSources(sources, weights, domains)
-
-
-def is_etc_reference(text: str) -> bool:
-    """Whether a study ``data:`` string is an ETC reference (``etc:...``, ``etc_<name>:...``)."""
-    head, sep, _ = text.partition(":")
-    return bool(sep) and (head == "etc" or head.startswith("etc_"))
