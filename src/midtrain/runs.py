@@ -209,6 +209,23 @@ def load_safetensors(path: Path | str) -> dict:
         raise StageError(f"{path}: damaged weights file ({exc}); restore it or rerun the stage that wrote it") from None
 
 
+def damaged_weights_file(directory: Path | str) -> str | None:
+    """``"<file>: <why>"`` for the first safetensors file under a local ``directory`` whose header or
+    length is wrong (truncated, overwritten), else ``None``: names the file a loader's error hides."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    for path in sorted(directory.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            return f"{path}: damaged weights file ({exc})"
+    return None
+
+
 _FS_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
               errno.EPERM: "operation not permitted"}  # fmt: skip
@@ -538,6 +555,7 @@ def stage_run(
     config: StageConfig,
     inputs: list[Path | str] | dict[str, Path | str] = (),
     force: bool = False,
+    kind: str | None = None,
 ) -> Iterator[StageRun]:
     """Open a stage in ``run_dir``: skip if complete with the same fingerprint, else run it.
 
@@ -557,10 +575,12 @@ def stage_run(
     output is untouched and the exception propagates. Shard markers from an interrupted run
     with the same fingerprint are kept so work resumes; a changed fingerprint or ``force``
     starts the partial folder over. See the module docstring for the lock and the swap.
+    ``kind``: the stage kind that owns the folder (default: :func:`stage_kind` of the config; a
+    test writing a stage's artefacts with a stand-in config names the kind it stands in for).
     """
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     try:
-        with _stage_run(run, stage, config, inputs, force) as st:
+        with _stage_run(run, stage, config, inputs, force, kind or stage_kind(config)) as st:
             yield st
     except OSError as exc:
         error = filesystem_error(exc, run.root / PARTIAL / stage)
@@ -570,7 +590,7 @@ def stage_run(
 
 
 @contextlib.contextmanager
-def _stage_run(run: RunDir, stage: str, config: StageConfig, inputs, force: bool) -> Iterator[StageRun]:
+def _stage_run(run: RunDir, stage: str, config: StageConfig, inputs, force: bool, kind: str) -> Iterator[StageRun]:
     with stage_lock(run, stage):
         _recover_interrupted_swap(run, stage)
         items = inputs.items() if isinstance(inputs, dict) else ((str(p), p) for p in inputs)
@@ -578,7 +598,6 @@ def _stage_run(run: RunDir, stage: str, config: StageConfig, inputs, force: bool
         run.hashes.save()
         fp = _fingerprint(stage, config, hashes)
         final = run.stage_dir(stage)
-        kind = stage_kind(config)
         _check_owner(run, stage, kind, config, inputs)
         prev = run.manifest(stage)
 

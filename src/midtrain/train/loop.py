@@ -50,6 +50,7 @@ import numpy as np
 from ..runs import StageError
 from .batches import BatchPlan, StepBatches, eval_batches
 from .checkpoint import MetricsLog, complete_checkpoints, load_checkpoint, remove_partial_checkpoints, save_checkpoint
+from .checkpoint import intact_checkpoints
 from .settings import TrainSettings
 
 
@@ -279,7 +280,7 @@ def train(task: TrainTask, settings: TrainSettings, st, *, accelerator=None,
         for name in remove_partial_checkpoints(ckpt_root):
             log.info("removed %s, the temporary of a checkpoint save that did not finish", name)
     acc.wait_for_everyone()
-    found = complete_checkpoints(ckpt_root)
+    found = intact_checkpoints(ckpt_root, log)
     start, state = 0, {}
     if found:
         step0, path = found[-1]
