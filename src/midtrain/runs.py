@@ -704,6 +704,24 @@ def _start_partial(work: Path, final: Path) -> None:
         shutil.copyfile(final / LOG, work / LOG)
 
 
+def listed_files(stage_dir: Path | str, pattern: str) -> list[Path]:
+    """The files matching ``pattern`` (a glob relative to ``stage_dir``) that the stage's manifest
+    lists as written by it, sorted. A matching file the stage did not write (a shard copied in by
+    hand) is left out with a warning naming it, never read. Without a manifest (a folder written
+    outside midtrain) or with one from before ``output_files``, every matching file counts."""
+    stage_dir = Path(stage_dir)
+    found = sorted(stage_dir.glob(pattern))
+    man = _read_json(stage_dir / MANIFEST)
+    if man is None or OUTPUT_FILES not in man:
+        return found
+    known = set(man[OUTPUT_FILES])
+    foreign = [p for p in found if p.relative_to(stage_dir).as_posix() not in known]
+    if foreign:
+        shown = ", ".join(str(p) for p in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        logging.getLogger("midtrain").warning("ignoring %s: not written by the stage (not in %s)", shown, stage_dir / MANIFEST)
+    return [p for p in found if p not in foreign]
+
+
 def foreign_files(stage_dir: Path) -> list[str]:
     """Files in a stage folder that midtrain did not write (not in its manifest's output files).
 

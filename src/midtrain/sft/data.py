@@ -107,10 +107,11 @@ def materialize_datasets(datasets, seed: int, out_dir: Path, st) -> list[Path]:
 
 
 def catalog_source_files(catalog: Path, sources: list[str]) -> list[Path]:
-    have = sorted({p.parent.name for p in catalog_files(catalog)})
+    parts = catalog_files(catalog)
+    have = sorted({p.parent.name for p in parts})
     files = []
     for s in sources:
-        found = sorted((catalog / s).glob("part-*.parquet"))
+        found = [p for p in parts if p.parent.name == s]
         if not found:
             raise StageError(f"sources: {s!r} is not a source of the catalog {catalog}; its sources: {', '.join(have)}")
         files += found
