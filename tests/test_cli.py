@@ -44,6 +44,20 @@ def test_stage_from_yaml_with_overrides(tmp_path, capsys):
     assert m["config"]["rows_per_part"] == 2 and m["sources"]["pool"]["parts"] == 3
 
 
+def test_overrides_are_accepted_anywhere_on_the_command_line(tmp_path, capsys):
+    src = write_llava(tmp_path)
+    cfg = tmp_path / "catalog.yaml"
+    cfg.write_text(yaml.safe_dump({"datasets": [{"name": "pool", "kind": "vlm", "format": "llava_jsonl", "path": str(src)}]}))
+    run = tmp_path / "run"
+    assert main(["catalog", "row_group_size=3", "--config", str(cfg), "rows_per_part=2", "--force", "seed=4",
+                 "--run-dir", str(run), "rows_per_part=1"]) == 0  # fmt: skip
+    m = json.loads((run / "catalog/manifest.json").read_text())
+    assert (m["config"]["rows_per_part"], m["config"]["row_group_size"], m["config"]["seed"]) == (1, 3, 4)
+    with pytest.raises(SystemExit):
+        main(["catalog", "a=1", "--force", "not-an-override"])
+    assert "unrecognized arguments: not-an-override" in capsys.readouterr().err
+
+
 def test_pipeline_runs_stages_into_one_run_dir(tmp_path):
     src = write_llava(tmp_path)
     (tmp_path / "cat.yaml").write_text(yaml.safe_dump({"rows_per_part": 4}))

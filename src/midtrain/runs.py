@@ -82,7 +82,8 @@ class SampleError(Exception):
     """One input sample is unusable. ``where`` names the file and line/row/episode.
 
     Stages catch it and either re-raise (``on_error: raise``) or record a skip
-    (``on_error: skip``); either way the user sees ``reason`` and ``where``.
+    (``on_error: skip``); either way the user sees ``reason`` and ``where``. ``samples`` is how
+    many samples the skip counts (one, or e.g. the frames of an unreadable episode).
     """
 
     def __init__(self, reason: str, where: str, detail: str = "", sample_id: str | None = None):
@@ -90,6 +91,7 @@ class SampleError(Exception):
         self.where = where
         self.detail = detail
         self.sample_id = sample_id
+        self.samples = 1  # how many samples the error stands for (a skipped episode: its frames)
         msg = f"{where}: {reason}"
         if detail:
             msg += f" ({detail})"
@@ -380,13 +382,14 @@ class StageRun:
         """Apply ``on_error``: re-raise, or record the skip in errors.jsonl and the counts."""
         if self.config.on_error == "raise":
             raise error
-        self.skipped[error.reason] += 1
+        self.skipped[error.reason] += error.samples
         record = {
             "id": error.sample_id,
             "reason": error.reason,
             "where": error.where,
             "detail": error.detail,
             "shard": self.current_shard,
+            **({"samples": error.samples} if error.samples != 1 else {}),
         }
         with open(self.dir / ERRORS, "a") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -896,5 +899,5 @@ def _keep_errors_of_done_shards(st: StageRun, done: set[str]) -> None:
             rec = json.loads(line)
             if rec.get("shard") in done:
                 kept.append(line)
-                st.skipped[rec["reason"]] += 1
+                st.skipped[rec["reason"]] += int(rec.get("samples", 1))
     write_text_atomic(path, "".join(k + "\n" for k in kept))

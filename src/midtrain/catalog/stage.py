@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..data.catalog import CATALOG_SCHEMA, rows_to_table
+from ..data.catalog import CATALOG_SCHEMA, empty_answer, rows_to_table
 from ..data.content import RowHasher, changed_references
 from ..data.sources import DatasetSource, SampleReader
 from ..runs import (
@@ -105,13 +105,19 @@ def _write_part(
             buffer.clear()
 
         for position, item in items:
-            info["read"] += 1
+            samples = item.samples if isinstance(item, SampleError) else 1
+            info["read"] += samples
             info["next_position"] = position + 1
-            bar.update(1)
+            bar.update(samples)
             if isinstance(item, SampleError):
                 if item.sample_id is not None:
                     item.sample_id = f"{src.name}/{item.sample_id}"
                 st.handle(item)
+                info["skipped"] += samples
+                continue
+            if empty_answer(item.get("messages")):
+                st.handle(SampleError("empty answer", item.get("origin") or str(item["id"]), "every assistant turn is empty",
+                                      f"{src.name}/{item['id']}"))  # fmt: skip
                 info["skipped"] += 1
                 continue
             item["id"] = f"{src.name}/{item['id']}"

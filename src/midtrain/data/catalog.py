@@ -66,6 +66,14 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.table(cols, schema=CATALOG_SCHEMA)
 
 
+def empty_answer(messages: list[dict] | None) -> bool:
+    """A conversation whose assistant turns are all empty (or whitespace): nothing to learn from,
+    though each turn would still carry its end-of-turn token. A per-sample error where rows enter
+    the catalog and sft."""
+    answers = [m.get("content") or "" for m in messages or () if m.get("role") == "assistant"]
+    return bool(answers) and not any(a.strip() for a in answers)
+
+
 def catalog_files(catalog_dir: Path | str) -> list[Path]:
     """The catalog part files its manifest lists, in a stable order (source, then part number)."""
     catalog_dir = Path(catalog_dir)
