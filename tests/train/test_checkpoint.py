@@ -92,3 +92,21 @@ def test_every_checkpoint_damaged_starts_over_with_a_warning_per_checkpoint(tmp_
     assert result.resumed_from is None and losses(resumed) == losses(ref)
     assert sum("damaged checkpoint" in r.getMessage() for r in caplog.records) == 2
 
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_earlier_checkpoints_resume(tmp_path, monkeypatch):
+    _, ref = run_toy(tmp_path, "ref", steps=12, save_every=4)
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "step-000008" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: file write failed")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(StageError, match=r"step-000008.tmp/trainer_state/rng-00000.pt: cannot write the checkpoint "
+                                         r"\(PytorchStreamWriter failed writing file data/0: file write failed\); is the disk full"):
+        run_toy(tmp_path, "cut", steps=12, save_every=4)
+    monkeypatch.undo()
+    result, resumed = run_toy(tmp_path, "cut", steps=12, save_every=4)
+    assert result.resumed_from == 4 and losses(resumed) == losses(ref)

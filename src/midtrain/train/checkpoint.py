@@ -138,6 +138,21 @@ def remove_partial_checkpoints(root: Path) -> list[str]:
     return gone
 
 
+def _save(obj: Any, path: Path) -> None:
+    """``torch.save``; a write that fails (a full disk: torch reports it as a RuntimeError) is a
+    one-line error naming the file."""
+    import torch
+
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        if "write" not in str(exc):
+            raise
+        why = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", str(exc).strip().splitlines()[-1])
+        raise StageError(f"{path}: cannot write the checkpoint ({why}); is the disk full? "
+                         "free space and rerun - the earlier checkpoints are intact and the run resumes from them") from None  # fmt: skip
+
+
 def _fsync_tree(path: Path) -> None:
     for sub in sorted(path.rglob("*")):
         if sub.is_file():
@@ -197,8 +212,6 @@ def save_checkpoint(accelerator, root: Path, step: int, task, model, optimizer, 
     directory from its unwrapped model on the main process. ``keep`` > 0 deletes older complete
     checkpoints beyond the newest ``keep``.
     """
-    import torch
-
     final = root / step_dir_name(step)
     tmp = root / f".{step_dir_name(step)}.tmp"
     main = accelerator.is_main_process
@@ -208,13 +221,13 @@ def save_checkpoint(accelerator, root: Path, step: int, task, model, optimizer, 
         (tmp / STATE_DIR).mkdir(parents=True)
     accelerator.wait_for_everyone()
     weights, optim = _full_state(model, optimizer)
-    torch.save(rng_state(), tmp / STATE_DIR / f"rng-{accelerator.process_index:05d}.pt")
+    _save(rng_state(), tmp / STATE_DIR / f"rng-{accelerator.process_index:05d}.pt")
     if main:
         task.save_pretrained(tmp)
         keep_names = _resume_names(accelerator.unwrap_model(model))
-        torch.save({k: v for k, v in weights.items() if k in keep_names}, tmp / STATE_DIR / "weights.pt")
-        torch.save(optim, tmp / STATE_DIR / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / STATE_DIR / "scheduler.pt")
+        _save({k: v for k, v in weights.items() if k in keep_names}, tmp / STATE_DIR / "weights.pt")
+        _save(optim, tmp / STATE_DIR / "optimizer.pt")
+        _save(scheduler.state_dict(), tmp / STATE_DIR / "scheduler.pt")
     accelerator.wait_for_everyone()
     if main:
         write_json_atomic(tmp / STATE_DIR / "state.json", {**state, "step": step})
