@@ -374,6 +374,13 @@ def test_a_name_that_is_another_stages_folder_is_refused_and_nothing_is_replaced
         _open_stage(run, "toy", SFTConfig(model="m"))
     assert (run / "sft_vla/out.txt").read_text() == "SFTConfig" and manifest(run)["status"] == "complete"
     _open_stage(run, "sft_vla", SFTConfig(model="m", seed=1))  # the same kind replaces its own folder
+    # a folder from before kinds were recorded: known by its config keys (an option added since is fine)
+    legacy = json.loads((run / "sft_vla/manifest.json").read_text())
+    del legacy["kind"], legacy["config"]["lora"]
+    (run / "sft_vla/manifest.json").write_text(json.dumps(legacy))
+    with pytest.raises(StageError, match=r"run/sft_vla: written by another kind of stage; a 'vla' stage"):
+        _open_stage(run, "sft_vla", VLAConfig(model="m"))
+    _open_stage(run, "sft_vla", SFTConfig(model="m", seed=2))
 
 
 def test_a_stage_whose_input_lies_in_its_own_folder_is_refused(tmp_path):

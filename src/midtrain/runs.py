@@ -518,11 +518,18 @@ def stage_kind(config: StageConfig) -> str:
 
 
 def _folder_kind(manifest: dict, config: StageConfig) -> str | None:
-    """The kind that wrote a folder; a manifest from before kinds were recorded counts as this
-    config's kind when it has the same config keys (``None``: unknown)."""
+    """The kind that wrote a folder. A manifest from before kinds were recorded: the registered
+    stage whose folder it is, else this config's kind when most of its config keys are this
+    config's (a version may add an option; another kind shares few), else ``None`` (unknown)."""
+    from .stages import STAGES
+
     if manifest.get(KIND):
         return manifest[KIND]
-    if set(manifest.get("config") or {}) == set(config.to_dict()):
+    registered = {spec.dir_name: spec.name for spec in STAGES.values()}
+    if manifest.get("stage") in registered:
+        return registered[manifest["stage"]]
+    theirs, mine = set(manifest.get("config") or {}), set(config.to_dict())
+    if theirs and len(theirs & mine) >= 0.5 * len(theirs | mine):
         return stage_kind(config)
     return None
 
@@ -541,7 +548,8 @@ def _check_owner(run: RunDir, stage: str, kind: str, config: StageConfig, inputs
     if man is not None:
         owner = _folder_kind(man, config)
         if owner != kind:
-            raise StageError(f"{final}: written by a '{owner or 'unknown'}' stage; a '{kind}' stage may not replace it "
+            writer = f"a '{owner}' stage" if owner else "another kind of stage"
+            raise StageError(f"{final}: written by {writer}; a '{kind}' stage may not replace it "
                              "- choose another name= (or move the folder away)")  # fmt: skip
     paths = inputs.values() if isinstance(inputs, dict) else inputs
     for p in paths:
