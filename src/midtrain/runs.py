@@ -484,6 +484,14 @@ def _fingerprint(stage: str, config: StageConfig, inputs: dict[str, str]) -> str
     return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
 
 
+class _LogFileHandler(logging.FileHandler):
+    """The stage's ``log.txt``; a line it cannot write (a full disk) is dropped, not printed as a
+    traceback - the error that stops the stage says what happened in one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def _stage_logger(stage: str, log_file: Path) -> logging.Logger:
     logger = logging.getLogger(f"midtrain.{stage}")
     logger.setLevel(logging.INFO)
@@ -491,7 +499,7 @@ def _stage_logger(stage: str, log_file: Path) -> logging.Logger:
         if getattr(h, "_midtrain_file", False):
             logger.removeHandler(h)
             h.close()
-    fh = logging.FileHandler(log_file)
+    fh = _LogFileHandler(log_file)
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     fh._midtrain_file = True  # type: ignore[attr-defined]
     logger.addHandler(fh)
