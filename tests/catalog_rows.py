@@ -73,7 +73,7 @@ def write_catalog(run_dir: Path, rows_by_source: dict[str, list[dict]], row_grou
         sources: str = ""
 
     cfg = _CatalogFixtureConfig(sources=",".join(sorted(rows_by_source)))
-    with stage_run(run_dir, "catalog", cfg, force=True) as st:
+    with stage_run(run_dir, "catalog", cfg, force=True, kind="catalog") as st:
         for source, rows in rows_by_source.items():
             kwargs = {"row_group_size": row_group_size} if row_group_size else {}
             write_parquet_atomic(st.dir / source / "part-00000.parquet", rows_to_table(rows), **kwargs)

@@ -48,7 +48,7 @@ def vla_row(i: int) -> dict:
 
 
 def write_catalog(run: RunDir, rows_by_source: dict[str, list[dict]]) -> None:
-    with stage_run(run, "catalog", FakeCatalogConfig()) as st:
+    with stage_run(run, "catalog", FakeCatalogConfig(), kind="catalog") as st:
         for source, rows in rows_by_source.items():
             write_parquet_atomic(st.dir / source / "part-00000.parquet", rows_to_table(rows))
 
@@ -77,7 +77,7 @@ def write_features(run: RunDir, blocks: list[tuple[str, str, np.ndarray]], shard
         feats.append(x)
     X = np.concatenate(feats)
     perm = np.random.default_rng(1).permutation(len(X))
-    with stage_run(run, "featurize", config or FakeFeaturizeConfig(dim=X.shape[1])) as st:
+    with stage_run(run, "featurize", config or FakeFeaturizeConfig(dim=X.shape[1]), kind="featurize") as st:
         for s, start in enumerate(range(0, len(X), shard_rows)):
             rows = perm[start : start + shard_rows]
             table = pa.table({"id": [ids[r] for r in rows], "source": [sources[r] for r in rows], "kind": [kinds[r] for r in rows]})

@@ -44,6 +44,45 @@ def test_stage_from_yaml_with_overrides(tmp_path, capsys):
     assert m["config"]["rows_per_part"] == 2 and m["sources"]["pool"]["parts"] == 3
 
 
+def test_overrides_are_accepted_anywhere_on_the_command_line(tmp_path, capsys):
+    src = write_llava(tmp_path)
+    cfg = tmp_path / "catalog.yaml"
+    cfg.write_text(yaml.safe_dump({"datasets": [{"name": "pool", "kind": "vlm", "format": "llava_jsonl", "path": str(src)}]}))
+    run = tmp_path / "run"
+    assert main(["catalog", "row_group_size=3", "--config", str(cfg), "rows_per_part=2", "--force", "seed=4",
+                 "--run-dir", str(run), "rows_per_part=1"]) == 0  # fmt: skip
+    m = json.loads((run / "catalog/manifest.json").read_text())
+    assert (m["config"]["rows_per_part"], m["config"]["row_group_size"], m["config"]["seed"]) == (1, 3, 4)
+    with pytest.raises(SystemExit):
+        main(["catalog", "a=1", "--force", "not-an-override"])
+    assert "unrecognized arguments: not-an-override" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_exit_2(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import midtrain.runs as runs
+
+    src = write_llava(tmp_path)
+    args = ["catalog", "--run-dir", str(tmp_path / "run"), f"datasets=[{{name: pool, kind: vlm, format: llava_jsonl, path: {src}}}]"]
+    assert main(args) == 0
+    capsys.readouterr()
+    real_open = open
+
+    def full(path, mode="r", *a, **kw):  # every write into the run directory, log lines included, hits a full disk
+        if str(path).startswith(str(tmp_path / "run")) and any(c in mode for c in "wa+"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", full)
+    monkeypatch.setattr(runs, "_new_temp_file", lambda path: full(path, "w"))
+    assert main([*args, "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"midtrain: error: {tmp_path / 'run'}") and "no space left on the device" in err
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "run/catalog/manifest.json").read_text())["status"] == "complete"
+
+
 def test_pipeline_runs_stages_into_one_run_dir(tmp_path):
     src = write_llava(tmp_path)
     (tmp_path / "cat.yaml").write_text(yaml.safe_dump({"rows_per_part": 4}))

@@ -337,3 +337,172 @@ def test_a_changed_input_recomputes_exactly_the_shards_it_touches(tmp_path, src)
     assert json.loads((run / "toy/shards/shard-0.done").read_text())["reused"] is True
     summing_stage(run, force=True, log=log)  # --force recomputes everything
     assert log[4:] == ["shard-0", "shard-1", "shard-2"]
+
+
+# --------------------------------------------------------------------------- a stage owns its folder
+
+
+def _open_stage(run: Path, name: str, config, inputs=(), force: bool = False) -> Path:
+    """Run a stage that writes one file under ``name`` with ``config`` (its kind comes from the config class)."""
+    with stage_run(run, name, config, inputs=inputs, force=force) as st:
+        if not st.skipped_as_complete:
+            write_text_atomic(st.dir / "out.txt", type(config).__name__)
+    return st.final_dir
+
+
+def test_a_name_that_is_another_stages_folder_is_refused_and_nothing_is_replaced(tmp_path, src):
+    from midtrain.catalog.config import CatalogConfig
+    from midtrain.data.sources import DatasetSource
+    from midtrain.sft.config import SFTConfig
+    from midtrain.vla.config import VLAConfig
+
+    run = tmp_path / "run"
+    toy_stage(run, ToyConfig(), src)
+    catalog = _open_stage(run, "catalog", CatalogConfig(datasets=[DatasetSource(name="s", kind="vlm", format="llava_json", path=src)]))
+    assert json.loads((catalog / "manifest.json").read_text())["kind"] == "catalog"
+    with pytest.raises(StageError, match=r"run/catalog: name=catalog is the folder of the 'catalog' stage; a 'sft' stage"):
+        _open_stage(run, "catalog", SFTConfig(model="m"))
+    with pytest.raises(StageError, match=r"name=featurize is the folder of the 'featurize' stage; a 'vla' stage"):
+        _open_stage(run, "featurize", VLAConfig(model="m"))
+    assert (catalog / "out.txt").read_text() == "CatalogConfig"
+    # a folder another kind wrote under a free name: refused too, with --force as well
+    _open_stage(run, "sft_vla", SFTConfig(model="m"))
+    for force in (False, True):
+        with pytest.raises(StageError, match=r"run/sft_vla: written by a 'sft' stage; a 'vla' stage may not replace it"):
+            _open_stage(run, "sft_vla", VLAConfig(model="m"), force=force)
+    with pytest.raises(StageError, match=r"run/toy: written by a 'test_runs.ToyConfig' stage; a 'sft' stage"):
+        _open_stage(run, "toy", SFTConfig(model="m"))
+    assert (run / "sft_vla/out.txt").read_text() == "SFTConfig" and manifest(run)["status"] == "complete"
+    _open_stage(run, "sft_vla", SFTConfig(model="m", seed=1))  # the same kind replaces its own folder
+    # a folder from before kinds were recorded: known by its config keys (an option added since is fine)
+    legacy = json.loads((run / "sft_vla/manifest.json").read_text())
+    del legacy["kind"], legacy["config"]["lora"]
+    (run / "sft_vla/manifest.json").write_text(json.dumps(legacy))
+    with pytest.raises(StageError, match=r"run/sft_vla: written by another kind of stage; a 'vla' stage"):
+        _open_stage(run, "sft_vla", VLAConfig(model="m"))
+    _open_stage(run, "sft_vla", SFTConfig(model="m", seed=2))
+
+
+def test_a_stage_whose_input_lies_in_its_own_folder_is_refused(tmp_path):
+    from midtrain.vla.config import VLAConfig
+
+    run = tmp_path / "run"
+    _open_stage(run, "vla_a", VLAConfig(model="m"))
+    with pytest.raises(StageError, match=r"run/vla_a: holds this stage's input .*vla_a/out.txt, which the run would replace"):
+        _open_stage(run, "vla_a", VLAConfig(model="m", seed=3), inputs=[run / "vla_a/out.txt"])
+    assert (run / "vla_a/out.txt").exists()
+
+
+def test_a_symlinked_stage_folder_is_refused_by_name_and_nothing_sticks(tmp_path, src):
+    import os
+
+    run = tmp_path / "run"
+    toy_stage(run, ToyConfig(), src)
+    elsewhere = tmp_path / "elsewhere"
+    (run / "toy").rename(elsewhere)
+    os.symlink(elsewhere, run / "toy")
+    toy_stage(run, ToyConfig(), src)  # complete: nothing to replace, it reads through the link
+    with pytest.raises(StageError, match=r"run/toy: the stage folder is a symbolic link \(to .*elsewhere\); .*link the whole run"):
+        toy_stage(run, ToyConfig(shards=2), src)
+    assert json.loads((elsewhere / "manifest.json").read_text())["config"]["shards"] == 3
+    # a link left aside by an older swap is removed itself (never what it points to), so the next run is not stuck
+    (run / "toy").rename(run / ".partial/toy.old")
+    toy_stage(run, ToyConfig(), src)  # the old output (the link) is restored
+    (run / "toy").unlink()
+    (run / "toy").mkdir()
+    os.symlink(elsewhere, run / ".partial/toy.old")
+    toy_stage(run, ToyConfig(shards=2), src)
+    assert manifest(run)["config"]["shards"] == 2 and not os.path.lexists(run / ".partial/toy.old")
+    assert (elsewhere / "manifest.json").exists()
+
+
+def _raise(err):
+    def fail(*args, **kwargs):
+        raise err
+
+    return fail
+
+
+@pytest.mark.parametrize("err, message", [
+    (OSError(28, "No space left on device"), "no space left on the device; free space"),
+    (OSError(30, "Read-only file system"), "read-only file system; make it writable"),
+    (PermissionError(13, "Permission denied"), "permission denied; make it writable"),
+])  # fmt: skip
+def test_a_full_disk_or_read_only_folder_is_one_line_and_keeps_the_previous_output(tmp_path, src, monkeypatch, err, message):
+    import os
+
+    import midtrain.runs as runs
+
+    run = tmp_path / "run"
+    toy_stage(run, ToyConfig(), src)
+    before = (run / "toy/manifest.json").read_bytes()
+    # a write inside the stage fails (no file name on the error: the stage's partial folder is named)
+    monkeypatch.setattr(runs, "_new_temp_file", _raise(err))
+    with pytest.raises(StageError, match=rf"^{run}/.partial/toy: {message}.*previous output is unchanged$"):
+        toy_stage(run, ToyConfig(shards=2), src)
+    monkeypatch.undo()
+    # the swap's rename of a read-only stage folder fails (the error names it)
+    real_replace = os.replace
+
+    def replace(a, b):
+        if Path(a) == run / "toy":
+            raise type(err)(err.errno, err.strerror, str(a))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(runs.os, "replace", replace)
+    with pytest.raises(StageError, match=rf"^{run}/toy: {message}"):
+        toy_stage(run, ToyConfig(shards=2), src)
+    monkeypatch.undo()
+    assert (run / "toy/manifest.json").read_bytes() == before
+    toy_stage(run, ToyConfig(shards=2), src)  # nothing stuck: the computed output is put in place
+    assert manifest(run)["config"]["shards"] == 2
+
+
+def test_a_read_only_run_directory_is_one_line(tmp_path, src, monkeypatch):
+    import os
+
+    import midtrain.runs as runs
+
+    run = tmp_path / "run"
+    RunDir(run)
+    real_open = os.open
+
+    def deny(path, *args, **kwargs):
+        if str(path).startswith(str(run)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(runs.os, "open", deny)
+    with pytest.raises(StageError, match=rf"^{run}/.locks/toy.lock: permission denied; make it writable"):
+        toy_stage(run, ToyConfig(), src)
+
+
+def test_temporaries_of_a_killed_attempt_are_cleaned_at_the_next_start(tmp_path, src):
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        toy_stage(run, ToyConfig(), src, crash_at=2)
+    left = [run / ".partial/toy/shards/.shard-0.done.4242.0a1b2c3d.tmp", run / ".partial/toy/.composition.png.4242.deadbeef.tmp"]
+    for path in left:
+        path.write_text("cut by kill -9")
+    toy_stage(run, ToyConfig(), src)
+    assert not [p for p in (run / "toy").rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_safetensors_and_other_library_files_follow_the_umask(tmp_path, src, umask, mode):
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from midtrain.runs import save_safetensors_atomic
+
+    old = os.umask(umask)
+    try:
+        save_safetensors_atomic(tmp_path / "w.safetensors", {"x": torch.zeros(2)})
+        with stage_run(tmp_path / "run", "toy", ToyConfig()) as st:
+            save_file({"x": torch.zeros(2)}, str(st.dir / "lib.safetensors"))  # as save_pretrained does (0600)
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "w.safetensors", tmp_path / "run/toy/lib.safetensors", tmp_path / "run/toy/manifest.json"]:
+        assert path.stat().st_mode & 0o777 == mode, path

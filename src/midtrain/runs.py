@@ -33,17 +33,27 @@ mount option. Where the filesystem has no locks, midtrain falls back to an exclu
 file that is taken over only when its holder is a dead process on the same host.
 
 Files are created with the permissions the user's umask gives (as ``open`` would), not the
-0600 of ``mkstemp``, so a shared run directory stays readable by the group.
+0600 of ``mkstemp`` or of safetensors' own save, so a shared run directory stays readable by the
+group: :func:`save_safetensors_atomic` writes weights, and a complete stage's files written by
+other libraries (``save_pretrained``) are set to the umask's mode before the swap.
+
+A stage owns its folder: the manifest records the stage ``kind`` that wrote it (the registered
+stage, e.g. ``sft``, whatever its ``name=``); a ``name=`` that is another registered stage's folder
+or a folder another kind wrote is refused, and so is a symbolic link as a stage folder (the swap
+renames folders; link the run directory instead). Disk full, read-only and permission errors
+are one line naming the path; the previous output stays as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import secrets
 import shutil
 import socket
@@ -72,7 +82,8 @@ class SampleError(Exception):
     """One input sample is unusable. ``where`` names the file and line/row/episode.
 
     Stages catch it and either re-raise (``on_error: raise``) or record a skip
-    (``on_error: skip``); either way the user sees ``reason`` and ``where``.
+    (``on_error: skip``); either way the user sees ``reason`` and ``where``. ``samples`` is how
+    many samples the skip counts (one, or e.g. the frames of an unreadable episode).
     """
 
     def __init__(self, reason: str, where: str, detail: str = "", sample_id: str | None = None):
@@ -80,6 +91,7 @@ class SampleError(Exception):
         self.where = where
         self.detail = detail
         self.sample_id = sample_id
+        self.samples = 1  # how many samples the error stands for (a skipped episode: its frames)
         msg = f"{where}: {reason}"
         if detail:
             msg += f" ({detail})"
@@ -152,6 +164,86 @@ def save_npy_atomic(path: Path | str, array: Any) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, array, allow_pickle=False)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(path: Path | str) -> None:
+    """Give ``path`` the mode ``open`` would have (0666 & ~umask, execute bits kept under the umask)."""
+    mask = current_umask()
+    mode = os.stat(path).st_mode
+    want = (0o666 | (mode & 0o111)) & ~mask
+    if mode & 0o7777 != want:
+        os.chmod(path, want)
+
+
+def follow_umask(root: Path) -> None:
+    """:func:`umask_mode` on every file under ``root`` (what other libraries wrote 0600, e.g. safetensors)."""
+    for path in Path(root).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            umask_mode(path)
+
+
+def save_safetensors_atomic(path: Path | str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically with the umask's mode (safetensors' own save writes 0600)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        umask_mode(tmp)
+
+
+def load_safetensors(path: Path | str) -> dict:
+    """The tensors of a safetensors file; a damaged or truncated file is a one-line error naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise StageError(f"{path}: damaged weights file ({exc}); restore it or rerun the stage that wrote it") from None
+
+
+def damaged_weights_file(directory: Path | str) -> str | None:
+    """``"<file>: <why>"`` for the first safetensors file under a local ``directory`` whose header or
+    length is wrong (truncated, overwritten), else ``None``: names the file a loader's error hides."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    for path in sorted(directory.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            return f"{path}: damaged weights file ({exc})"
+    return None
+
+
+_FS_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+              errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+              errno.EPERM: "operation not permitted"}  # fmt: skip
+
+
+def filesystem_error(exc: BaseException, where: Path | str) -> StageError | None:
+    """A one-line :class:`StageError` for a full disk or a path this user may not write (``None`` for
+    any other error); ``where`` is named when the error carries no file name."""
+    if not isinstance(exc, OSError) or exc.errno not in _FS_ERRORS:
+        return None
+    path = exc.filename or where
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space (or use a run directory on another disk) and rerun; finished shards resume"
+    else:
+        fix = "make it writable for this user (or use another --run-dir) and rerun"
+    return StageError(f"{path}: {_FS_ERRORS[exc.errno]}; {fix}; the previous output is unchanged")
 
 
 # --------------------------------------------------------------------------- hashing
@@ -283,19 +375,21 @@ class StageRun:
     started: float = field(default_factory=time.time)
     skipped_as_complete: bool = False
     current_shard: str | None = None
+    kind: str = ""  # the stage kind writing the folder (see stage_kind)
 
     # -- bad samples -------------------------------------------------------------------------
     def handle(self, error: SampleError) -> None:
         """Apply ``on_error``: re-raise, or record the skip in errors.jsonl and the counts."""
         if self.config.on_error == "raise":
             raise error
-        self.skipped[error.reason] += 1
+        self.skipped[error.reason] += error.samples
         record = {
             "id": error.sample_id,
             "reason": error.reason,
             "where": error.where,
             "detail": error.detail,
             "shard": self.current_shard,
+            **({"samples": error.samples} if error.samples != 1 else {}),
         }
         with open(self.dir / ERRORS, "a") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -363,6 +457,7 @@ class StageRun:
         now = time.time()
         return {
             "stage": self.stage,
+            KIND: self.kind or stage_kind(self.config),
             "status": status,
             "fingerprint": self.fingerprint,
             "config": self.config.to_dict(),
@@ -389,6 +484,14 @@ def _fingerprint(stage: str, config: StageConfig, inputs: dict[str, str]) -> str
     return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
 
 
+class _LogFileHandler(logging.FileHandler):
+    """The stage's ``log.txt``; a line it cannot write (a full disk) is dropped, not printed as a
+    traceback - the error that stops the stage says what happened in one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def _stage_logger(stage: str, log_file: Path) -> logging.Logger:
     logger = logging.getLogger(f"midtrain.{stage}")
     logger.setLevel(logging.INFO)
@@ -396,7 +499,7 @@ def _stage_logger(stage: str, log_file: Path) -> logging.Logger:
         if getattr(h, "_midtrain_file", False):
             logger.removeHandler(h)
             h.close()
-    fh = logging.FileHandler(log_file)
+    fh = _LogFileHandler(log_file)
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     fh._midtrain_file = True  # type: ignore[attr-defined]
     logger.addHandler(fh)
@@ -406,6 +509,62 @@ def _stage_logger(stage: str, log_file: Path) -> logging.Logger:
 PARTIAL = ".partial"  # <run>/.partial/<stage>/: the run in progress (or the last failed one)
 LOCKS = ".locks"  # <run>/.locks/<stage>.lock: who is running the stage
 OUTPUT_FILES = "output_files"  # manifest key: the files the stage wrote (relative paths)
+KIND = "kind"  # manifest key: the stage kind that wrote the folder (see stage_kind)
+_TEMPORARY = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")  # what _new_temp_file names
+
+
+def stage_kind(config: StageConfig) -> str:
+    """What kind of stage writes with ``config``: the registered stage's name (``sft`` whatever its
+    ``name=``), else the config class."""
+    from .stages import STAGES
+
+    cls = type(config)
+    for spec in STAGES.values():
+        if spec.config_class == cls.__name__ and (spec.config_module or spec.module) == cls.__module__:
+            return spec.name
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _folder_kind(manifest: dict, config: StageConfig) -> str | None:
+    """The kind that wrote a folder. A manifest from before kinds were recorded: the registered
+    stage whose folder it is, else this config's kind when most of its config keys are this
+    config's (a version may add an option; another kind shares few), else ``None`` (unknown)."""
+    from .stages import STAGES
+
+    if manifest.get(KIND):
+        return manifest[KIND]
+    registered = {spec.dir_name: spec.name for spec in STAGES.values()}
+    if manifest.get("stage") in registered:
+        return registered[manifest["stage"]]
+    theirs, mine = set(manifest.get("config") or {}), set(config.to_dict())
+    if theirs and len(theirs & mine) >= 0.5 * len(theirs | mine):
+        return stage_kind(config)
+    return None
+
+
+def _check_owner(run: RunDir, stage: str, kind: str, config: StageConfig, inputs) -> None:
+    """Refuse a folder that belongs to another stage kind, or that holds one of the stage's inputs."""
+    from .stages import STAGES
+
+    final = run.stage_dir(stage)
+    registered = {spec.dir_name: spec.name for spec in STAGES.values()}
+    owner = registered.get(stage)
+    if owner is not None and owner != kind:
+        raise StageError(f"{final}: name={stage} is the folder of the '{owner}' stage; a '{kind}' stage may not "
+                         "write there - choose another name=")  # fmt: skip
+    man = _read_json(final / MANIFEST)
+    if man is not None:
+        owner = _folder_kind(man, config)
+        if owner != kind:
+            writer = f"a '{owner}' stage" if owner else "another kind of stage"
+            raise StageError(f"{final}: written by {writer}; a '{kind}' stage may not replace it "
+                             "- choose another name= (or move the folder away)")  # fmt: skip
+    paths = inputs.values() if isinstance(inputs, dict) else inputs
+    for p in paths:
+        resolved = Path(p).resolve()
+        if resolved == final.resolve() or final.resolve() in resolved.parents:
+            raise StageError(f"{final}: holds this stage's input {p}, which the run would replace - choose another "
+                             "name= or copy the input out of the folder")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -415,6 +574,7 @@ def stage_run(
     config: StageConfig,
     inputs: list[Path | str] | dict[str, Path | str] = (),
     force: bool = False,
+    kind: str | None = None,
 ) -> Iterator[StageRun]:
     """Open a stage in ``run_dir``: skip if complete with the same fingerprint, else run it.
 
@@ -434,8 +594,22 @@ def stage_run(
     output is untouched and the exception propagates. Shard markers from an interrupted run
     with the same fingerprint are kept so work resumes; a changed fingerprint or ``force``
     starts the partial folder over. See the module docstring for the lock and the swap.
+    ``kind``: the stage kind that owns the folder (default: :func:`stage_kind` of the config; a
+    test writing a stage's artefacts with a stand-in config names the kind it stands in for).
     """
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    try:
+        with _stage_run(run, stage, config, inputs, force, kind or stage_kind(config)) as st:
+            yield st
+    except OSError as exc:
+        error = filesystem_error(exc, run.root / PARTIAL / stage)
+        if error is None:
+            raise
+        raise error from None
+
+
+@contextlib.contextmanager
+def _stage_run(run: RunDir, stage: str, config: StageConfig, inputs, force: bool, kind: str) -> Iterator[StageRun]:
     with stage_lock(run, stage):
         _recover_interrupted_swap(run, stage)
         items = inputs.items() if isinstance(inputs, dict) else ((str(p), p) for p in inputs)
@@ -443,25 +617,33 @@ def stage_run(
         run.hashes.save()
         fp = _fingerprint(stage, config, hashes)
         final = run.stage_dir(stage)
+        _check_owner(run, stage, kind, config, inputs)
         prev = run.manifest(stage)
 
         if prev and prev.get("status") == "complete" and prev.get("fingerprint") == fp and not force:
             log = _stage_logger(stage, final / LOG)
-            st = StageRun(run, stage, config, hashes, fp, final, log, final_dir=final)
+            st = StageRun(run, stage, config, hashes, fp, final, log, final_dir=final, kind=kind)
             log.info("stage '%s' is complete with the same config and inputs; nothing to do (use --force to recompute)", stage)
             st.skipped_as_complete = True
             st.extra = {k: v for k, v in prev.items() if k not in st.manifest("complete")}
             yield st
             return
 
+        if final.is_symlink():
+            raise StageError(
+                f"{final}: the stage folder is a symbolic link (to {os.readlink(final)}); a run replaces its folder by "
+                "renaming, so link the whole run directory instead (--run-dir), or replace the link by the folder"
+            )
         work = run.root / PARTIAL / stage
         attempt = _read_json(work / MANIFEST)
         same = bool(attempt) and attempt.get("fingerprint") == fp and not force
         if not same:
             _start_partial(work, final)
+        else:
+            _remove_stale_temporaries(work)
         log = _stage_logger(stage, work / LOG)
         reusable = final if prev and prev.get("status") == "complete" and not force else None
-        st = StageRun(run, stage, config, hashes, fp, work, log, final_dir=final, previous_dir=reusable)
+        st = StageRun(run, stage, config, hashes, fp, work, log, final_dir=final, previous_dir=reusable, kind=kind)
         if same and attempt.get("status") == "complete":
             # computed earlier, not yet in place (the swap refused: files midtrain did not write)
             log.info("stage '%s': the output computed earlier is complete; putting it in place", stage)
@@ -481,11 +663,13 @@ def stage_run(
             yield st
         except BaseException as exc:
             st.extra["error"] = f"{type(exc).__name__}: {exc}"
-            st.write_manifest("failed")
+            with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the stage
+                st.write_manifest("failed")
             kept = "the previous output is unchanged; " if final.exists() else ""
             log.error("stage '%s' failed: %s (%sthis attempt's log and finished shards are in %s)", stage, exc, kept, work)
             raise
         st.extra[OUTPUT_FILES] = _files_under(work)
+        follow_umask(work)
         st.write_manifest("complete")
         _swap_into_place(run, stage, work, final, force, log)
         st.dir = final
@@ -512,6 +696,23 @@ def _files_under(root: Path) -> list[str]:
     return out
 
 
+def _remove_stale_temporaries(work: Path) -> None:
+    """Delete the temporaries a killed attempt left (under the stage lock no other process writes
+    here), so they never reach the stage folder."""
+    for path in list(work.rglob(".*.tmp")):
+        if path.is_file() and _TEMPORARY.fullmatch(path.name):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def _remove_tree(path: Path) -> None:
+    """``rmtree`` that removes a symbolic link itself (never what it points to)."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
 def _start_partial(work: Path, final: Path) -> None:
     """An empty partial folder (a previous attempt's is midtrain's own and goes), whose log
     continues the stage's log history."""
@@ -520,6 +721,24 @@ def _start_partial(work: Path, final: Path) -> None:
     work.mkdir(parents=True)
     if (final / LOG).is_file():
         shutil.copyfile(final / LOG, work / LOG)
+
+
+def listed_files(stage_dir: Path | str, pattern: str) -> list[Path]:
+    """The files matching ``pattern`` (a glob relative to ``stage_dir``) that the stage's manifest
+    lists as written by it, sorted. A matching file the stage did not write (a shard copied in by
+    hand) is left out with a warning naming it, never read. Without a manifest (a folder written
+    outside midtrain) or with one from before ``output_files``, every matching file counts."""
+    stage_dir = Path(stage_dir)
+    found = sorted(stage_dir.glob(pattern))
+    man = _read_json(stage_dir / MANIFEST)
+    if man is None or OUTPUT_FILES not in man:
+        return found
+    known = set(man[OUTPUT_FILES])
+    foreign = [p for p in found if p.relative_to(stage_dir).as_posix() not in known]
+    if foreign:
+        shown = ", ".join(str(p) for p in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        logging.getLogger("midtrain").warning("ignoring %s: not written by the stage (not in %s)", shown, stage_dir / MANIFEST)
+    return [p for p in found if p not in foreign]
 
 
 def foreign_files(stage_dir: Path) -> list[str]:
@@ -554,11 +773,11 @@ def _swap_into_place(run: RunDir, stage: str, work: Path, final: Path, force: bo
         if foreign:
             log.warning("--force: deleting files midtrain did not write in %s: %s", final, ", ".join(foreign))
         old = run.root / PARTIAL / f"{stage}.old"
-        if old.exists():
-            shutil.rmtree(old)
+        if old.exists() or old.is_symlink():
+            _remove_tree(old)
         os.replace(final, old)
         os.replace(work, final)
-        shutil.rmtree(old)
+        _remove_tree(old)
     else:
         os.replace(work, final)
 
@@ -566,16 +785,16 @@ def _swap_into_place(run: RunDir, stage: str, work: Path, final: Path, force: bo
 def _recover_interrupted_swap(run: RunDir, stage: str) -> None:
     """Finish or undo a swap that a crash interrupted between its two renames."""
     old = run.root / PARTIAL / f"{stage}.old"
-    if not old.exists():
+    if not old.exists() and not old.is_symlink():
         return
     final, work = run.stage_dir(stage), run.root / PARTIAL / stage
     if final.exists():
-        shutil.rmtree(old)
+        _remove_tree(old)
         return
     attempt = _read_json(work / MANIFEST)
     if attempt and attempt.get("status") == "complete":
         os.replace(work, final)
-        shutil.rmtree(old)
+        _remove_tree(old)
     else:
         os.replace(old, final)
 
@@ -696,5 +915,5 @@ def _keep_errors_of_done_shards(st: StageRun, done: set[str]) -> None:
             rec = json.loads(line)
             if rec.get("shard") in done:
                 kept.append(line)
-                st.skipped[rec["reason"]] += 1
+                st.skipped[rec["reason"]] += int(rec.get("samples", 1))
     write_text_atomic(path, "".join(k + "\n" for k in kept))

@@ -138,10 +138,12 @@ def test_lerobot_missing_video_skips_the_episodes(tmp_path, lerobot_v3):
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert [e["where"] for e in errors] == [f"{src['path']} episode {e}" for e in range(3)]
     assert {e["reason"] for e in errors} == {"missing video file"}
-    assert "9 frame(s) of this episode skipped" in errors[0]["detail"]
+    assert "9 frame(s) of this episode skipped" in errors[0]["detail"] and [e.get("samples") for e in errors] == [9, 5, 7]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["sources"]["robot"]["written"] == 0 and manifest["sources"]["robot"]["skipped"] == 3
-    assert manifest["counts"]["skipped"] == {"missing video file": 3}
+    # an episode skipped for its video counts its frames as read and skipped, not one sample
+    robot = manifest["sources"]["robot"]
+    assert (robot["read"], robot["written"], robot["skipped"]) == (21, 0, 21)
+    assert manifest["counts"]["skipped"] == {"missing video file": 21}
 
 
 def test_undecodable_image_file_in_parquet_paths_is_caught(tmp_path):
@@ -154,3 +156,45 @@ def test_undecodable_image_file_in_parquet_paths_is_caught(tmp_path):
     src = {"name": "caps", "kind": "vlm", "format": "parquet", "path": str(tmp_path / "c.parquet")}
     with pytest.raises(SampleError, match=r"c.parquet:row 1: undecodable image"):
         run_catalog(tmp_path, [src])
+
+
+@pytest.mark.parametrize("key, template", [
+    ("video_path", "../outside/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"),
+    ("data_path", "/tmp/elsewhere/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"),
+])  # fmt: skip
+def test_lerobot_metadata_paths_outside_the_root_are_sample_errors(tmp_path, lerobot_v3, key, template):
+    root = tmp_path / "robot"
+    shutil.copytree(lerobot_v3[0], root)
+    if key == "video_path":  # the frames really are there: only the template leads out of the root
+        shutil.copytree(root / "videos", tmp_path / "outside")
+    info = json.loads((root / "meta/info.json").read_text())
+    info[key] = template
+    (root / "meta/info.json").write_text(json.dumps(info))
+    src = {"name": "robot", "kind": "vla", "format": "lerobot", "path": str(root)}
+    with pytest.raises(SampleError) as exc:
+        run_catalog(tmp_path, [src])
+    assert exc.value.reason == "path outside root" and exc.value.where == f"{root} episode 0"
+    assert f"is outside the dataset root {root} (a data_path/video_path template of meta/info.json); set allow_outside_root: true" in exc.value.detail
+    good = jsonl_source(tmp_path, lambda lines, images: None)
+    out = run_catalog(tmp_path, [src, good], on_error="skip")
+    assert json.loads((out / "manifest.json").read_text())["counts"]["skipped"] == {"path outside root": 21}
+    if key == "video_path":
+        allowed = run_stage("catalog", tmp_path / "allowed", None, [],
+                            base={"datasets": [{**src, "allow_outside_root": True}]})
+        assert json.loads((allowed / "manifest.json").read_text())["num_rows"] == 21
+
+
+def test_an_empty_answer_is_a_sample_error(tmp_path):
+    def empty_answers(lines, images):
+        rec = json.loads(lines[2])
+        for turn in rec["conversations"]:
+            if turn["from"] == "gpt":
+                turn["value"] = "  "
+        lines[2] = json.dumps(rec)
+
+    src = jsonl_source(tmp_path, empty_answers)
+    with pytest.raises(SampleError, match=r"data.jsonl:3: empty answer \(every assistant turn is empty\)"):
+        run_catalog(tmp_path, [src])
+    out = run_catalog(tmp_path, [src], on_error="skip")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_rows"] == 5 and manifest["counts"]["skipped"] == {"empty answer": 1}

@@ -182,7 +182,7 @@ def test_reads_featurize_output_of_the_run_and_cli_overrides(tmp_path):
     run = RunDir(tmp_path / "run")
     with pytest.raises(StageError, match="stage 'featurize' has not completed.*midtrain featurize"):
         measure_gap(GapConfig(), run)
-    with stage_run(run, "featurize", GapConfig()) as st:  # any config: only a complete manifest is required
+    with stage_run(run, "featurize", GapConfig(), kind="featurize") as st:  # any config: only a complete manifest is required
         write_features(st.dir)
         st.extra["dim"] = DIM
     out = run_stage("gap", run.root, None, ["subsample=40", "permutations=10", "tsne=false", "estimator=biased"])

@@ -42,16 +42,16 @@ def _fake_run(tmp_path):
          "messages": [{"role": "user", "content": "<image>\nWhat is the title?"}, {"role": "assistant", "content": f"Book {i}"}]}
         for i in range(4)
     ]  # fmt: skip
-    with stage_run(run, "catalog", StageConfig()) as st:
+    with stage_run(run, "catalog", StageConfig(), kind="catalog") as st:
         write_parquet_atomic(st.dir / "a" / "part-00000.parquet", rows_to_table(rows))
-    with stage_run(run, "gap", StageConfig()) as st:
+    with stage_run(run, "gap", StageConfig(), kind="gap") as st:
         _png(st.dir / "mmd_heatmap.png", (200, 0, 0))
         _png(st.dir / "tsne.png", (0, 200, 0))
         (st.dir / "summary.json").write_text(json.dumps(_gap_summary()))
-    with stage_run(run, "fit", StageConfig()) as st:
+    with stage_run(run, "fit", StageConfig(), kind="fit") as st:
         st.extra.update({"val_auc": 0.93, "curve": [{"epoch": 0, "train_loss": 0.7, "val_loss": 0.69},
                                                     {"epoch": 1, "train_loss": 0.5, "val_loss": 0.52}]})  # fmt: skip
-    with stage_run(run, "select", StageConfig()) as st:
+    with stage_run(run, "select", StageConfig(), kind="select") as st:
         (st.dir / "report").mkdir()
         _png(st.dir / "report" / "score_distributions.png", (0, 0, 200))
         _png(st.dir / "report" / "pool_vs_selection.png", (200, 200, 0))
@@ -86,7 +86,7 @@ def test_report_is_rerendered_when_an_upstream_stage_changes(tmp_path):
     first = run.manifest("report")["fingerprint"]
     write_report(ReportConfig(), run)
     assert run.manifest("report")["fingerprint"] == first
-    with stage_run(run, "gap", StageConfig(seed=1)) as st:
+    with stage_run(run, "gap", StageConfig(seed=1), kind="gap") as st:
         _png(st.dir / "mmd_heatmap.png", (1, 2, 3))
         (st.dir / "summary.json").write_text("{}")
     write_report(ReportConfig(), run)

@@ -68,6 +68,31 @@ def test_sigkill_and_rerun_continues_the_uninterrupted_loss_curve(catalog_run, t
     assert json.loads((out / "manifest.json").read_text())["train"]["resumed_from"] >= 8
 
 
+@pytest.mark.slow
+def test_sigkill_then_a_damaged_newest_checkpoint_resumes_from_the_one_before_bit_for_bit(catalog_run, tiny_vlm):
+    import json
+
+    from midtrain.train import complete_checkpoints
+
+    model = tiny_vlm("qwen2_vl")
+    args = overrides(model, steps=24)
+    reference = in_process(copy_run(catalog_run, "reference"), args)
+    run = copy_run(catalog_run, "killed")
+    cmd = [sys.executable, "-m", "midtrain.cli", "sft", "--run-dir", str(run.root), *args]
+    stage = kill_at_checkpoint(cmd, run.root, "sft", 8)
+    found = complete_checkpoints(stage / "checkpoints")
+    assert len(found) >= 2, "the kill must leave two checkpoints"
+    (before, _), (newest_step, newest) = found[-2], found[-1]
+    damaged = newest / "trainer_state" / "optimizer.pt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])  # a save cut by a full disk, a bad copy
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = run.root / "sft"
+    assert f"damaged checkpoint {newest}: {damaged}" in (out / "log.txt").read_text()
+    assert json.loads((out / "manifest.json").read_text())["train"]["resumed_from"] == before < newest_step
+    assert curve(out) == curve(reference) and curve(out, "eval_loss") == curve(reference, "eval_loss")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

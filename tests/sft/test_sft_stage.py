@@ -177,7 +177,7 @@ def test_trains_on_the_export_mixture_and_on_llava_json_directly(tmp_path, tiny_
 
     base = tiny_vlm("smolvlm")
     run = RunDir(tmp_path / "run")
-    with stage_run(run, "export", StageConfig()) as st:  # the export stage's artefact
+    with stage_run(run, "export", StageConfig(), kind="export") as st:  # the export stage's artefact
         write_parquet_atomic(st.dir / "mixture.parquet", rows_to_table(vlm_rows(12, "a") + vlm_rows(12, "b", seed=2)))
     out, man = sft(run, base, sources=[], train={"steps": 2})
     assert set(man["composition"]["sources"]) == {"a", "b"} and man["counts"]["train_samples"] == 22

@@ -32,6 +32,9 @@ class CatalogConfig(StageConfig):
         for i, src in enumerate(self.datasets):
             for key, message in src.problems():
                 raise ConfigError(f"datasets[{i}].{key}: {message}")
+            if src.name == "references":
+                raise ConfigError(f"datasets[{i}].name: 'references' is the catalog's folder of reference fingerprints; "
+                                  "choose another source name")  # fmt: skip
             if src.name in seen:
                 raise ConfigError(f"datasets[{i}].name: duplicate source name {src.name!r} (also datasets[{seen[src.name]}])")
             seen[src.name] = i

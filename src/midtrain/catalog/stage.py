@@ -1,6 +1,7 @@
 """The ``catalog`` stage: read every configured dataset source into the sample catalog.
 
-Output: ``<run>/catalog/<source>/part-NNNNN.parquet`` (``CATALOG_SCHEMA``), parts of
+Output: ``<run>/catalog/<source>/part-NNNNN.parquet`` (``CATALOG_SCHEMA``; a source folder
+holds its rows alone, so ``pd.read_parquet(<run>/catalog/<source>)`` reads exactly them), parts of
 ``rows_per_part`` rows written in row groups of ``row_group_size`` rows, so memory is
 bounded by one row group whatever the dataset size. Each part is written atomically and
 marked done (shard ``<source>.part-NNNNN``, recording where in the source stream it
@@ -14,7 +15,7 @@ both records. Bad samples follow ``on_error``; a source with no samples at all i
 ``kind``, ``format``, ``path``, ``read``, ``written``, ``skipped`` and ``parts``.
 
 Content, not names, decides "nothing to do": every row carries a ``content_hash`` and
-every part a ``<source>/references-NNNNN.parquet`` of the files its rows name (see
+every part a ``references/<source>/references-NNNNN.parquet`` of the files its rows name (see
 ``midtrain.data.content``). A rerun of a complete catalog whose referenced files changed
 reads its sources again (manifest ``rerun_because``); so does a resumed source whose done
 parts reference changed files.
@@ -32,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..data.catalog import CATALOG_SCHEMA, rows_to_table
+from ..data.catalog import CATALOG_SCHEMA, empty_answer, rows_to_table
 from ..data.content import RowHasher, changed_references
 from ..data.readers import open_reader
 from ..data.sources import DatasetSource
@@ -42,6 +43,7 @@ from ..runs import (
 from .config import CatalogConfig
 
 STAGE = "catalog"
+REFERENCES = "references"  # <run>/catalog/references/<source>/: the files each part's rows name (a reserved source name)
 
 
 def _part_name(source: str, part: int) -> str:
@@ -87,13 +89,19 @@ def _write_part(
             buffer.clear()
 
         for position, item in items:
-            info["read"] += 1
+            samples = item.samples if isinstance(item, SampleError) else 1
+            info["read"] += samples
             info["next_position"] = position + 1
-            bar.update(1)
+            bar.update(samples)
             if isinstance(item, SampleError):
                 if item.sample_id is not None:
                     item.sample_id = f"{src.name}/{item.sample_id}"
                 st.handle(item)
+                info["skipped"] += samples
+                continue
+            if empty_answer(item.get("messages")):
+                st.handle(SampleError("empty answer", item.get("origin") or str(item["id"]), "every assistant turn is empty",
+                                      f"{src.name}/{item['id']}"))  # fmt: skip
                 info["skipped"] += 1
                 continue
             item["id"] = f"{src.name}/{item['id']}"
@@ -114,7 +122,7 @@ def _write_part(
 
 
 def _references_path(st: StageRun, src: DatasetSource, part: int) -> Path:
-    return st.dir / src.name / f"references-{part:05d}.parquet"
+    return st.dir / REFERENCES / src.name / f"references-{part:05d}.parquet"
 
 
 def _references_changed(tables: list[Path], cfg: CatalogConfig) -> Optional[dict]:
@@ -156,7 +164,7 @@ def _build_source(st: StageRun, cfg: CatalogConfig, src: DatasetSource, index: i
     """Read one source into its parts (resuming after done parts); returns its manifest entry."""
     complete = f"{src.name}.complete"
     summary = {"kind": src.kind, "format": src.format, "path": str(src.path)}
-    because = _references_changed(sorted((st.dir / src.name).glob("references-*.parquet")), cfg)
+    because = _references_changed(sorted((st.dir / REFERENCES / src.name).glob("references-*.parquet")), cfg)
     if because:
         raise _ReferencesChanged(because)
     if st.shard_done(complete):
@@ -220,7 +228,7 @@ def _changed_since_complete(run_dir: RunDir, config: CatalogConfig) -> Optional[
         return None
     if prev.get("config") != json.loads(json.dumps(config.to_dict(), default=str)):
         return None  # a different config reruns anyway
-    return _references_changed(sorted(run_dir.stage_dir(STAGE).glob("*/references-*.parquet")), config)
+    return _references_changed(sorted((run_dir.stage_dir(STAGE) / REFERENCES).glob("*/references-*.parquet")), config)
 
 
 def build_catalog(config: CatalogConfig, run_dir: RunDir, force: bool = False) -> Path:

@@ -30,6 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..runs import listed_files
+
 IMAGE_STRUCT = pa.struct([("path", pa.string()), ("bytes", pa.binary())])
 MESSAGE_STRUCT = pa.struct([("role", pa.string()), ("content", pa.string())])
 
@@ -57,10 +59,18 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.table(cols, schema=CATALOG_SCHEMA)
 
 
+def empty_answer(messages: list[dict] | None) -> bool:
+    """A conversation whose assistant turns are all empty (or whitespace): nothing to learn from,
+    though each turn would still carry its end-of-turn token. A per-sample error where rows enter
+    the catalog and sft."""
+    answers = [m.get("content") or "" for m in messages or () if m.get("role") == "assistant"]
+    return bool(answers) and not any(a.strip() for a in answers)
+
+
 def catalog_files(catalog_dir: Path | str) -> list[Path]:
-    """All catalog part files, in a stable order (source, then part number)."""
+    """The catalog part files its manifest lists, in a stable order (source, then part number)."""
     catalog_dir = Path(catalog_dir)
-    files = sorted(catalog_dir.glob("*/part-*.parquet"))
+    files = listed_files(catalog_dir, "*/part-*.parquet")
     if not files:
         raise FileNotFoundError(f"{catalog_dir}: no catalog parts (expected <source>/part-NNNNN.parquet)")
     return files

@@ -12,7 +12,8 @@ So the catalog records what each row's content is, references included:
   ``frame`` and ``origin`` say *which* sample it is, not what it holds, and are left out.
   Replacing one image changes the hash of exactly the rows that use it, so a downstream
   stage can recompute only those.
-- ``<source>/references-NNNNN.parquet`` per catalog part: the distinct files its rows
+- ``references/<source>/references-NNNNN.parquet`` per catalog part (beside the source
+  folders, which hold rows alone): the distinct files its rows
   name (``path``, ``size``, ``mtime_ns``, ``hash``). A rerun of a complete catalog
   compares them with the files as they are now (:func:`changed_references`) and reads the
   sources again when any differs.

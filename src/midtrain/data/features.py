@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..runs import StageError, save_npy_atomic, write_json_atomic, write_parquet_atomic
+from ..runs import StageError, listed_files, save_npy_atomic, write_json_atomic, write_parquet_atomic
 
 if TYPE_CHECKING:
     from ..runs import RunDir
@@ -169,7 +169,7 @@ def open_features(root: Path | str) -> FeatureSet:
     shards = root / "shards"
     if not shards.exists():
         raise FileNotFoundError(f"{root}: not a features directory (no shards/ folder)")
-    names = sorted(p.name[: -len(".done")] for p in shards.glob("shard-*.done"))
+    names = [p.name[: -len(".done")] for p in listed_files(root, "shards/shard-*.done")]
     if not names:
         raise FileNotFoundError(f"{root}: no complete feature shards")
     manifest_path = root / "manifest.json"

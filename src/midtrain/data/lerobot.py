@@ -85,6 +85,7 @@ class EpisodeRef:
     tasks: list[str]
     data_file: Path
     videos: dict[str, tuple[Path, float]] = field(default_factory=dict)  # camera -> (file, start time s)
+    outside_root: Optional[str] = None  # a data/video path of meta/info.json that leaves the dataset root
 
 
 def _matrix(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
@@ -276,7 +277,8 @@ class LeRobotReader(SampleReader):
                             video_key=key, chunk_index=ep[f"videos/{key}/chunk_index"], file_index=ep[f"videos/{key}/file_index"]
                         )
                         videos[key] = (self.root / path, float(ep[f"videos/{key}/from_timestamp"]))
-                    out.append(EpisodeRef(int(ep["episode_index"]), int(ep["length"]), list(ep.get("tasks") or []), data, videos))
+                    out.append(self._episode_ref(int(ep["episode_index"]), int(ep["length"]), list(ep.get("tasks") or []),
+                                                 data, videos))  # fmt: skip
                 except KeyError as exc:
                     raise StageError(f"{file}: episode row without required column {exc}") from None
         return sorted(out, key=lambda e: e.index)
@@ -299,8 +301,22 @@ class LeRobotReader(SampleReader):
                 k: (self.root / video_tpl.format(episode_chunk=e // chunks, video_key=k, episode_index=e), 0.0)
                 for k in video_keys
             }
-            out.append(EpisodeRef(e, int(ep["length"]), list(ep.get("tasks") or []), data, videos))
+            out.append(self._episode_ref(e, int(ep["length"]), list(ep.get("tasks") or []), data, videos))
         return sorted(out, key=lambda e: e.index)
+
+    def _episode_ref(self, index: int, length: int, tasks: list[str], data: Path, videos: dict) -> EpisodeRef:
+        """An episode whose files the ``data_path`` / ``video_path`` templates place; a file outside the
+        dataset root (``../`` or an absolute template) makes the episode a sample error unless
+        ``allow_outside_root``."""
+        ref = EpisodeRef(index, length, tasks, data, videos)
+        if not self.source.allow_outside_root:
+            root = Path(os.path.normpath(self.root.absolute()))
+            for path in [data, *(v[0] for v in videos.values())]:
+                if root not in Path(os.path.normpath(path.absolute())).parents:
+                    ref.outside_root = (f"{path} is outside the dataset root {root} (a data_path/video_path template of "
+                                        "meta/info.json); set allow_outside_root: true to allow it")  # fmt: skip
+                    break
+        return ref
 
     # -- records -------------------------------------------------------------------------
     def count_records(self, need: bool) -> Optional[int]:
@@ -341,6 +357,8 @@ class LeRobotReader(SampleReader):
     def _episode_rows(self, ep: EpisodeRef, keep: np.ndarray) -> list[dict]:
         """Rows of the kept frame positions ``keep`` (indices into the episode's frames)."""
         where = f"{self.root} episode {ep.index}"
+        if ep.outside_root:
+            raise SampleError("path outside root", where, ep.outside_root)
         table = self._data_table(ep.data_file, where)
         sel = np.flatnonzero(table.column("episode_index").to_numpy() == ep.index)
         rows = table.take(pa.array(sel))
@@ -410,10 +428,12 @@ class LeRobotReader(SampleReader):
                 except (pa.ArrowException, ValueError, TypeError, IndexError) as exc:  # values of the wrong type/shape
                     detail = f"{type(exc).__name__}: {exc}; {len(wanted)} frame(s) of this episode skipped"
                     err = SampleError("malformed episode data", f"{self.root} episode {ep.index}", detail)
+                    err.samples = len(wanted)
                     yield lo + int(wanted[-1]), err
                     continue
                 except SampleError as err:
                     err.detail = f"{err.detail}; {len(wanted)} frame(s) of this episode skipped".lstrip("; ")
+                    err.samples = len(wanted)  # the frames count as read and skipped, not one sample
                     yield lo + int(wanted[-1]), err
                     continue
                 for k, row in zip(wanted, rows):

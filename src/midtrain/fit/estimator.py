@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..devices import torch_threads
-from ..runs import atomic_path, write_json_atomic
+from ..runs import load_safetensors, save_safetensors_atomic, write_json_atomic
 from .config import TrainSettings
 
 WEIGHTS_FILE = "model.safetensors"
@@ -104,13 +104,10 @@ class ProximityEstimator(nn.Module):
 
 def save_estimator(model: ProximityEstimator, out_dir: Path, metadata: dict | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` into ``out_dir`` (atomically, weights first)."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "midtrain": "proximity_estimator"})
+    save_safetensors_atomic(out_dir / WEIGHTS_FILE, state, metadata={"format": "pt", "midtrain": "proximity_estimator"})
     config = {
         "format_version": FORMAT_VERSION,
         "model_type": "midtrain_proximity_estimator",
@@ -135,11 +132,9 @@ def read_estimator_config(path: Path) -> dict:
 
 def load_estimator(path: Path) -> ProximityEstimator:
     """Load a saved estimator (eval mode) from its directory."""
-    from safetensors.torch import load_file
-
     cfg = read_estimator_config(path)
     model = ProximityEstimator(cfg["dim"], cfg["kind"], cfg.get("hidden") or [], cfg.get("dropout", 0.0))
-    state = load_file(str(Path(path) / WEIGHTS_FILE))
+    state = load_safetensors(Path(path) / WEIGHTS_FILE)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path / WEIGHTS_FILE}: weights do not match config.json (missing {missing}, unexpected {unexpected})")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..devices import resolve_device
-from ..runs import StageError
+from ..runs import StageError, damaged_weights_file
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -135,6 +135,7 @@ def load_vlm(
     ``attn_implementation``: ``sdpa`` (default), ``eager``, ``flash_attention_2``, ...
     Raises :class:`ModelLoadError` (one line) for a missing model or a model that is not a VLM.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForImageTextToText
 
     name = str(name_or_path)
@@ -153,7 +154,10 @@ def load_vlm(
         )
     except ImportError as exc:
         raise ModelLoadError(f"model {name!r}: {_first_line(exc)}") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
+        damaged = damaged_weights_file(name)
+        if damaged:
+            raise ModelLoadError(f"{damaged}; restore it or rerun the stage that wrote it") from None
         raise ModelLoadError(f"model {name!r}: cannot load weights ({_first_line(exc)})") from None
     if not device.startswith("cuda"):
         model = model.to(device)

@@ -79,15 +79,14 @@ class VLAPolicy(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str = "auto", dtype: str = "float32") -> "VLAPolicy":
         """Load a policy saved by :meth:`save_pretrained`; needs nothing but the directory."""
-        from safetensors.torch import load_file
-
         from ..models.loading import load_vlm
+        from ..runs import load_safetensors
 
         directory = Path(directory)
         config = PolicyConfig.load(directory)
         vlm, processor = load_vlm(directory / config.backbone, dtype, device)
         policy = cls(config, vlm, processor)
-        state = {policy.head.checkpoint_key(k): v for k, v in load_file(str(directory / HEAD_WEIGHTS)).items()}
+        state = {policy.head.checkpoint_key(k): v for k, v in load_safetensors(directory / HEAD_WEIGHTS).items()}
         missing, unexpected = policy.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:
@@ -100,15 +99,12 @@ class VLAPolicy(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        from ..runs import atomic_path
+        from ..runs import save_safetensors_atomic
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(directory / self.config.backbone)
-        with atomic_path(directory / HEAD_WEIGHTS) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.head_state_dict().items()}, str(tmp))
+        save_safetensors_atomic(directory / HEAD_WEIGHTS, {k: v.detach().contiguous().cpu() for k, v in self.head_state_dict().items()})
         self.config.save(directory)  # last: a directory with config.json is complete
         return directory
 

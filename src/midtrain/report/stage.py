@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..figures import png_data_uri
-from ..runs import RunDir, stage_run, write_text_atomic
+from ..runs import RunDir, listed_files, stage_run, write_text_atomic
 from ..stages import PIPELINE, STAGES
 from .config import ReportConfig
 
@@ -241,7 +241,7 @@ def _export_section(run: RunDir) -> str:
     man = run.manifest("export")
     if man is None:
         return '<p class="missing">The export stage has not run.</p>'
-    files = sorted(p for p in run.stage_dir("export").iterdir() if p.is_file() and p.suffix in (".json", ".jsonl", ".parquet"))
+    files = [p for p in listed_files(run.stage_dir("export"), "*") if p.is_file() and p.suffix in (".json", ".jsonl", ".parquet")]
     rows = [{"file": str(p), "bytes": p.stat().st_size} for p in files]
     return _table([man.get("counts", {})]) + _table(rows)
 

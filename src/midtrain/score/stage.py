@@ -155,7 +155,7 @@ def _write_part(st: StageRun, name: str, table: pa.Table | None, read: int) -> N
 
 def _merge_parts(st: StageRun) -> int:
     """Concatenate the per-shard parts (in shard order) into ``proximity_scores.parquet``, streaming."""
-    parts = sorted((st.dir / "shards").glob("*.parquet"))
+    parts = [p for p in sorted((st.dir / "shards").glob("*.parquet")) if st.shard_done(p.stem)]  # no stray file
     total = 0
     with atomic_path(st.dir / SCORES_FILE) as tmp:
         writer = None

@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from torch.utils.data import IterableDataset
 
-from ..data.catalog import CATALOG_SCHEMA, catalog_files, rows_to_table
+from ..data.catalog import CATALOG_SCHEMA, catalog_files, empty_answer, rows_to_table
 from ..models.forward import IGNORE
 from ..models.inputs import build_batch
 from ..seeding import keyed_rng
@@ -107,10 +107,11 @@ def materialize_datasets(datasets, seed: int, out_dir: Path, st) -> list[Path]:
 
 
 def catalog_source_files(catalog: Path, sources: list[str]) -> list[Path]:
-    have = sorted({p.parent.name for p in catalog_files(catalog)})
+    parts = catalog_files(catalog)
+    have = sorted({p.parent.name for p in parts})
     files = []
     for s in sources:
-        found = sorted((catalog / s).glob("part-*.parquet"))
+        found = [p for p in parts if p.parent.name == s]
         if not found:
             raise StageError(f"sources: {s!r} is not a source of the catalog {catalog}; its sources: {', '.join(have)}")
         files += found
@@ -152,9 +153,13 @@ def encode_rows(rows: list[tuple[int, dict]], processor, max_length: int, overlo
     """Measure rows with the processor (as training will batch them); rows that cannot train get an
     error. Rows with and without images are processed apart, so that a processor that needs an
     image per prompt (PaliGemma) rejects a text-only row here as it would in a text-only batch."""
+    empty = [Encoded(rid, error=_error_dict(SampleError("empty answer", row.get("origin") or row["id"],
+                                                        "every assistant turn is empty", row["id"])))
+             for rid, row in rows if empty_answer(row.get("messages"))]  # fmt: skip
+    rows = [r for r in rows if not empty_answer(r[1].get("messages"))]
     with_images = [r for r in rows if r[1].get("image_refs")]
     text_only = [r for r in rows if not r[1].get("image_refs")]
-    return [e for group in (with_images, text_only) if group for e in _encode_group(group, processor, max_length, overlong)]
+    return empty + [e for group in (with_images, text_only) if group for e in _encode_group(group, processor, max_length, overlong)]
 
 
 def _encode_group(rows: list[tuple[int, dict]], processor, max_length: int, overlong: str) -> list[Encoded]:

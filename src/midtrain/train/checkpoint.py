@@ -7,8 +7,14 @@ Layout of ``<stage dir>/checkpoints/step-NNNNNN/``::
       weights.pt        trainable parameters and all buffers (full state dict, CPU)
       optimizer.pt      optimizer state (full, keyed by parameter name)
       scheduler.pt      learning-rate scheduler state
-      rng-RRRRR.pt      python / numpy / torch (/ CUDA) RNG states of process R
-      state.json        step, global batch, processes, running log sums; written last
+      rng-RRRRR.pt      python / numpy / torch (/ CUDA) RNG states of process R, as tensors
+      state.json        step, global batch, processes, running log sums
+      checksums.json    blake2b of every file of the checkpoint; written last
+
+Nothing in a checkpoint is unpickled with code: every ``.pt`` part holds tensors, numbers and
+strings only and loads with ``torch.load(weights_only=True)`` (a planted pickle is refused, never
+run). A resume verifies the checksums of the newest checkpoint and, when a file is damaged
+(truncated, rewritten), names it in a warning and resumes from the newest intact one.
 
 A checkpoint is written into ``.step-NNNNNN.tmp/`` and renamed into place only when every file
 of every process is on disk (fsync'd), so a directory named ``step-NNNNNN`` is always whole and
@@ -25,6 +31,7 @@ copy of the weights; the optimizer state (two more copies) dominates either way.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -35,9 +42,10 @@ from typing import Any
 
 import numpy as np
 
-from ..runs import StageError, write_json_atomic
+from ..runs import StageError, follow_umask, write_json_atomic
 
 STATE_DIR = "trainer_state"
+CHECKSUMS = "checksums.json"
 STEP_DIR = re.compile(r"step-(\d{6,})")
 
 
@@ -57,6 +65,68 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def _file_hash(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _checksums(path: Path) -> dict[str, str]:
+    return {f.relative_to(path).as_posix(): _file_hash(f) for f in sorted(path.rglob("*"))
+            if f.is_file() and f.relative_to(path).as_posix() != f"{STATE_DIR}/{CHECKSUMS}"}  # fmt: skip
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be resumed from (the damaged file named), or ``None`` if it is intact.
+
+    With ``checksums.json`` every listed file must hash as recorded; a checkpoint from before
+    checksums were written is checked by reading each of its parts."""
+    sums_file = path / STATE_DIR / CHECKSUMS
+    if not sums_file.is_file():
+        return _unreadable_part(path)
+    try:
+        sums = json.loads(sums_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return f"{sums_file}: unreadable ({exc})"
+    for rel, digest in sums.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{f}: missing"
+        if _file_hash(f) != digest:
+            return f"{f}: content differs from its checksum (truncated or rewritten)"
+    return None
+
+
+def _unreadable_part(path: Path) -> str | None:
+    import torch
+
+    state_dir = path / STATE_DIR
+    for f in sorted(state_dir.iterdir()):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text())
+            elif f.suffix == ".pt":
+                torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure to read the part makes the checkpoint unusable
+            return f"{f}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
+
+
+def intact_checkpoints(root: Path, log) -> list[tuple[int, Path]]:
+    """:func:`complete_checkpoints` up to the newest intact one: newer damaged ones are named in a
+    warning and left out (a resume falls back to the newest checkpoint that verifies)."""
+    found = complete_checkpoints(root)
+    while found:
+        problem = checkpoint_problem(found[-1][1])
+        if problem is None:
+            break
+        log.warning("damaged checkpoint %s: %s; resuming from the previous intact checkpoint", found[-1][1], problem)
+        found.pop()
+    return found
+
+
 def remove_partial_checkpoints(root: Path) -> list[str]:
     """Delete the temporaries of interrupted saves; returns their names."""
     gone = []
@@ -66,6 +136,21 @@ def remove_partial_checkpoints(root: Path) -> list[str]:
                 shutil.rmtree(p, ignore_errors=True)
                 gone.append(p.name)
     return gone
+
+
+def _save(obj: Any, path: Path) -> None:
+    """``torch.save``; a write that fails (a full disk: torch reports it as a RuntimeError) is a
+    one-line error naming the file."""
+    import torch
+
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        if "write" not in str(exc):
+            raise
+        why = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", str(exc).strip().splitlines()[-1])
+        raise StageError(f"{path}: cannot write the checkpoint ({why}); is the disk full? "
+                         "free space and rerun - the earlier checkpoints are intact and the run resumes from them") from None  # fmt: skip
 
 
 def _fsync_tree(path: Path) -> None:
@@ -91,9 +176,17 @@ def _full_state(model, optimizer) -> tuple[dict, dict]:
 
 
 def rng_state() -> dict[str, Any]:
+    """The python / numpy / torch (/ CUDA) RNG states as tensors and numbers (loadable with ``weights_only``)."""
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -102,8 +195,10 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))  # fmt: skip
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -117,8 +212,6 @@ def save_checkpoint(accelerator, root: Path, step: int, task, model, optimizer, 
     directory from its unwrapped model on the main process. ``keep`` > 0 deletes older complete
     checkpoints beyond the newest ``keep``.
     """
-    import torch
-
     final = root / step_dir_name(step)
     tmp = root / f".{step_dir_name(step)}.tmp"
     main = accelerator.is_main_process
@@ -128,16 +221,18 @@ def save_checkpoint(accelerator, root: Path, step: int, task, model, optimizer, 
         (tmp / STATE_DIR).mkdir(parents=True)
     accelerator.wait_for_everyone()
     weights, optim = _full_state(model, optimizer)
-    torch.save(rng_state(), tmp / STATE_DIR / f"rng-{accelerator.process_index:05d}.pt")
+    _save(rng_state(), tmp / STATE_DIR / f"rng-{accelerator.process_index:05d}.pt")
     if main:
         task.save_pretrained(tmp)
         keep_names = _resume_names(accelerator.unwrap_model(model))
-        torch.save({k: v for k, v in weights.items() if k in keep_names}, tmp / STATE_DIR / "weights.pt")
-        torch.save(optim, tmp / STATE_DIR / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / STATE_DIR / "scheduler.pt")
+        _save({k: v for k, v in weights.items() if k in keep_names}, tmp / STATE_DIR / "weights.pt")
+        _save(optim, tmp / STATE_DIR / "optimizer.pt")
+        _save(scheduler.state_dict(), tmp / STATE_DIR / "scheduler.pt")
     accelerator.wait_for_everyone()
     if main:
         write_json_atomic(tmp / STATE_DIR / "state.json", {**state, "step": step})
+        follow_umask(tmp)
+        write_json_atomic(tmp / STATE_DIR / CHECKSUMS, _checksums(tmp))
         _fsync_tree(tmp)
         if final.exists():  # a complete checkpoint of this step from an earlier attempt: replace it
             shutil.rmtree(final)
@@ -176,9 +271,25 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dic
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     state_dir = path / STATE_DIR
-    state = json.loads((state_dir / "state.json").read_text())
-    weights = torch.load(state_dir / "weights.pt", map_location="cpu", weights_only=True)
-    optim = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+
+    def read(name: str):
+        """One part, tensors and plain data only; a file that is not is a one-line error naming it."""
+        f = state_dir / name
+        try:
+            if name.endswith(".json"):
+                return json.loads(f.read_text())
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - unpickling refused, truncated zip, bad JSON: all name the file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise StageError(f"{f}: cannot resume from this checkpoint file ({type(exc).__name__}: {first}); "
+                             "delete the checkpoint folder to resume from an older one, or rerun with --force") from None  # fmt: skip
+
+    state = read("state.json")
+    weights = read("weights.pt")
+    optim = read("optimizer.pt")
+    scheduler_state = read("scheduler.pt")
+    rng_name = f"rng-{accelerator.process_index:05d}.pt"
+    rng = read(rng_name) if (state_dir / rng_name).exists() else None
     expected = _resume_names(accelerator.unwrap_model(model))
     missing = sorted(expected - set(weights))
     if missing:
@@ -187,10 +298,9 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dic
     opts = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, weights, options=opts)
     set_optimizer_state_dict(model, optimizer, optim, options=opts)
-    scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=False))
-    rng_file = state_dir / f"rng-{accelerator.process_index:05d}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    scheduler.load_state_dict(scheduler_state)
+    if rng is not None:
+        set_rng_state(rng)
     return state
 
 

@@ -50,6 +50,7 @@ import numpy as np
 from ..runs import StageError
 from .batches import BatchPlan, StepBatches, eval_batches
 from .checkpoint import MetricsLog, complete_checkpoints, load_checkpoint, remove_partial_checkpoints, save_checkpoint
+from .checkpoint import intact_checkpoints
 from .settings import TrainSettings
 
 
@@ -375,7 +376,7 @@ class _Loop:
             for name in remove_partial_checkpoints(self.ckpt_root):
                 self.log.info("removed %s, the temporary of a checkpoint save that did not finish", name)
         acc.wait_for_everyone()
-        found = complete_checkpoints(self.ckpt_root)
+        found = intact_checkpoints(self.ckpt_root, self.log)
         start, state, path = 0, {}, None
         if found:
             start, path = found[-1]
