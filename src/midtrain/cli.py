@@ -50,7 +50,7 @@ def _setup_console_logging(verbose: bool) -> None:
 def run_stage(name: str, run_dir: Path, config_file: Path | None, overrides: list[str], force: bool = False,
               base: dict | None = None) -> Path:  # fmt: skip
     """Resolve the stage's config and run it (:class:`midtrain.experiments.runner.StageRunner`)."""
-    return StageRunner(RunDir(run_dir), force=force).run(name, base, config_file=config_file, overrides=overrides,
+    return StageRunner(RunDir(run_dir), force=force, announce=False).run(name, base, config_file=config_file, overrides=overrides,
                                                          label=name)  # fmt: skip
 
 

@@ -72,9 +72,10 @@ def call_stage(stage: str, config: Any, run_dir: RunDir, force: bool = False) ->
 class StageRunner:
     """Runs registered stages into one run directory (or a nested one per call), timing each."""
 
-    def __init__(self, run_dir: RunDir, name: str = "midtrain", force: bool = False):
+    def __init__(self, run_dir: RunDir, name: str = "midtrain", force: bool = False, announce: bool = True):
         self.run_dir, self.name, self.force = run_dir, name, force
         self.log = logging.getLogger(f"midtrain.{name}")
+        self.level = logging.INFO if announce else logging.DEBUG  # a lone CLI stage is not announced
         self.records: list[dict[str, Any]] = []
 
     @property
@@ -92,11 +93,11 @@ class StageRunner:
 
     def timed(self, label: str, fn: Callable[[], T]) -> T:
         """Call ``fn`` and record its wall time and the peak memory after it under ``label``."""
-        self.log.info("%s: %s", self.name, label)
+        self.log.log(self.level, "%s: %s", self.name, label)
         t0 = time.perf_counter()
         out = fn()
         self.records.append({"stage": label, "wall_s": round(time.perf_counter() - t0, 2), **peak_rss_mb()})
-        self.log.info("%s: %s done (%.1fs)", self.name, label, self.records[-1]["wall_s"])
+        self.log.log(self.level, "%s: %s done (%.1fs)", self.name, label, self.records[-1]["wall_s"])
         return out
 
 
