@@ -16,6 +16,7 @@ evaluation initial states (``i mod 50``), as every LIBERO result does.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from .codec import FrameCodec, corpus_video_info, resolve_codec
 from .config import EvalSettings
 from .policies import IMAGE_PREFIX, PolicyInterface, interface_of, load_policy
 from .results import EPISODES_FILE, summarize, timing_summary, write_outputs
-from .rollout import EpisodeJob, EpisodeResult, ObservationSpec, run_episodes
+from .rollout import LOSSLESS_CHECK_FRAMES, EpisodeJob, EpisodeResult, ObservationSpec, run_episodes
 from .simulators import BenchmarkInfo, benchmark_info, check_interface
 
 EVAL_SEED_OFFSET = 2**32  # Meta-World evaluation seeds start above every 32-bit collection seed
@@ -141,6 +142,12 @@ def plan_evaluation(policy: Any, settings: EvalSettings, out_dir: Path) -> EvalP
     interface = interface_of(policy)
     check_interface(info, interface)
     obs, provenance = observation_spec(settings, info, interface)
+    # the cameras the policy reads: its declared ones; none for a policy with an explicit
+    # PolicyInterface that lists none (the scripted ones); any, for one that declares nothing
+    explicit = isinstance(getattr(policy, "interface", None), PolicyInterface)
+    read_keys = interface.camera_keys or (() if explicit else None)
+    obs = dataclasses.replace(obs, read_keys=read_keys, fast_path=bool(getattr(settings, "fast_path", True)))
+    provenance["fast_path"] = obs.fast_path
     backend = check_gl_backend()
     max_steps = settings.max_steps or info.default_max_steps
     jobs = []
@@ -201,6 +208,8 @@ def evaluate_policy(
     if results and all(r.outcome == "error" for r in results):
         raise StageError(f"every episode failed with an error; the first: {results[0].failure}")
     instructions = {t.name: t.instruction for t in plan.info.tasks}
+    if plan.provenance["codec"] is not None:
+        plan.provenance["codec"]["round_trip"] = codec_round_trip(results, plan.obs.fast_path)
     summary = {
         "benchmark": plan.info.name, "suite": plan.info.suite or None, "policy": policy_label,
         "policy_interface": plan.interface.to_dict(),
@@ -226,6 +235,21 @@ def evaluate_policy(
                  stats["success_rate"], *stats["ci95"])  # fmt: skip
     log.info("mean success over %d tasks: %.3f", len(summary["tasks"]), summary["mean_success"])
     return summary
+
+
+def codec_round_trip(results: list[EpisodeResult], fast_path: bool) -> str:
+    """What happened to the codec round trip, from the episodes' lossless checks (fast path)."""
+    verdicts = {r.codec_lossless for r in results} - {None}
+    if not fast_path:
+        return "applied to every frame of every camera (baseline path)"
+    if verdicts == {True}:
+        return (f"dropped once {LOSSLESS_CHECK_FRAMES} real frames decoded unchanged (lossless codec): later frames "
+                "passed raw")  # fmt: skip
+    if verdicts == {False}:
+        return "applied to every frame the policy reads (lossy codec: decoded frames differ from the renders)"
+    if verdicts:
+        return "dropped in the processes that found it lossless, applied in the others"
+    return f"applied to the frames read (fewer than {LOSSLESS_CHECK_FRAMES} per process, or none: no decision)"
 
 
 def _libero_version(benchmark: str) -> dict[str, str]:

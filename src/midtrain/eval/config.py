@@ -76,6 +76,10 @@ class EvalSettings(Settings):
     codec: CodecSettings = option(factory=CodecSettings, help="the frame codec round trip")
     videos_per_task: int = option(2, "MP4 videos of the first k episodes of each task")
     workers: int = option(2, "episode worker processes (0 or 1: this process)", throughput=True)
+    fast_path: bool = option(
+        True, "make a frame only when the policy reads it and drop the codec round trip once it decodes real frames "
+        "unchanged (same frames, same outcomes); false: every camera through the codec at every step (the baseline "
+        "of benchmarks/eval.py)", throughput=True)  # fmt: skip
 
     def validate(self) -> None:
         if self.benchmark == "metaworld":
