@@ -64,8 +64,8 @@ class EvalSettings(Settings):
         0, "seed of the episodes' initial states; Meta-World seeds are disjoint from every seed sim collect uses")
     corpus: Optional[Path] = option(
         None, "the LeRobot dataset the policy was trained on (or a run directory with sim_collect/): its camera "
-        "keys, frame size and video codec define the observations; default: the one the policy directory "
-        "records (training_frames.json)")  # fmt: skip
+        "keys, frame size and video codec define the observations; default: the policy directory's record of its "
+        "training frames (training_frames.json)")  # fmt: skip
     camera: Optional[str] = option(
         None, "camera rendered when neither the policy nor the corpus names one (and for videos); default: "
         "corner (Meta-World), image = agentview (LIBERO)")  # fmt: skip
