@@ -3,7 +3,9 @@ policy the same frames, so the same actions and outcomes, as today's path - and 
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import pickle
 
 import numpy as np
 import pytest
@@ -155,6 +157,11 @@ def test_observation_renders_on_first_read_and_refuses_a_late_read():
     assert made == [CORNER]
     with pytest.raises(KeyError):
         obs["nope"]
+    copied = copy.deepcopy(obs)  # a policy that keeps the observation: a plain dict, every frame made now
+    assert type(copied) is dict and set(copied) == {"task", CORNER, GRIPPER} and made == [CORNER, GRIPPER]
+    assert type(pickle.loads(pickle.dumps(obs))) is dict and type(copy.copy(obs)) is dict
+    obs = Observation({"task": "t"}, [CORNER, GRIPPER], lambda key: made.append(key) or np.zeros((2, 2, 3), np.uint8))
+    obs[CORNER]
     obs.expire()
     assert obs[CORNER].shape == (2, 2, 3)  # read in time: kept
     with pytest.raises(RuntimeError, match="after select_action returned"):

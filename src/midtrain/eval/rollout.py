@@ -191,6 +191,9 @@ class Observation(Mapping):
     def expire(self) -> None:
         self._make = None
 
+    def __reduce__(self):  # copy, deepcopy and pickle give a plain dict with every frame (made now)
+        return dict, (dict(self),)
+
     def __contains__(self, key: object) -> bool:
         return key in self._values or key in self._cameras
 
