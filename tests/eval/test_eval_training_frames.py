@@ -109,11 +109,16 @@ def test_image_file_sources_mean_raw_frames(tmp_path):
     assert "frames=raw" in warning and "image files" in warning
 
 
-def test_no_record_and_no_corpus_warns_about_the_writer_defaults():
+def test_no_record_and_no_corpus_warns_about_the_writer_defaults(tmp_path):
     obs, provenance = spec(None)
     assert obs.codec.source == "writer defaults"
     (warning,) = provenance["warnings"]
-    assert "corpus=" in warning and TRAINING_FRAMES_FILE in warning
+    assert "does not record" in warning and "corpus=" in warning and TRAINING_FRAMES_FILE in warning
+    other_camera = {"camera_keys": [CAMERA], "image_size": [32, 32], "sources": [
+        {"name": "r", "format": "lerobot", "path": "x", "video": {"observation.images.top": {"video.codec": "h264"}}}]}  # fmt: skip
+    obs, provenance = spec(policy_dir(tmp_path, other_camera))
+    (warning,) = provenance["warnings"]
+    assert obs.codec.source == "writer defaults" and "records no video codec" in warning
 
 
 def test_a_damaged_record_is_one_line_naming_the_file(tmp_path):

@@ -113,7 +113,8 @@ def observation_spec(settings: EvalSettings, info: BenchmarkInfo, interface: Pol
             )
     read = list(interface.camera_keys) or keys
     recorded_info, recorded_fps, recorded_corpus = recorded_video(record, read) if record else (None, None, None)
-    recorded_frames = None if not record or not record["sources"] else "codec" if recorded_info else "raw"
+    stored_as_images = bool(record and record["sources"]) and all(s.get("format") != "lerobot" for s in record["sources"])
+    recorded_frames = "codec" if recorded_info else "raw" if stored_as_images else None
     recorded_size = tuple(record["image_size"]) if record and len(record.get("image_size") or ()) == 2 else None
     shapes = {tuple(videos[k]["shape"][:2]) for k in keys if k in videos}
     if settings.height is not None:
@@ -166,12 +167,14 @@ def _frame_warnings(settings: EvalSettings, record: Optional[dict], recorded_inf
                     corpus_path: Optional[Path], reads_frames: bool) -> list[str]:  # fmt: skip
     """One line per way the evaluation's frames differ from how the policy's training frames were made."""
     out = []
-    if record is None:
+    if recorded_frames is None:
         if reads_frames and corpus_path is None and codec is not None and codec.source == "writer defaults":
-            out.append(f"the policy does not record how its training frames were made ({TRAINING_FRAMES_FILE}) and no "
+            missing = "does not record" if record is None else "records no video codec for the cameras it reads in"
+            out.append(f"the policy {missing} how its training frames were made ({TRAINING_FRAMES_FILE}) and no "
                        f"corpus= is given: frames go through {describe(codec)}, the LeRobot writer's defaults; pass "
                        "corpus=<the training corpus>, or frames=raw if it was trained on raw renders")  # fmt: skip
-        return out
+        if record is None:
+            return out
     where = record["file"]
     trained = describe(resolve_codec(settings.codec, recorded_info, 1.0)) if recorded_info else "frames as stored (image files)"
     if recorded_frames == "codec" and codec is None and not is_lossless(resolve_codec(settings.codec, recorded_info, 1.0)):
