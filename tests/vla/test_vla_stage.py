@@ -60,6 +60,10 @@ def test_trains_on_a_lerobot_dataset_and_writes_a_loadable_policy(tiny_vlm, data
     assert "eval_l1_gripper_effort" not in evals[-1]  # the gripper is binarised: accuracy, not L1
     policy = VLAPolicy.from_pretrained(out / "policy", device="cpu")
     assert policy.config.action_names[3] == "gripper_effort" and policy.config.gripper_dims == [3]
+    record = json.loads((out / "policy" / "training_frames.json").read_text())  # how midtrain eval makes its frames
+    assert record["camera_keys"] == [CAMERA] and record["image_size"] == [32, 32]
+    assert record["sources"][0]["path"] == str(dataset) and record["sources"][0]["video"][CAMERA]["video.codec"] == "h264"
+    assert (out / "checkpoints" / "step-000004" / "training_frames.json").is_file()
     last = VLAPolicy.from_pretrained(out / "checkpoints" / "step-000004", device="cpu")
     assert torch.equal(policy.predict_action_chunk(observation()), last.predict_action_chunk(observation()))
     again = run(tmp_path / "run", args(tiny_vlm("qwen2_vl"), [f"data.lerobot={dataset}", "policy.head=mlp"]))

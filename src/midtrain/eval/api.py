@@ -16,6 +16,7 @@ evaluation initial states (``i mod 50``), as every LIBERO result does.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -25,11 +26,12 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 
 from ..runs import StageError, package_versions
-from .codec import FrameCodec, corpus_video_info, resolve_codec
+from .codec import (TRAINING_FRAMES_FILE, FrameCodec, corpus_video_info, describe, is_lossless, read_training_frames,
+                    recorded_video, resolve_codec)
 from .config import EvalSettings
 from .policies import IMAGE_PREFIX, PolicyInterface, interface_of, load_policy
 from .results import EPISODES_FILE, summarize, timing_summary, write_outputs
-from .rollout import EpisodeJob, EpisodeResult, ObservationSpec, run_episodes
+from .rollout import LOSSLESS_CHECK_FRAMES, EpisodeJob, EpisodeResult, ObservationSpec, run_episodes
 from .simulators import BenchmarkInfo, benchmark_info, check_interface
 
 EVAL_SEED_OFFSET = 2**32  # Meta-World evaluation seeds start above every 32-bit collection seed
@@ -76,9 +78,13 @@ class EvalPlan:
     gl_backend: str
 
 
-def observation_spec(settings: EvalSettings, info: BenchmarkInfo, interface: PolicyInterface) -> tuple[ObservationSpec, dict]:
-    """Cameras, frame size, codec: from the corpus when given (what the policy was trained on),
-    explicit settings winning; then the policy's declared frame size; then the benchmark's default."""
+def observation_spec(settings: EvalSettings, info: BenchmarkInfo, interface: PolicyInterface,
+                     record: Optional[dict] = None) -> tuple[ObservationSpec, dict]:  # fmt: skip
+    """Cameras, frame size, codec: explicit settings first; then the corpus when given (what the
+    policy was trained on); then the policy directory's record of its training frames
+    (``record``, :func:`midtrain.eval.codec.read_training_frames`); then the policy's declared
+    frame size and the LeRobot writer's default codec. Where the settings or the corpus
+    contradict the record, ``provenance["warnings"]`` says so in one line each."""
     videos: dict[str, dict] = {}
     fps, corpus_path = info.fps, None
     if settings.corpus is not None:
@@ -105,6 +111,11 @@ def observation_spec(settings: EvalSettings, info: BenchmarkInfo, interface: Pol
                 f"{corpus_path}: the corpus has no camera {missing[0]!r} (it has {', '.join(videos)}); the policy "
                 "reads cameras the corpus does not record"
             )
+    read = list(interface.camera_keys) or keys
+    recorded_info, recorded_fps, recorded_corpus = recorded_video(record, read) if record else (None, None, None)
+    stored_as_images = bool(record and record["sources"]) and all(s.get("format") != "lerobot" for s in record["sources"])
+    recorded_frames = "codec" if recorded_info else "raw" if stored_as_images else None
+    recorded_size = tuple(record["image_size"]) if record and len(record.get("image_size") or ()) == 2 else None
     shapes = {tuple(videos[k]["shape"][:2]) for k in keys if k in videos}
     if settings.height is not None:
         size, size_from = (settings.height, settings.width), "settings"
@@ -112,35 +123,90 @@ def observation_spec(settings: EvalSettings, info: BenchmarkInfo, interface: Pol
         if len(shapes) > 1:
             raise StageError(f"{corpus_path}: cameras {keys} have different frame sizes {sorted(shapes)}; set height, width")
         size, size_from = shapes.pop(), "corpus"
+    elif recorded_size is not None:
+        size, size_from = recorded_size, "policy record"
     elif interface.image_size is not None:
         size, size_from = interface.image_size, "policy"
     else:
         size, size_from = (info.default_size, info.default_size), "default"
     if size[0] % 2 or size[1] % 2:
         raise StageError(f"frame size {size} (from the {size_from}) must be even in both dimensions (yuv420p video)")
-    codec = None
-    if settings.frames == "codec":
+    frames = settings.frames or (recorded_frames if corpus_path is None else None) or "codec"
+    frames_from = "settings" if settings.frames else "policy record" if corpus_path is None and recorded_frames else \
+        "corpus" if corpus_path else "default"  # fmt: skip
+    codec = codec_mode = None
+    if frames == "codec":
         recorded = [k for k in [video_key, *keys] if k in videos]  # the corpus's codec, from a camera it records
-        codec = resolve_codec(settings.codec, videos[recorded[0]].get("info") if recorded else None, fps)
+        if recorded:
+            codec = resolve_codec(settings.codec, videos[recorded[0]].get("info"), fps)
+        elif recorded_info is not None:
+            fps = float(recorded_fps or fps)
+            codec = resolve_codec(settings.codec, recorded_info, fps)
+            codec = dataclasses.replace(codec, source="policy record" if codec.source == "corpus" else codec.source)
+        else:
+            codec = resolve_codec(settings.codec, None, fps)
         probe = FrameCodec(codec, *size)  # fails here, not in an episode, if the codec cannot run
         probe.reset()
         probe(np.zeros((*size, 3), dtype=np.uint8))
         codec_mode = probe.mode
+    warnings = _frame_warnings(settings, record, recorded_info, recorded_frames, recorded_size, codec, size, corpus_path,
+                               bool(interface.camera_keys))  # fmt: skip
     spec = ObservationSpec(cameras, int(size[0]), int(size[1]), codec, fps, video_key)
     provenance = {
         "cameras": dict(cameras), "height": spec.height, "width": spec.width, "size_from": size_from,
-        "frames": settings.frames, "codec": {**codec.to_dict(), "mode": codec_mode} if codec else None,
+        "frames": frames, "frames_from": frames_from, "codec": {**codec.to_dict(), "mode": codec_mode} if codec else None,
         "fps": fps, "video_key": video_key, "corpus": str(corpus_path) if corpus_path else None,
+        "training_frames": record["file"] if record else None,
+        "training_corpus": recorded_corpus, "warnings": warnings,
     }  # fmt: skip
     return spec, provenance
 
 
-def plan_evaluation(policy: Any, settings: EvalSettings, out_dir: Path) -> EvalPlan:
-    """Check everything and list the episode jobs; raises a one-line StageError on bad input."""
+def _frame_warnings(settings: EvalSettings, record: Optional[dict], recorded_info: Optional[dict],
+                    recorded_frames: Optional[str], recorded_size: Optional[tuple], codec, size: tuple,
+                    corpus_path: Optional[Path], reads_frames: bool) -> list[str]:  # fmt: skip
+    """One line per way the evaluation's frames differ from how the policy's training frames were made."""
+    out = []
+    if recorded_frames is None:
+        if reads_frames and corpus_path is None and codec is not None and codec.source == "writer defaults":
+            missing = "does not record" if record is None else "records no video codec for the cameras it reads in"
+            out.append(f"the policy {missing} how its training frames were made ({TRAINING_FRAMES_FILE}) and no "
+                       f"corpus= is given: frames go through {describe(codec)}, the LeRobot writer's defaults; pass "
+                       "corpus=<the training corpus>, or frames=raw if it was trained on raw renders")  # fmt: skip
+        if record is None:
+            return out
+    where = record["file"]
+    trained = describe(resolve_codec(settings.codec, recorded_info, 1.0)) if recorded_info else "frames as stored (image files)"
+    if recorded_frames == "codec" and codec is None and not is_lossless(resolve_codec(settings.codec, recorded_info, 1.0)):
+        out.append(f"frames=raw gives the policy raw renders, but it was trained on frames decoded from {trained} ({where}); "
+                   "CALIBRATION.md measured this mismatch taking success from 0.49 to 0.04")  # fmt: skip
+    elif codec is not None and recorded_frames == "raw":
+        out.append(f"frames go through {describe(codec)}, but the policy was trained on {trained} ({where}); "
+                   "frames=raw gives it what it was trained on")  # fmt: skip
+    elif codec is not None and recorded_info and corpus_path is not None:
+        theirs = resolve_codec(settings.codec, recorded_info, 1.0)
+        if (codec.encoder, codec.crf, codec.pix_fmt) != (theirs.encoder, theirs.crf, theirs.pix_fmt):
+            out.append(f"corpus={corpus_path.parent.parent}: frames go through {describe(codec)}, but the policy was "
+                       f"trained on frames decoded from {trained} ({where}); drop corpus= to use the record")  # fmt: skip
+    if recorded_size is not None and tuple(size) != tuple(recorded_size):
+        out.append(f"frames are {size[0]}x{size[1]} but the policy was trained on {recorded_size[0]}x{recorded_size[1]} "
+                   f"frames ({where}); it resizes them, so they differ from its training frames")  # fmt: skip
+    return out
+
+
+def plan_evaluation(policy: Any, settings: EvalSettings, out_dir: Path, record: Optional[dict] = None) -> EvalPlan:
+    """Check everything and list the episode jobs; raises a one-line StageError on bad input.
+    ``record``: the policy directory's record of its training frames, if any."""
     info = benchmark_info(settings)
     interface = interface_of(policy)
     check_interface(info, interface)
-    obs, provenance = observation_spec(settings, info, interface)
+    obs, provenance = observation_spec(settings, info, interface, record)
+    # the cameras the policy reads: its declared ones; none for a policy with an explicit
+    # PolicyInterface that lists none (the scripted ones); any, for one that declares nothing
+    explicit = isinstance(getattr(policy, "interface", None), PolicyInterface)
+    read_keys = interface.camera_keys or (() if explicit else None)
+    obs = dataclasses.replace(obs, read_keys=read_keys, fast_path=bool(getattr(settings, "fast_path", True)))
+    provenance["fast_path"] = obs.fast_path
     backend = check_gl_backend()
     max_steps = settings.max_steps or info.default_max_steps
     jobs = []
@@ -171,19 +237,22 @@ def evaluate_policy(
     log = log or logging.getLogger("midtrain.eval")
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    source = None
+    source = record = None
     if isinstance(policy, (str, Path)):
         source = ("path", str(Path(policy).resolve()))
         policy_label = str(policy)
+        record = read_training_frames(policy)
         policy = load_policy(policy)
     else:
         policy_label = type(policy).__name__
-    plan = plan_evaluation(policy, settings, out_dir)
+    plan = plan_evaluation(policy, settings, out_dir, record)
+    for warning in plan.provenance["warnings"]:
+        log.warning("%s", warning)
     workers = settings.workers if len(plan.jobs) > 1 else 1
     log.info(
         "evaluating %s on %s: %d tasks x %d episodes, max %d steps, %dx%d frames (%s), %d worker(s), MUJOCO_GL=%s",
         policy_label, plan.info.name + (f"/{plan.info.suite}" if plan.info.suite else ""), len(plan.info.tasks),
-        settings.episodes_per_task, plan.max_steps, plan.obs.height, plan.obs.width, settings.frames, workers,
+        settings.episodes_per_task, plan.max_steps, plan.obs.height, plan.obs.width, plan.provenance["frames"], workers,
         plan.gl_backend,
     )  # fmt: skip
     if workers > 1 and source is not None:
@@ -201,6 +270,8 @@ def evaluate_policy(
     if results and all(r.outcome == "error" for r in results):
         raise StageError(f"every episode failed with an error; the first: {results[0].failure}")
     instructions = {t.name: t.instruction for t in plan.info.tasks}
+    if plan.provenance["codec"] is not None:
+        plan.provenance["codec"]["round_trip"] = codec_round_trip(results, plan.obs.fast_path)
     summary = {
         "benchmark": plan.info.name, "suite": plan.info.suite or None, "policy": policy_label,
         "policy_interface": plan.interface.to_dict(),
@@ -226,6 +297,21 @@ def evaluate_policy(
                  stats["success_rate"], *stats["ci95"])  # fmt: skip
     log.info("mean success over %d tasks: %.3f", len(summary["tasks"]), summary["mean_success"])
     return summary
+
+
+def codec_round_trip(results: list[EpisodeResult], fast_path: bool) -> str:
+    """What happened to the codec round trip, from the episodes' lossless checks (fast path)."""
+    verdicts = {r.codec_lossless for r in results} - {None}
+    if not fast_path:
+        return "applied to every frame of every camera (baseline path)"
+    if verdicts == {True}:
+        return (f"dropped once {LOSSLESS_CHECK_FRAMES} real frames decoded unchanged (lossless codec): later frames "
+                "passed raw")  # fmt: skip
+    if verdicts == {False}:
+        return "applied to every frame the policy reads (lossy codec: decoded frames differ from the renders)"
+    if verdicts:
+        return "dropped in the processes that found it lossless, applied in the others"
+    return f"applied to the frames read (fewer than {LOSSLESS_CHECK_FRAMES} per process, or none: no decision)"
 
 
 def _libero_version(benchmark: str) -> dict[str, str]:

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..runs import StageError
 
+TRAINING_FRAMES_FILE = "training_frames.json"  # in a policy directory: how its training frames were made (midtrain vla)
 # LeRobot's info.json names the codec (``video.codec``); the encoder that writes it here.
 ENCODER_OF = {"h264": "libx264", "avc1": "libx264", "hevc": "libx265", "av1": "libsvtav1", "vp9": "libvpx-vp9",
               "ffv1": "ffv1"}  # fmt: skip
@@ -95,6 +96,45 @@ def corpus_video_info(corpus: Path) -> tuple[Path, dict]:
         f"corpus: {corpus} has no meta/info.json (nor lerobot/ or sim_collect/lerobot/ under it); pass a LeRobot "
         "dataset folder or the run directory of `midtrain sim collect`"
     )
+
+
+def is_lossless(spec: CodecSpec) -> bool:
+    """Whether the codec settings are lossless by construction (ffv1; libx264rgb at crf 0)."""
+    from ..data.lerobot import NO_CRF
+
+    return spec.encoder in NO_CRF or (spec.encoder == "libx264rgb" and spec.crf == 0)
+
+
+def describe(spec: Optional[CodecSpec]) -> str:
+    if spec is None:
+        return "raw renders"
+    return f"{spec.encoder} crf {spec.crf} {spec.pix_fmt}" + (" (lossless)" if is_lossless(spec) else "")
+
+
+def read_training_frames(policy_dir: Path | str) -> Optional[dict]:
+    """A policy directory's record of how its training frames were made (written by ``midtrain
+    vla``; :func:`midtrain.vla.data.training_frames_record`), or None when it has none."""
+    path = Path(policy_dir) / TRAINING_FRAMES_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StageError(f"{path}: not readable JSON ({exc}); delete it to evaluate with corpus= instead") from None
+    if not isinstance(record, dict) or not isinstance(record.get("sources"), list):
+        raise StageError(f"{path}: expected {{camera_keys, image_size, sources: [...]}}; delete it to evaluate with corpus= instead")
+    return {**record, "file": str(path)}
+
+
+def recorded_video(record: dict, keys: list[str]) -> tuple[Optional[dict], Optional[float], Optional[str]]:
+    """``(video info, fps, corpus path)`` of the first camera in ``keys`` whose training frames came
+    from a LeRobot video (the first source that has it), else ``(None, None, None)``."""
+    for key in keys:
+        for source in record["sources"]:
+            info = (source.get("video") or {}).get(key)
+            if info is not None:
+                return info, source.get("fps"), source.get("path")
+    return None, None, None
 
 
 class FrameCodec:

@@ -64,18 +64,24 @@ class EvalSettings(Settings):
         0, "seed of the episodes' initial states; Meta-World seeds are disjoint from every seed sim collect uses")
     corpus: Optional[Path] = option(
         None, "the LeRobot dataset the policy was trained on (or a run directory with sim_collect/): its camera "
-        "keys, frame size and video codec define the observations")  # fmt: skip
+        "keys, frame size and video codec define the observations; default: the policy directory's record of its "
+        "training frames (training_frames.json)")  # fmt: skip
     camera: Optional[str] = option(
         None, "camera rendered when neither the policy nor the corpus names one (and for videos); default: "
         "corner (Meta-World), image = agentview (LIBERO)")  # fmt: skip
     height: Optional[int] = option(None, "frame height in pixels; default: the corpus's, else 128 (Meta-World) / 256 (LIBERO)")
     width: Optional[int] = option(None, "frame width in pixels; default: the corpus's, else 128 (Meta-World) / 256 (LIBERO)")
-    frames: Literal["codec", "raw"] = option(
-        "codec", "codec: each frame goes through the corpus's video encode/decode, as the policy saw frames in "
-        "training; raw: rendered pixels")  # fmt: skip
+    frames: Optional[Literal["codec", "raw"]] = option(
+        None, "codec: each frame goes through the corpus's video encode/decode, as the policy saw frames in "
+        "training; raw: rendered pixels; default: as the policy directory records its training frames "
+        "(training_frames.json), else codec")  # fmt: skip
     codec: CodecSettings = option(factory=CodecSettings, help="the frame codec round trip")
     videos_per_task: int = option(2, "MP4 videos of the first k episodes of each task")
     workers: int = option(2, "episode worker processes (0 or 1: this process)", throughput=True)
+    fast_path: bool = option(
+        True, "make a frame only when the policy reads it and drop the codec round trip once it decodes real frames "
+        "unchanged (same frames, same outcomes); false: every camera through the codec at every step (the baseline "
+        "of benchmarks/eval.py)", throughput=True)  # fmt: skip
 
     def validate(self) -> None:
         if self.benchmark == "metaworld":

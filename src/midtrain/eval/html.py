@@ -66,7 +66,8 @@ def eval_section_html(eval_dir: Path | str, embed_videos: bool = True, relative_
     obs, protocol = results.get("observation", {}), results.get("protocol", {})
     codec = obs.get("codec")
     frames = (f"codec round trip ({codec['encoder']} crf {codec['crf']} {codec['pix_fmt']} gop {codec['gop']}, "
-              f"{codec['mode']}; from the {codec['source']})" if codec else "raw renders")  # fmt: skip
+              f"{codec['mode']}; from the {codec['source']}" + (f"; {codec['round_trip']}" if codec.get("round_trip") else "")
+              + ")" if codec else "raw renders")  # fmt: skip
     bench = results.get("benchmark", "") + (f" / {results['suite']}" if results.get("suite") else "")
     esc = html.escape
     out = [f'<section class="midtrain-eval" data-videos-ok="0" data-videos-total="0"><style>{STYLE}</style>'
@@ -78,6 +79,7 @@ def eval_section_html(eval_dir: Path | str, embed_videos: bool = True, relative_
         f"{esc(str(protocol.get('success', '')))}. Observations: {obs.get('height')}×{obs.get('width')} "
         f"{esc(', '.join(obs.get('cameras', {})))}, {esc(frames)}.</p>"
     )
+    out.extend(f'<p class="warning">Warning: {esc(w)}</p>' for w in obs.get("warnings") or ())
     out.append('<table><tr><th class="text">task</th><th class="text">instruction</th><th>successes</th>'
                "<th>rate</th><th>95% CI (Wilson)</th><th>mean length</th><th>errors</th></tr>")  # fmt: skip
     for task, t in results.get("tasks", {}).items():

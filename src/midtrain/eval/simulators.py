@@ -5,8 +5,11 @@ instructions, the action and state sizes, the cameras, default step limit, frame
 frame rate - used to check a policy and settings before any episode runs.
 
 Worker side: :func:`open_sim` builds one task's environment, which ``reset(seed, init_state)``,
-``observe() -> (frames {obs key: uint8 [H, W, 3]}, state float32 [S], env_state)``, and
-``step(action) -> success`` (the task's own success check after the step).
+``render(key) -> uint8 [H, W, 3]`` (the frame of one observation key), ``state() -> (state
+float32 [S], env_state)``, ``observe() -> (frames {obs key: frame}, state, env_state)`` (every
+camera) and ``step(action) -> success`` (the task's own success check after the step). A
+Meta-World camera makes its renderer (a GL context) when first rendered, so a policy that
+reads no frame costs no GL context.
 
 Meta-World observations are exactly what ``sim collect`` records: the upright camera render
 (:class:`midtrain.sim.metaworld_env.CameraView`) before each step, state = hand xyz + gripper
@@ -172,13 +175,14 @@ def check_interface(info: BenchmarkInfo, interface: Any) -> None:
 
 
 class MetaWorldSim:
-    """One Meta-World task with a camera view per observation key."""
+    """One Meta-World task with a camera view per observation key (made when first rendered)."""
 
     def __init__(self, task: str, cameras: tuple[tuple[str, str], ...], height: int, width: int):
-        from ..sim.metaworld_env import CameraView, make_env
+        from ..sim.metaworld_env import make_env
 
         self.env = make_env(task)
-        self.views = {key: CameraView(self.env.model, camera, width, height) for key, camera in cameras}
+        self.cameras, self.height, self.width = dict(cameras), int(height), int(width)
+        self.views: dict[str, Any] = {}
         self.physics_s = self.render_s = 0.0
         self._obs: Optional[np.ndarray] = None
 
@@ -187,11 +191,22 @@ class MetaWorldSim:
 
         self._obs = reset_env(self.env, seed)  # the same reset sim collect records from (first frame up to date)
 
-    def observe(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    def render(self, key: str) -> np.ndarray:
+        from ..sim.metaworld_env import CameraView
+
         t0 = time.perf_counter()
-        frames = {key: view.rgb(self.env.data) for key, view in self.views.items()}
+        view = self.views.get(key)
+        if view is None:
+            view = self.views[key] = CameraView(self.env.model, self.cameras[key], self.width, self.height)
+        frame = view.rgb(self.env.data)
         self.render_s += time.perf_counter() - t0
-        return frames, self._obs[:4].astype(np.float32), self._obs.copy()
+        return frame
+
+    def state(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._obs[:4].astype(np.float32), self._obs.copy()
+
+    def observe(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        return {key: self.render(key) for key in self.cameras}, *self.state()
 
     def step(self, action: np.ndarray) -> bool:
         t0 = time.perf_counter()
@@ -229,9 +244,9 @@ class LiberoSim:
         index = next(i for i in range(suite.get_num_tasks()) if suite.get_task(i).name == task)
         spec = suite.get_task(index)
         self.init_states = suite.get_task_init_states(index)
-        self.cameras = cameras
+        self.cameras = dict(cameras)
         bddl = os.path.join(get_libero_path("bddl_files"), spec.problem_folder, spec.bddl_file)
-        names = list(dict.fromkeys(camera for _, camera in cameras))
+        names = list(dict.fromkeys(self.cameras.values()))
         self.env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=height, camera_widths=width, camera_names=names)
         self.physics_s = self.render_s = 0.0
         self._obs: dict = {}
@@ -245,12 +260,17 @@ class LiberoSim:
             self._obs, _, _, _ = self.env.step(LIBERO_NOOP)
         self.physics_s += time.perf_counter() - t0
 
-    def observe(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    def render(self, key: str) -> np.ndarray:  # robosuite rendered every camera inside step
+        return np.ascontiguousarray(self._obs[f"{self.cameras[key]}_image"][::-1, ::-1])
+
+    def state(self) -> tuple[np.ndarray, np.ndarray]:
         obs = self._obs
-        frames = {key: np.ascontiguousarray(obs[f"{camera}_image"][::-1, ::-1]) for key, camera in self.cameras}
         state = np.concatenate([obs["robot0_eef_pos"], quat_to_axis_angle(obs["robot0_eef_quat"]), obs["robot0_gripper_qpos"]])
         env_state = np.concatenate([obs["robot0_proprio-state"], obs.get("object-state", np.zeros(0))])
-        return frames, state.astype(np.float32), env_state
+        return state.astype(np.float32), env_state
+
+    def observe(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        return {key: self.render(key) for key in self.cameras}, *self.state()
 
     def step(self, action: np.ndarray) -> bool:
         t0 = time.perf_counter()

@@ -74,6 +74,35 @@ def lerobot_meta(root: Path, cameras: Optional[list[str]], state_key: str = "obs
     return _Meta(cams, _names(feats.get(action_key)), _names(feats.get(state_key)), shape(action_key), shape(state_key))
 
 
+def training_frames_record(kind: str, path: Path, camera_keys: list[str], image_size: list[int],
+                           sources: Optional[set] = None) -> dict:  # fmt: skip
+    """How the training frames were made, for the policy directory (``training_frames.json``, read
+    by ``midtrain eval``): the cameras, the frame size and, per data source, its format and - for a
+    LeRobot dataset - each camera's video info as ``meta/info.json`` records it (codec, pixel
+    format), so an evaluation can pass its frames through the same codec. ``sources``: the names
+    of the catalog sources the rows came from (None: all)."""
+    if kind == "lerobot":
+        listed = [{"name": path.name or "lerobot", "format": "lerobot", "path": str(path)}]
+    else:
+        manifest = path / "manifest.json"
+        datasets = json.loads(manifest.read_text()).get("config", {}).get("datasets", []) if manifest.is_file() else []
+        listed = [{"name": d.get("name"), "format": d.get("format"), "path": str(d.get("path", ""))}
+                  for d in datasets if d.get("kind") == "vla" and (sources is None or d.get("name") in sources)]  # fmt: skip
+    out = []
+    for src in listed:
+        root = Path(src["path"])
+        entry = {**src, "fps": None, "video": {}}
+        if src["format"] == "lerobot" and (root / "meta" / "info.json").is_file():
+            from ..data.lerobot import load_lerobot_info
+
+            info = load_lerobot_info(root)
+            feats = info.get("features", {})
+            entry["fps"] = info.get("fps")
+            entry["video"] = {k: feats[k].get("info", {}) for k in camera_keys if (feats.get(k) or {}).get("dtype") == "video"}
+        out.append(entry)
+    return {"camera_keys": list(camera_keys), "image_size": list(image_size), "sources": out}
+
+
 # --------------------------------------------------------------------------- reading
 
 

@@ -34,7 +34,8 @@ from ..models.loading import check_vlm
 from ..runs import RunDir, StageError
 from ..train.plots import closed_loop_rows, plot_closed_loop, plot_loss_curves
 from .config import VLAConfig
-from .data import RobotData, check_rows, image_size_of, lerobot_meta, read_catalog, read_lerobot, split_by_episode
+from .data import (RobotData, check_rows, image_size_of, lerobot_meta, read_catalog, read_lerobot, split_by_episode,
+                   training_frames_record)
 
 FINAL_POLICY = "policy"
 
@@ -80,6 +81,7 @@ class VLATask:
         self.frozen = frozen
         self.seed = seed
         self.find_unused_parameters = False
+        self.training_frames: dict | None = None  # how the training frames were made (training_frames.json)
 
     def collate(self, samples: list[dict]) -> dict[str, Any]:
         import torch
@@ -98,6 +100,11 @@ class VLATask:
         return batch
 
     def save_pretrained(self, directory: Path) -> None:
+        if self.training_frames is not None:  # before the policy's config.json, which marks it complete
+            from ..eval.codec import TRAINING_FRAMES_FILE
+            from ..runs import write_json_atomic
+
+            write_json_atomic(Path(directory) / TRAINING_FRAMES_FILE, self.training_frames)
         self.model.save_pretrained(directory)
 
     def evaluate(self, model, batches: list[dict]) -> dict[str, float]:
@@ -300,6 +307,8 @@ def train_vla(config: VLAConfig, run_dir: RunDir, force: bool = False) -> Path:
         else:
             train_data, val_data = train_rows, (val_rows or None)
         task = VLATask(policy, train_data, val_data, frozen, config.seed)
+        task.training_frames = training_frames_record(kind, path, policy.config.camera_keys, list(policy.config.image_size),
+                                                      {r.get("source") for r in data.rows})  # fmt: skip
         streams = []
         if cotrain is not None:
             from ..policy.backbone import is_bidirectional
@@ -321,8 +330,9 @@ def train_vla(config: VLAConfig, run_dir: RunDir, force: bool = False) -> Path:
         callbacks = []
         if config.closed_loop_every:
             cl = config.closed_loop
-            if cl.corpus is None and kind == "lerobot":  # observations as the training frames were recorded
-                cl = dataclasses.replace(cl, corpus=path)
+            corpora = [s["path"] for s in task.training_frames["sources"] if s["video"]]
+            if cl.corpus is None and corpora:  # observations as the training frames were recorded
+                cl = dataclasses.replace(cl, corpus=Path(corpora[0]))
             callbacks.append(closed_loop_callback(cl, st, config.closed_loop_every))
         with st.timed("train"):
             result = train(task, config.train, st, accelerator=accelerator, callbacks=callbacks, streams=streams)
