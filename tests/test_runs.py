@@ -280,9 +280,12 @@ _HOLDER = """
 import os, sys, time
 from midtrain.runs import RunDir, stage_lock
 with stage_lock(RunDir(sys.argv[1]), "toy"):
+    started, tell = os.pipe()
     if os.fork() == 0:  # a forked worker (as a DataLoader's) that outlives its killed parent
+        os.write(tell, b"x")  # its at-fork hook has run (under load the child may start late)
         time.sleep(30)
         os._exit(0)
+    os.read(started, 1)
     print("held", flush=True)
     time.sleep(60)
 """
