@@ -484,11 +484,14 @@ def test_temporaries_of_a_killed_attempt_are_cleaned_at_the_next_start(tmp_path,
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         toy_stage(run, ToyConfig(), src, crash_at=2)
-    left = [run / ".partial/toy/shards/.shard-0.done.4242.0a1b2c3d.tmp", run / ".partial/toy/.composition.png.4242.deadbeef.tmp"]
+    left = [run / ".partial/toy/shards/.shard-0.done.4242.0a1b2c3d.tmp", run / ".partial/toy/.composition.png.4242.deadbeef.tmp",
+            run / ".partial/toy/.pool.parquet.tmp", run / ".partial/toy/checkpoints/.step-000008.tmp/weights.pt"]
     for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("cut by kill -9")
     toy_stage(run, ToyConfig(), src)
     assert not [p for p in (run / "toy").rglob("*") if p.name.endswith(".tmp")]
+    assert (run / "toy/checkpoints").is_dir() and manifest(run)["status"] == "complete"
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
