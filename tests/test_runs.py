@@ -428,8 +428,8 @@ def _raise(err):
 
 @pytest.mark.parametrize("err, message", [
     (OSError(28, "No space left on device"), "no space left on the device; free space"),
-    (OSError(30, "Read-only file system"), "read-only file system; make it writable"),
-    (PermissionError(13, "Permission denied"), "permission denied; make it writable"),
+    (OSError(30, "Read-only file system"), "read-only file system; use a run directory on a writable filesystem"),
+    (PermissionError(13, "Permission denied"), "permission denied; give this user access to it"),
 ])  # fmt: skip
 def test_a_full_disk_or_read_only_folder_is_one_line_and_keeps_the_previous_output(tmp_path, src, monkeypatch, err, message):
     import os
@@ -476,7 +476,7 @@ def test_a_read_only_run_directory_is_one_line(tmp_path, src, monkeypatch):
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(runs.os, "open", deny)
-    with pytest.raises(StageError, match=rf"^{run}/.locks/toy.lock: permission denied; make it writable"):
+    with pytest.raises(StageError, match=rf"^{run}/.locks/toy.lock: permission denied; give this user access"):
         toy_stage(run, ToyConfig(), src)
 
 

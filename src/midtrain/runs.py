@@ -241,8 +241,10 @@ def filesystem_error(exc: BaseException, where: Path | str) -> StageError | None
     path = exc.filename or where
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free space (or use a run directory on another disk) and rerun; finished shards resume"
+    elif exc.errno == errno.EROFS:
+        fix = "use a run directory on a writable filesystem (--run-dir)"
     else:
-        fix = "make it writable for this user (or use another --run-dir) and rerun"
+        fix = "give this user access to it (write access, for anything in the run directory) and rerun"
     return StageError(f"{path}: {_FS_ERRORS[exc.errno]}; {fix}; the previous output is unchanged")
 
 
