@@ -280,9 +280,12 @@ _HOLDER = """
 import os, sys, time
 from midtrain.runs import RunDir, stage_lock
 with stage_lock(RunDir(sys.argv[1]), "toy"):
+    started, tell = os.pipe()
     if os.fork() == 0:  # a forked worker (as a DataLoader's) that outlives its killed parent
+        os.write(tell, b"x")  # its at-fork hook has run (under load the child may start late)
         time.sleep(30)
         os._exit(0)
+    os.read(started, 1)
     print("held", flush=True)
     time.sleep(60)
 """
@@ -425,8 +428,8 @@ def _raise(err):
 
 @pytest.mark.parametrize("err, message", [
     (OSError(28, "No space left on device"), "no space left on the device; free space"),
-    (OSError(30, "Read-only file system"), "read-only file system; make it writable"),
-    (PermissionError(13, "Permission denied"), "permission denied; make it writable"),
+    (OSError(30, "Read-only file system"), "read-only file system; use a run directory on a writable filesystem"),
+    (PermissionError(13, "Permission denied"), "permission denied; give this user access to it"),
 ])  # fmt: skip
 def test_a_full_disk_or_read_only_folder_is_one_line_and_keeps_the_previous_output(tmp_path, src, monkeypatch, err, message):
     import os
@@ -473,7 +476,7 @@ def test_a_read_only_run_directory_is_one_line(tmp_path, src, monkeypatch):
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(runs.os, "open", deny)
-    with pytest.raises(StageError, match=rf"^{run}/.locks/toy.lock: permission denied; make it writable"):
+    with pytest.raises(StageError, match=rf"^{run}/.locks/toy.lock: permission denied; give this user access"):
         toy_stage(run, ToyConfig(), src)
 
 
@@ -481,11 +484,14 @@ def test_temporaries_of_a_killed_attempt_are_cleaned_at_the_next_start(tmp_path,
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         toy_stage(run, ToyConfig(), src, crash_at=2)
-    left = [run / ".partial/toy/shards/.shard-0.done.4242.0a1b2c3d.tmp", run / ".partial/toy/.composition.png.4242.deadbeef.tmp"]
+    left = [run / ".partial/toy/shards/.shard-0.done.4242.0a1b2c3d.tmp", run / ".partial/toy/.composition.png.4242.deadbeef.tmp",
+            run / ".partial/toy/.pool.parquet.tmp", run / ".partial/toy/checkpoints/.step-000008.tmp/weights.pt"]
     for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("cut by kill -9")
     toy_stage(run, ToyConfig(), src)
     assert not [p for p in (run / "toy").rglob("*") if p.name.endswith(".tmp")]
+    assert (run / "toy/checkpoints").is_dir() and manifest(run)["status"] == "complete"
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])

@@ -53,7 +53,6 @@ import json
 import logging
 import os
 import platform
-import re
 import secrets
 import shutil
 import socket
@@ -178,7 +177,8 @@ def umask_mode(path: Path | str) -> None:
     mode = os.stat(path).st_mode
     want = (0o666 | (mode & 0o111)) & ~mask
     if mode & 0o7777 != want:
-        os.chmod(path, want)
+        with contextlib.suppress(PermissionError):  # a file hard-linked from another user's output stays theirs
+            os.chmod(path, want)
 
 
 def follow_umask(root: Path) -> None:
@@ -241,8 +241,10 @@ def filesystem_error(exc: BaseException, where: Path | str) -> StageError | None
     path = exc.filename or where
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free space (or use a run directory on another disk) and rerun; finished shards resume"
+    elif exc.errno == errno.EROFS:
+        fix = "use a run directory on a writable filesystem (--run-dir)"
     else:
-        fix = "make it writable for this user (or use another --run-dir) and rerun"
+        fix = "give this user access to it (write access, for anything in the run directory) and rerun"
     return StageError(f"{path}: {_FS_ERRORS[exc.errno]}; {fix}; the previous output is unchanged")
 
 
@@ -510,7 +512,6 @@ PARTIAL = ".partial"  # <run>/.partial/<stage>/: the run in progress (or the las
 LOCKS = ".locks"  # <run>/.locks/<stage>.lock: who is running the stage
 OUTPUT_FILES = "output_files"  # manifest key: the files the stage wrote (relative paths)
 KIND = "kind"  # manifest key: the stage kind that wrote the folder (see stage_kind)
-_TEMPORARY = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")  # what _new_temp_file names
 
 
 def stage_kind(config: StageConfig) -> str:
@@ -697,12 +698,14 @@ def _files_under(root: Path) -> list[str]:
 
 
 def _remove_stale_temporaries(work: Path) -> None:
-    """Delete the temporaries a killed attempt left (under the stage lock no other process writes
-    here), so they never reach the stage folder."""
-    for path in list(work.rglob(".*.tmp")):
-        if path.is_file() and _TEMPORARY.fullmatch(path.name):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+    """Delete the hidden ``.*.tmp`` files and folders a killed attempt left (atomic writes, a cut
+    checkpoint save): under the stage lock no other process writes here, so they never reach the
+    stage folder."""
+    for path in sorted(work.rglob(".*.tmp"), key=lambda p: len(p.parts)):
+        if path.is_symlink() or path.is_file():
+            path.unlink(missing_ok=True)
+        elif path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove_tree(path: Path) -> None:

@@ -162,3 +162,16 @@ def test_load_rejects_a_directory_that_is_not_an_estimator(tmp_path):
         load_estimator(tmp_path)
     with pytest.raises(ValueError, match="kind"):
         ProximityEstimator(4, kind="transformer")
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_a_truncated_estimator_weights_file_is_named(tmp_path):
+    from midtrain.runs import StageError
+
+    out = save_estimator(ProximityEstimator(4, kind="linear"), tmp_path / "est")
+    _truncate(out / "model.safetensors")
+    with pytest.raises(StageError, match=rf"^{out / 'model.safetensors'}: damaged weights file"):
+        load_estimator(out)

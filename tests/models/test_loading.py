@@ -67,3 +67,17 @@ def test_processor_settings_can_be_overridden(tiny_vlm):
 
     processor = load_processor(str(tiny_vlm("qwen2_vl")), max_pixels=28 * 28 * 9)
     assert processor.image_processor.size["longest_edge"] == 28 * 28 * 9
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_a_truncated_vlm_weights_file_is_named(tiny_vlm, tmp_path):
+    import shutil
+
+    copy = tmp_path / "vlm"
+    shutil.copytree(tiny_vlm("qwen2_vl"), copy)
+    _truncate(copy / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=rf"^{copy / 'model.safetensors'}: damaged weights file \(.*\); restore it"):
+        load_vlm(copy, dtype="float32", device="cpu")

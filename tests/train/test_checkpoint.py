@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 from test_loop import losses, run_toy
+from toy_task import ToyTask
 
 from midtrain.runs import StageError
 from midtrain.train import Callback
@@ -110,3 +111,28 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_earlier_check
     monkeypatch.undo()
     result, resumed = run_toy(tmp_path, "cut", steps=12, save_every=4)
     assert result.resumed_from == 4 and losses(resumed) == losses(ref)
+
+
+class SafetensorsToyTask(ToyTask):
+    """Saves its model as a library does (safetensors' own save: mode 0600 whatever the umask)."""
+
+    def save_pretrained(self, directory):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(directory / "model.safetensors"))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_checkpoint_files_follow_the_umask_while_the_run_is_going(tmp_path, umask, mode):
+    import os
+
+    old = os.umask(umask)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_toy(tmp_path, "cut", task=SafetensorsToyTask(), steps=12, save_every=4, callbacks=[crash_at(6)])
+    finally:
+        os.umask(old)
+    ckpt = tmp_path / "cut/.partial/toy/checkpoints/step-000004"
+    files = [p for p in ckpt.rglob("*") if p.is_file()]
+    assert ckpt / "model.safetensors" in files
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(mode) for p in files}
