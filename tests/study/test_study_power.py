@@ -106,7 +106,7 @@ def test_a_true_difference_equal_to_the_mdd_is_detected_80_percent_of_the_time()
         est[i] = np.mean([d.mean() for d in diffs])
         var[i] = variance_components(diffs).variance()
     power = float(np.mean(np.abs(est) / np.sqrt(var) > norm.ppf(0.975)))
-    assert 0.77 <= power <= 0.83, power
+    assert 0.76 <= power <= 0.84, power
     assert np.mean(var) == pytest.approx(np.var(est), rel=0.1)
     assert np.mean(var) == pytest.approx(_true_variance(delta, seeds, episodes, tasks), rel=0.1)
     # each study's own MDD is centred on the true one

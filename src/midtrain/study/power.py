@@ -188,3 +188,13 @@ def power_summary(diffs: Sequence[np.ndarray], target: float, power: float = 0.8
         "cheapest_for_target": min(reachable, key=lambda d: d["episodes_per_row"]) if reachable else None,
         "method": METHOD, "notes": vc.notes,
     }  # fmt: skip
+
+
+def comparison_power(row: Sequence[dict], other: Sequence[dict], target: float, power: float = 0.8,
+                     alpha: float = 0.05, seed_counts: Sequence[int] = (2, 3, 5, 10)) -> dict:  # fmt: skip
+    """:func:`power_summary` of ``row - other``, each ``[{task: [success of episode 0, 1, ...]}, ...]``
+    (one dict per seed, as :func:`midtrain.study.stats.paired_interval` takes them)."""
+    from .stats import paired_arrays
+
+    a_row, a_other = paired_arrays(row, other)
+    return power_summary([a - b for a, b in zip(a_row, a_other)], target, power, alpha, seed_counts)

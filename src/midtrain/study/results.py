@@ -11,12 +11,14 @@ any time. Layout::
         "mixture": {scorer, k, mmd_to_vla, diversity, source_diversity} | null,
         "seeds": {<seed>: {stage, success, per_task, curve, offline, train_seconds}},
         "success": {mean, ci95, interval, per_seed, per_task, episodes, successes},
-        "vs_baseline": {mean, ci95, share_of_replicates_above_0},
-        "offline_l1", "offline_gripper_accuracy": {mean, ci95, n},
+        "vs_baseline": {mean, ci95, share_of_replicates_above_0, minimum_detectable_difference},  # study.power
+        "offline_l1", "offline_gripper_accuracy": {mean, ci95, n, values},  # ci95 clipped to the quantity's range
         "probe": {seeds: {<seed>: {stage, l1, gripper_accuracy}}, l1},
         "curve": [{step, mean, ci95}],
         "cka": {"vlm": [...] | null, "vla": {<seed>: [...]}}}},
-     "pairwise": {"<row a> - <row b>": {mean, ci95, share_of_replicates_above_0}},  # rows other than the baseline
+     "pairwise": {"<row a> - <row b>": {mean, ci95, share_of_replicates_above_0,
+                                        minimum_detectable_difference}},  # rows other than the baseline
+     "warnings": [{kind, subject, message}],   # midtrain.study.caveats: saturated tasks, zero-width intervals
      "budgets": {...}, "cost": {...}}
 """
 
@@ -28,6 +30,8 @@ from typing import Any, Optional
 
 from ..runs import RunDir
 from .plan import CKA_STAGE, RANDOM_VLM_STAGE, SELECTIONS_DIR, VLA_TEXT_STAGE, VLM_STAGE, RowStages, sft_data_refs
+from .caveats import study_warnings
+from .power import comparison_power
 from .stats import INTERVAL_METHOD, paired_interval, success_summary, t_interval
 
 WORLD_STAGES = ("sim_collect", "sim_pool", "catalog", "featurize", "gap", "fit", "score", "select", "export", "etc")
@@ -115,8 +119,8 @@ def _row_result(config, run: RunDir, row, rs: RowStages, cka: dict, models) -> d
         "vlm": models[row.name][0],
         "success": success_summary([episodes_final[s] for s in sorted(episodes_final)], config.seed)
         if len(episodes_final) == len(rs.finals) and episodes_final else None,
-        "offline_l1": t_interval([seeds[s]["offline"]["l1"] for s in seeds]),
-        "offline_gripper_accuracy": t_interval([seeds[s]["offline"]["gripper_accuracy"] for s in seeds]),
+        "offline_l1": t_interval([seeds[s]["offline"]["l1"] for s in seeds], bounds=(0.0, None)),
+        "offline_gripper_accuracy": t_interval([seeds[s]["offline"]["gripper_accuracy"] for s in seeds], bounds=(0.0, 1.0)),
     }  # fmt: skip
     out["_episodes"] = [episodes_final[s] for s in sorted(episodes_final)]
     common = sorted(set.intersection(*(set(c) for c in curves.values()))) if len(curves) == len(rs.finals) and curves else []
@@ -126,8 +130,8 @@ def _row_result(config, run: RunDir, row, rs: RowStages, cka: dict, models) -> d
     for seed, name in rs.probes.items():
         man = run.manifest(name) or {}
         probes[seed] = {"stage": name, **{k: v for k, v in _offline(man).items() if k != "loss"}}
-    out["probe"] = {"seeds": probes, "l1": t_interval([p["l1"] for p in probes.values()]),
-                    "gripper_accuracy": t_interval([p["gripper_accuracy"] for p in probes.values()])}  # fmt: skip
+    out["probe"] = {"seeds": probes, "l1": t_interval([p["l1"] for p in probes.values()], bounds=(0.0, None)),
+                    "gripper_accuracy": t_interval([p["gripper_accuracy"] for p in probes.values()], bounds=(0.0, 1.0))}  # fmt: skip
     models_cka = (cka or {}).get("models", {})
     vlm_cka = models_cka.get(row.name, {}).get("cka")
     if vlm_cka is None and cka and models[row.name][0] == cka.get("base"):
@@ -135,6 +139,11 @@ def _row_result(config, run: RunDir, row, rs: RowStages, cka: dict, models) -> d
     out["cka"] = {"vlm": vlm_cka, "vla": {int(k.rsplit("_s", 1)[1]): v["cka"] for k, v in models_cka.items()
                                           if k.startswith(f"{row.name}/vla_s")}}  # fmt: skip
     return out
+
+
+def _power(config, row: list, other: list) -> dict:
+    p = config.power
+    return comparison_power(row, other, p.target_difference, p.power, p.alpha, p.seed_counts)
 
 
 def _mean_over_tasks(tasks: dict[str, list[bool]]) -> float:
@@ -169,6 +178,7 @@ def collect_results(config, run: RunDir, plans: list[RowStages], models: dict, c
     for name, r in rows.items():
         if name != config.baseline_row and r["success"] and base["success"]:
             r["vs_baseline"] = paired_interval(r["_episodes"], base["_episodes"], config.seed)
+            r["vs_baseline"]["minimum_detectable_difference"] = _power(config, r["_episodes"], base["_episodes"])
         else:
             r["vs_baseline"] = None
     # Every other pair of rows too (learned - random is the seed's headline comparison): row order is
@@ -179,6 +189,9 @@ def collect_results(config, run: RunDir, plans: list[RowStages], models: dict, c
         for i, a in enumerate(names_in_order) for b in names_in_order[i + 1 :]
         if config.baseline_row not in (a, b)
     }  # fmt: skip
+    for key, d in pairs.items():
+        a, b = key.split(" - ")
+        d["minimum_detectable_difference"] = _power(config, rows[a]["_episodes"], rows[b]["_episodes"])
     for r in rows.values():
         r.pop("_episodes")
     sft_samples = {name: sum(s["samples_seen"] or 0 for s in r["steps"] if s["kind"] == "sft") for name, r in rows.items()}
@@ -199,6 +212,7 @@ def collect_results(config, run: RunDir, plans: list[RowStages], models: dict, c
     names += [s.name for rs in plans for s in rs.steps] + [n for rs in plans for n in (*rs.finals.values(), *rs.probes.values())]
     return {
         "protocol": protocol, "baseline_row": config.baseline_row, "rows": rows, "pairwise": pairs,
+        "warnings": study_warnings(rows, pairs, config.baseline_row),
         "budgets": {"midtrain_samples": mid, "midtrain_equal": len(set(mid.values())) <= 1,
                     "vla_samples": vla_samples,
                     "vla_equal": len({tuple(v) for v in vla_samples.values()}) <= 1},  # fmt: skip

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import resource
+from dataclasses import replace
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -145,7 +146,8 @@ def _world(ctx: StudyContext) -> None:
     if cfg.world == "embedded":
         from ..demo import run_demo
 
-        ctx.timed("demo", lambda: run_demo(cfg.demo, ctx.run, force=False))
+        world = replace(cfg.demo, seed=cfg.seed)  # the study's seed reseeds the world
+        ctx.timed("demo", lambda: run_demo(world, ctx.run, force=False))
     else:
         for stage in ("catalog", "featurize"):
             ctx.run.require(stage)
@@ -305,17 +307,27 @@ def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path
                    for s in referenced_scorers(config)})  # fmt: skip
     with stage_run(run_dir, STUDY_STAGE, config, inputs=inputs, force=force) as st:
         if st.skipped_as_complete:
-            return st.final_dir
+            return _with_report(ctx, st.final_dir)
         results = collect_results(config, run_dir, plans, models, ctx)
         results["cost"]["this_invocation"] = {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss": _peak_rss_mb(),
                                               "stages_s": ctx.seconds}  # fmt: skip
         figures = write_figures(results, Path(st.dir))
         results["figures"] = figures
         write_json_atomic(Path(st.dir) / STUDY_FILE, results)
-        write_text_atomic(Path(st.dir) / PAGE, study_page_html(Path(st.dir)))
+        write_text_atomic(Path(st.dir) / PAGE, study_page_html(Path(st.dir), json_path=st.final_dir / STUDY_FILE))
         st.counts.update(rows=len(config.rows), seeds=len(config.seeds))
         st.extra["headline"] = {r: v.get("success", {}).get("mean") for r, v in results["rows"].items()}
         for r, v in results["rows"].items():
             s = v.get("success") or {}
             st.log.info("%-16s success %s %s", r, s.get("mean"), s.get("ci95"))
-    return st.final_dir
+        for w in results["warnings"]:
+            st.log.warning("%s", w["message"])
+    return _with_report(ctx, st.final_dir)
+
+
+def _with_report(ctx: StudyContext, study_dir: Path) -> Path:
+    """The run report (``report/report.html``, the study's section in it) unless ``report: false``."""
+    if ctx.config.report:
+        mapping = {**ctx.common, "title": "midtrain study: does mid-training make a better VLA?"}
+        ctx.timed("report", lambda: run_registered("report", ctx.run, mapping, "report"))
+    return study_dir
