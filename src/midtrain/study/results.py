@@ -19,6 +19,7 @@ any time. Layout::
      "pairwise": {"<row a> - <row b>": {mean, ci95, share_of_replicates_above_0,
                                         minimum_detectable_difference}},  # rows other than the baseline
      "warnings": [{kind, subject, message}],   # midtrain.study.caveats: saturated tasks, zero-width intervals
+     "sequential": {rounds, rounds_run, boundaries, stopped, comparisons: {<a - b>: {z, decided, look}}} | null,
      "budgets": {...}, "cost": {...}}
 """
 
@@ -32,6 +33,7 @@ from ..runs import RunDir
 from .plan import CKA_STAGE, RANDOM_VLM_STAGE, SELECTIONS_DIR, VLA_TEXT_STAGE, VLM_STAGE, RowStages, sft_data_refs
 from .caveats import study_warnings
 from .power import comparison_power
+from .rounds import episodes_table, first_round, merge_rounds, round_episodes, sequential_record
 from .stats import INTERVAL_METHOD, paired_interval, success_summary, t_interval
 
 WORLD_STAGES = ("sim_collect", "sim_pool", "catalog", "featurize", "gap", "fit", "score", "select", "export", "etc")
@@ -43,18 +45,12 @@ def _read_json(path: Path) -> Any:
 
 def closed_loop_episodes(stage_dir: Path) -> dict[int, dict[str, list[bool]]]:
     """``{step: {task: [success of episode 0, 1, ...]}}`` from a vla stage's ``closed_loop/step-*/``."""
-    import pyarrow.parquet as pq
-
     out: dict[int, dict[str, list[bool]]] = {}
     for folder in sorted((stage_dir / "closed_loop").glob("step-*")):
         path = folder / "episodes.parquet"
         if not path.is_file():
             continue
-        rows = sorted(pq.read_table(path, columns=["task", "episode", "success"]).to_pylist(), key=lambda r: r["episode"])
-        tasks: dict[str, list[bool]] = {}
-        for r in rows:
-            tasks.setdefault(r["task"], []).append(bool(r["success"]))
-        out[int(folder.name.split("-")[1])] = tasks
+        out[int(folder.name.split("-")[1])] = episodes_table(path)
     return out
 
 
@@ -82,7 +78,7 @@ def _mixture(step_overrides: dict, run: RunDir) -> Optional[dict]:
     }  # fmt: skip
 
 
-def _row_result(config, run: RunDir, row, rs: RowStages, cka: dict, models) -> dict[str, Any]:
+def _row_result(config, run: RunDir, row, rs: RowStages, cka: dict, models, rounds_run: int = 1) -> dict[str, Any]:
     steps = []
     mixture = None
     for spec, step in zip(row.steps, rs.steps):
@@ -109,9 +105,10 @@ def _row_result(config, run: RunDir, row, rs: RowStages, cka: dict, models) -> d
             "samples_seen": man.get("train", {}).get("samples"), "wall_s": man.get("timings", {}).get("wall_s"),
         }  # fmt: skip
         if last is not None:
-            episodes_final[seed] = eps[last]
-            seeds[seed]["success"] = round(_mean_over_tasks(eps[last]), 4)
-            seeds[seed]["per_task"] = {t: round(sum(v) / len(v), 4) for t, v in eps[last].items()}
+            final = merge_rounds([eps[last], *(round_episodes(run, row.name, seed, k) for k in range(2, rounds_run + 1))])
+            episodes_final[seed] = final  # with the sequential rounds after the first (study.rounds)
+            seeds[seed]["success"] = round(_mean_over_tasks(final), 4)
+            seeds[seed]["per_task"] = {t: round(sum(v) / len(v), 4) for t, v in final.items()}
             seeds[seed]["episodes_file"] = str(run.stage_dir(name) / "closed_loop" / f"step-{last:06d}" / "episodes.parquet")
             curves[seed] = eps
     out: dict[str, Any] = {
@@ -173,7 +170,9 @@ def _cost(run: RunDir, names: list[str]) -> dict[str, Any]:
 def collect_results(config, run: RunDir, plans: list[RowStages], models: dict, ctx=None) -> dict[str, Any]:
     """``study.json``'s content (see the module docstring)."""
     cka = _read_json(run.stage_dir(CKA_STAGE) / "cka.json") if config.cka.enabled else None
-    rows = {row.name: _row_result(config, run, row, rs, cka, models) for row, rs in zip(config.rows, plans)}
+    sequential = sequential_record(config, first_round(run, config, plans), run)
+    rounds_run = sequential["rounds_run"] if sequential else 1
+    rows = {row.name: _row_result(config, run, row, rs, cka, models, rounds_run) for row, rs in zip(config.rows, plans)}
     base = rows[config.baseline_row]
     for name, r in rows.items():
         if name != config.baseline_row and r["success"] and base["success"]:
@@ -213,6 +212,7 @@ def collect_results(config, run: RunDir, plans: list[RowStages], models: dict, c
     return {
         "protocol": protocol, "baseline_row": config.baseline_row, "rows": rows, "pairwise": pairs,
         "warnings": study_warnings(rows, pairs, config.baseline_row),
+        "sequential": sequential,
         "budgets": {"midtrain_samples": mid, "midtrain_equal": len(set(mid.values())) <= 1,
                     "vla_samples": vla_samples,
                     "vla_equal": len({tuple(v) for v in vla_samples.values()}) <= 1},  # fmt: skip

@@ -16,7 +16,11 @@ Top to bottom (:func:`run_study`), every step an ordinary resumable stage (folde
 5. **the frozen-backbone probe** of every row's VLM (``probe_<row>_s<seed>``);
 6. **CKA drift** of every row from the base VLM (``cka/``);
 7. **the study** (``study/``): ``study.json`` with every number and its seed, ``study.html`` (the
-   table and figures, :func:`midtrain.study.html.study_section_html`) and the figures as PNGs.
+   table and figures, :func:`midtrain.study.html.study_section_html`) and the figures as PNGs;
+8. **the run report** (``report/``, unless ``report: false``), the study's section in it.
+
+With ``sequential.rounds > 1``, step 4 continues in rounds of new closed-loop episodes
+(``rounds/``, :mod:`midtrain.study.rounds`) until the named comparisons are decided.
 
 ``--force`` recomputes the ``study/`` folder only (the aggregate); a sub-stage is redone by
 deleting its folder or running it with ``--force``.
@@ -296,6 +300,10 @@ def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path
             ctx.etc_llava_dir()
         models = _run_rows(ctx, plans)
         _run_finals(ctx, plans, models)
+        if config.sequential.rounds > 1:
+            from .rounds import run_rounds
+
+            run_rounds(ctx, plans, eval_settings(ctx), run_registered)
         _run_probes(ctx, plans, models)
         cka_dir = _run_cka(ctx, plans, models)
 
@@ -305,6 +313,10 @@ def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path
         inputs[CKA_STAGE] = Path(cka_dir) / "manifest.json"
     inputs.update({f"{SELECTIONS_DIR}/{s}": run_dir.root / SELECTIONS_DIR / s / "select" / "manifest.json"
                    for s in referenced_scorers(config)})  # fmt: skip
+    if config.sequential.rounds > 1:
+        from .rounds import round_manifests
+
+        inputs.update(round_manifests(run_dir))
     with stage_run(run_dir, STUDY_STAGE, config, inputs=inputs, force=force) as st:
         if st.skipped_as_complete:
             return _with_report(ctx, st.final_dir)
