@@ -14,8 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from midtrain.config import ConfigError, load_config
+from midtrain.eval.config import EvalConfig
 from midtrain.runs import RunDir
 from midtrain.study.config import StudyConfig
+from midtrain.study.html import study_section_html
 from midtrain.study.plan import row_stages
 from midtrain.study.results import collect_results
 from midtrain.study.rounds import ROUNDS_DIR, run_rounds, sequential_record, first_round
@@ -57,6 +59,7 @@ class Study:
 
     def eval_stage(self, name: str, run_dir: RunDir, mapping: dict, key: str) -> Path:
         assert name == "eval" and mapping["episodes_per_task"] == EPISODES
+        load_config(EvalConfig, base=mapping)  # what midtrain eval would be given is a valid eval config
         row, seed = run_dir.root.name.rsplit("_r", 1)[0].rsplit("_s", 1)
         assert mapping["policy"] == str(self.run.stage_dir(f"vla_{row}_s{seed}") / "policy")
         self.calls.append((row, int(seed), mapping["seed"]))
@@ -80,6 +83,10 @@ def test_equal_rows_spend_the_budget_on_new_shared_initial_states(tmp_path):
     assert res["sequential"]["rounds_run"] == 3
     assert res["rows"]["learned"]["success"]["episodes"] == 3 * EPISODES * len(TASKS) * len(SEEDS)
     assert res["pairwise"]["learned - random"]["minimum_detectable_difference"]["episodes_per_task"] == [3 * EPISODES] * 2
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "study.json").write_text(json.dumps(res))
+    assert "Sequential evaluation: 3 of at most 3 rounds of 8 episodes per task (budget)" in study_section_html(folder)
     study.calls.clear()
     assert study.rounds() == record and study.calls == []  # a rerun takes the same decisions and runs nothing
 

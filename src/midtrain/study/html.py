@@ -216,6 +216,13 @@ def study_section_html(study_dir: Path | str, title: str = "Does mid-training ma
                        f"<td>{_f(d.get('share_of_replicates_above_0'))}</td><td>{_f(mdd)}</td></tr>")  # fmt: skip
         out.append("</table><ul class=\"note\">" + "".join(f"<li>{esc(power_sentence(k, d))}</li>" for k, d in pairs
                                                           if d.get("minimum_detectable_difference")) + "</ul>")  # fmt: skip
+    seq = res.get("sequential")
+    if seq:
+        decided = ", ".join(f"{k} {'decided at round ' + str(v['look']) if v['decided'] else 'not decided'} (z {v['z']})"
+                            for k, v in seq["comparisons"].items())  # fmt: skip
+        out.append(f'<p class="note">Sequential evaluation: {seq["rounds_run"]} of at most {seq["rounds"]} rounds of '
+                   f"{seq['episodes_per_task_per_round']} episodes per task ({esc(seq['stopped'])}); {esc(decided)}; "
+                   f"boundaries {seq['boundaries']} ({esc(seq['spending'])} alpha spending, {seq['alpha']:g} two-sided).</p>")  # fmt: skip
     figs = [study_dir / f for f in (res.get("figures") or {}).values() if (study_dir / f).is_file()]
     if figs:
         out.append('<div class="figs">' + "".join(_img(f, f.stem) for f in figs) + "</div>")
