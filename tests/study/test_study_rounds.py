@@ -82,6 +82,7 @@ def test_equal_rows_spend_the_budget_on_new_shared_initial_states(tmp_path):
     res = collect_results(study.config, study.run, study.plans, {r["name"]: ("/vlm", None) for r in ROWS})
     assert res["sequential"]["rounds_run"] == 3
     assert res["rows"]["learned"]["success"]["episodes"] == 3 * EPISODES * len(TASKS) * len(SEEDS)
+    assert all(Path(f).is_file() for f in res["rows"]["learned"]["seeds"][1]["round_files"])
     assert res["pairwise"]["learned - random"]["minimum_detectable_difference"]["episodes_per_task"] == [3 * EPISODES] * 2
     folder = tmp_path / "study"
     folder.mkdir()

@@ -33,7 +33,7 @@ from ..runs import RunDir
 from .plan import CKA_STAGE, RANDOM_VLM_STAGE, SELECTIONS_DIR, VLA_TEXT_STAGE, VLM_STAGE, RowStages, sft_data_refs
 from .caveats import study_warnings
 from .power import comparison_power
-from .rounds import episodes_table, first_round, merge_rounds, round_episodes, sequential_record
+from .rounds import episodes_table, first_round, merge_rounds, round_episodes, round_run, sequential_record
 from .stats import INTERVAL_METHOD, paired_interval, success_summary, t_interval
 
 WORLD_STAGES = ("sim_collect", "sim_pool", "catalog", "featurize", "gap", "fit", "score", "select", "export", "etc")
@@ -110,6 +110,9 @@ def _row_result(config, run: RunDir, row, rs: RowStages, cka: dict, models, roun
             seeds[seed]["success"] = round(_mean_over_tasks(final), 4)
             seeds[seed]["per_task"] = {t: round(sum(v) / len(v), 4) for t, v in final.items()}
             seeds[seed]["episodes_file"] = str(run.stage_dir(name) / "closed_loop" / f"step-{last:06d}" / "episodes.parquet")
+            if rounds_run > 1:
+                seeds[seed]["round_files"] = [str(round_run(run, row.name, seed, k).stage_dir("eval") / "episodes.parquet")
+                                              for k in range(2, rounds_run + 1)]  # fmt: skip
             curves[seed] = eps
     out: dict[str, Any] = {
         "init": row.init, "steps": steps, "recipe_overrides": row.vla, "mixture": mixture, "seeds": seeds,
