@@ -15,7 +15,7 @@ import pytest
 from midtrain.config import load_config
 from midtrain.runs import RunDir
 from midtrain.study.config import StudyConfig
-from midtrain.study.html import comparisons, study_section_html
+from midtrain.study.html import comparisons, power_sentence, study_section_html
 from midtrain.study.plan import row_stages
 from midtrain.study.results import collect_results
 
@@ -110,3 +110,11 @@ def test_the_page_shows_tasks_comparisons_and_the_final_json(study):
     mdd = round(100 * res["pairwise"]["learned - random"]["minimum_detectable_difference"]["value"])
     assert f"this study can detect differences of {mdd} points or more between learned and random" in page
     assert str(root / "study" / "study.json") in page and ".partial" not in page
+
+
+def test_a_comparison_that_resolves_nothing_says_so():
+    m = {"value": 1.3, "power": 0.8, "alpha": 0.05, "seeds": 1, "episodes_per_task": [2], "target_difference": 0.1,
+         "cheapest_for_target": None}
+    text = power_sentence("learned - random", {"minimum_detectable_difference": m})
+    assert text == ("With 1 seed x 2 episodes per task, this study cannot detect any difference between learned and "
+                    "random (80% power, two-sided 5%); 10 points is out of reach of the seed counts tried.")

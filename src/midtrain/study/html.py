@@ -134,9 +134,12 @@ def power_sentence(key: str, d: dict) -> str:
     a, b = key.split(" - ")
     eps = m["episodes_per_task"]
     eps_text = str(eps[0]) if len(set(eps)) == 1 else "/".join(map(str, eps))
-    out = (f"With {m['seeds']} seed{'s' if m['seeds'] != 1 else ''} x {eps_text} episodes per task, this study can detect "
-           f"differences of {100 * m['value']:.0f} points or more between {a} and {b} "
-           f"({100 * m['power']:.0f}% power, two-sided {100 * m['alpha']:g}%)")  # fmt: skip
+    layout = f"With {m['seeds']} seed{'s' if m['seeds'] != 1 else ''} x {eps_text} episodes per task"
+    level = f"({100 * m['power']:.0f}% power, two-sided {100 * m['alpha']:g}%)"
+    if m["value"] >= 1:
+        out = f"{layout}, this study cannot detect any difference between {a} and {b} {level}"
+    else:
+        out = f"{layout}, this study can detect differences of {100 * m['value']:.0f} points or more between {a} and {b} {level}"
     best = m.get("cheapest_for_target")
     if best:
         out += (f"; {100 * m['target_difference']:.0f} points would take {best['seeds']} seeds x "
