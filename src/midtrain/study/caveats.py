@@ -25,7 +25,7 @@ def _zero_width(d: dict[str, Any] | None) -> bool:
 
 
 def study_warnings(rows: dict[str, dict[str, Any]], pairwise: dict[str, dict[str, Any]], baseline: str) -> list[dict]:
-    """The warnings of a study (module docstring): ``[{kind, subject, message}]``."""
+    """The warnings of a study (module docstring): ``[{kind, subject | subjects, message}]``."""
     out = []
     n_rows = sum(1 for r in rows.values() if r.get("success"))
     for task, value in saturated_tasks(rows).items():
@@ -35,9 +35,9 @@ def study_warnings(rows: dict[str, dict[str, Any]], pairwise: dict[str, dict[str
     intervals = [(f"{name}: success", r.get("success")) for name, r in rows.items()]
     intervals += [(f"{name} - {baseline}", r.get("vs_baseline")) for name, r in rows.items()]
     intervals += list(pairwise.items())
-    for subject, d in intervals:
-        if _zero_width(d):
-            out.append({"kind": "zero_width_interval", "subject": subject, "value": d["ci95"][0],
-                        "message": f"{subject}: the 95% interval is [{d['ci95'][0]:g}, {d['ci95'][1]:g}], zero width: no "
-                                   "seed or episode varied, which is not certainty (see the detectable difference)"})  # fmt: skip
+    zero = [subject for subject, d in intervals if _zero_width(d)]
+    if zero:  # one warning for all of them: a study where every episode fails has one per row and pair
+        out.append({"kind": "zero_width_interval", "subjects": zero,
+                    "message": f"zero-width 95% intervals ({'; '.join(zero)}): no seed or episode varied, which is not "
+                               "certainty (see each comparison's detectable difference)"})  # fmt: skip
     return out

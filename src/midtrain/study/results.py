@@ -18,7 +18,7 @@ any time. Layout::
         "cka": {"vlm": [...] | null, "vla": {<seed>: [...]}}}},
      "pairwise": {"<row a> - <row b>": {mean, ci95, share_of_replicates_above_0,
                                         minimum_detectable_difference}},  # rows other than the baseline
-     "warnings": [{kind, subject, message}],   # midtrain.study.caveats: saturated tasks, zero-width intervals
+     "warnings": [{kind, subject | subjects, message}],  # midtrain.study.caveats: saturated tasks, zero-width intervals
      "sequential": {rounds, rounds_run, boundaries, stopped, comparisons: {<a - b>: {z, decided, look}}} | null,
      "budgets": {...}, "cost": {...}}
 """
