@@ -92,6 +92,7 @@ def test_every_cell_is_filled_with_intervals(study):
         else:
             d = r["vs_baseline"]
             assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+            _check_power(d["minimum_detectable_difference"])
     for name, scorer in (("learned", "proximity"), ("random", "random"), ("mean_distance", "mean_distance")):
         mix = rows[name]["mixture"]
         assert mix["scorer"] == scorer and mix["mmd_to_vla"] is not None and mix["diversity"] is not None
@@ -105,6 +106,24 @@ def test_every_cell_is_filled_with_intervals(study):
         a, b = key.split(" - ")
         assert d["mean"] == pytest.approx(rows[a]["success"]["mean"] - rows[b]["success"]["mean"], abs=1e-3)
         assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+        _check_power(d["minimum_detectable_difference"])
+    # warnings: every task at 0 (or 1) in every row is named, and nothing else is called saturated
+    per_task = {t: {r["success"]["per_task"][t] for r in rows.values()} for t in ("reach-v3", "drawer-open-v3")}
+    flat = {t for t, values in per_task.items() if values in ({0.0}, {1.0})}
+    assert {w["subject"] for w in res["warnings"] if w["kind"] == "saturated_task"} == flat
+    assert all(w["message"] for w in res["warnings"])
+    zero = {f"{name}: success" for name, r in rows.items() if r["success"]["ci95"][0] == r["success"]["ci95"][1]}
+    warned = [w["subjects"] for w in res["warnings"] if w["kind"] == "zero_width_interval"]
+    assert zero == ({s for s in warned[0] if s.endswith(": success")} if warned else set())
+
+
+def _check_power(m: dict) -> None:
+    """The detectable difference of a comparison in the smoke study's layout (2 seeds x 2 tasks x 2 episodes)."""
+    assert m["seeds"] == 2 and m["episodes_per_task"] == [2, 2] and m["target_difference"] == 0.2
+    assert 0 < m["value"] and m["value"] >= 2.8 * m["standard_error"] - 1e-3
+    assert [d["seeds"] for d in m["to_reach_target"]] == [2, 4]
+    for d in m["to_reach_target"]:
+        assert d["episodes_per_task"] is None or d["episodes_per_row"] == d["seeds"] * d["episodes_per_task"] * 2
 
 
 def test_files_are_written_and_figures_decode(study):
@@ -118,8 +137,11 @@ def test_files_are_written_and_figures_decode(study):
         with Image.open(folder / name) as im:
             assert im.size[0] > 100
     section = study_section_html(folder)
-    assert section.count("<tr") == 1 + 5 and section.count("data:image/png;base64,") == 3
-    assert (folder / "study.html").read_text().count("<section") == 1
+    assert section[: section.index("</table>")].count("<tr") == 1 + 5 and section.count("data:image/png;base64,") == 3
+    assert section.count("this study can") == 6 + 4  # "can detect" or "cannot detect": the pairs, then each row vs the base
+    page = (folder / "study.html").read_text()
+    assert page.count("<section") == 1 and str(folder / "study.json") in page and ".partial" not in page
+    assert (study["run"].stage_dir("report") / "report.html").is_file()  # the study writes the run report
 
 
 def test_rerunning_the_study_recomputes_nothing(study):
@@ -138,4 +160,4 @@ def test_the_run_report_has_the_study_section(study):
     page = (run.stage_dir("report") / "report.html").read_text()
     start = page.index("Does mid-training make a better VLA?")
     section = page[start : page.index("</section>", start)]
-    assert section.count("<tr") == 1 + 5 and section.count("data:image/png;base64,") == 3
+    assert section[: section.index("</table>")].count("<tr") == 1 + 5 and section.count("data:image/png;base64,") == 3

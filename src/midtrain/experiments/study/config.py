@@ -141,11 +141,52 @@ class CKASettings(Settings):
 
 
 @dataclass
+class PowerSettings(Settings):
+    """What the study can detect (:mod:`midtrain.experiments.study.power`): for every paired comparison, the
+    minimum detectable difference of this run and the seeds x episodes that would reach a target."""
+
+    target_difference: float = option(0.10, "the difference (success, 0-1) the designs in study.json are sized to detect")
+    power: float = option(0.8, "power of the minimum detectable difference")
+    alpha: float = option(0.05, "two-sided level of the test")
+    seed_counts: list[int] = option(factory=lambda: [2, 3, 5, 10], help="seed counts of the designs for the target")
+
+    def validate(self) -> None:
+        if not 0 < self.target_difference < 1:
+            raise ConfigError(f"power.target_difference: expected a difference in (0, 1), got {self.target_difference}")
+        if not 0 < self.power < 1 or not 0 < self.alpha < 1:
+            raise ConfigError(f"power: power and alpha must be in (0, 1), got {self.power} and {self.alpha}")
+        if not self.seed_counts or min(self.seed_counts) < 1:
+            raise ConfigError(f"power.seed_counts: expected seed counts >= 1, got {self.seed_counts}")
+
+
+@dataclass
+class SequentialSettings(Settings):
+    """Sequential evaluation (:mod:`midtrain.experiments.study.rounds`): closed-loop episodes in rounds of
+    ``eval.episodes_per_task`` per task until every comparison in ``compare`` is decided (alpha
+    spending keeps the false-positive rate at ``alpha``) or ``rounds`` are spent."""
+
+    rounds: int = option(1, "at most this many rounds of eval.episodes_per_task episodes per task (1: no sequential evaluation)")
+    compare: list[str] = option(factory=lambda: ["learned - random"],
+                                help="the paired comparisons ('<row> - <row>') that must be decided to stop early")  # fmt: skip
+    spending: Literal["obrien_fleming", "pocock"] = option(
+        "obrien_fleming", "alpha-spending function: obrien_fleming (little spent early) or pocock (evenly)")
+    alpha: float = option(0.05, "two-sided false-positive rate of each comparison over all rounds")
+
+    def validate(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"sequential.rounds: must be >= 1, got {self.rounds}")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"sequential.alpha: must be in (0, 1), got {self.alpha}")
+
+
+@dataclass
 class StudyConfig(StageConfig):
     """Config of ``midtrain study``: compare VLA initialisations end to end in one run directory.
 
-    ``seed`` seeds the world and the mid-training; ``seeds`` the VLA trainings (and the
-    closed-loop episodes stay the same for every row and seed: ``eval.seed``).
+    ``seed`` seeds the world (the embedded world is ``demo`` with ``demo.seed = seed``: sim collect,
+    sim pool and the data engine), the study VLM's build, the selections and the mid-training;
+    ``seeds`` the VLA trainings (and the closed-loop episodes stay the same for every row and
+    seed: ``eval.seed``).
     """
 
     world: Literal["embedded", "run_dir"] = option(
@@ -175,6 +216,9 @@ class StudyConfig(StageConfig):
     seeds: list[int] = option(factory=lambda: [0, 1, 2], help="seeds of the VLA trainings; every row runs every seed")
     probe: ProbeSettings = option(factory=ProbeSettings, help="the frozen-backbone probe")
     cka: CKASettings = option(factory=CKASettings, help="representation drift (linear CKA per layer)")
+    power: PowerSettings = option(factory=PowerSettings, help="the detectable difference of every paired comparison")
+    sequential: SequentialSettings = option(factory=SequentialSettings, help="closed-loop evaluation in rounds, stopped once decided")
+    report: bool = option(True, "finish with the run report (`midtrain report`: every stage's section, the study's too)")
     rows: list[RowSpec] = option(factory=list, help="the initialisations compared (see the module docstring)")
     baseline_row: str = option("base", "the row the others are compared with (paired by seed)")
     num_threads: Optional[int] = option(
@@ -199,6 +243,17 @@ class StudyConfig(StageConfig):
             raise ConfigError(f"rows: names repeat: {sorted({n for n in names if names.count(n) > 1})}")
         if self.baseline_row not in names:
             raise ConfigError(f"baseline_row: {self.baseline_row!r} is not a row; rows: {', '.join(names)}")
+        if self.sequential.rounds > 1:
+            if not self.closed_loop:
+                raise ConfigError("sequential.rounds: needs closed_loop: true (the rounds add closed-loop episodes)")
+            if not self.sequential.compare:
+                raise ConfigError("sequential.compare: name the comparisons that decide when to stop (e.g. 'learned - random')")
+            for c in self.sequential.compare:
+                parts = c.split(" - ")
+                if len(parts) != 2 or parts[0] == parts[1] or not set(parts) <= set(names):
+                    raise ConfigError(f"sequential.compare: {c!r} is not '<row> - <row>' of two rows; rows: {', '.join(names)}")
+        if self.demo.seed not in (0, self.seed):
+            raise ConfigError(f"demo.seed: the study's `seed` ({self.seed}) seeds the embedded world; set seed, not demo.seed")
         if self.world == "run_dir" and self.robot_data is None:
             raise ConfigError("robot_data: required with world: run_dir (the LeRobot dataset the VLAs train on)")
         check_rows(self)
