@@ -149,12 +149,33 @@ def power_sentence(key: str, d: dict) -> str:
     return out + "."
 
 
+def control_sentence(key: str, d: dict) -> str:
+    """One sentence per control: how much success comes from vision (baseline - blind), what the
+    language model adds (baseline - vision_tower), with the paired interval and whether it resolves it."""
+    base, control = key.split(" - ")
+    lo, hi = d.get("ci95") or (None, None)
+    numbers = f"{base} - {control} = {d['mean']:+.2f}" + (f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None else "")
+    if d["measures"] == "vision":
+        head = f"How much success comes from vision: {numbers} ({control}: {d['what']})"
+        verdict = ("the camera image adds success" if lo is not None and lo > 0 else
+                   "the blind policy does better, so the VLA's image features hurt" if hi is not None and hi < 0 else
+                   "not resolved (the interval includes 0): this study cannot show that its VLAs use the image")  # fmt: skip
+    else:
+        head = f"What the language model adds: {numbers} ({control}: {d['what']})"
+        verdict = ("the language model adds success over the VLM's own pooled vision features" if lo is not None and lo > 0 else
+                   "the language model removes success: the pooled vision features alone do better" if hi is not None and hi < 0 else
+                   "not resolved (the interval includes 0)")  # fmt: skip
+    return f"{head}; {verdict}."
+
+
 def _img(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="{png_data_uri(path)}">'
 
 
 def _steps_text(row: dict) -> str:
     parts = [f"{s['kind']}({json.dumps(s['data']) if s['data'] is not None else ''})" for s in row["steps"]]
+    if row.get("control"):
+        return f"study VLM, control: {row['control']}"
     start = "random weights" if row["init"] == "random_weights" else "study VLM"
     return " → ".join([start, *parts])
 
@@ -219,6 +240,9 @@ def study_section_html(study_dir: Path | str, title: str = "Does mid-training ma
                        f"<td>{_f(d.get('share_of_replicates_above_0'))}</td><td>{_f(mdd)}</td></tr>")  # fmt: skip
         out.append("</table><ul class=\"note\">" + "".join(f"<li>{esc(power_sentence(k, d))}</li>" for k, d in pairs
                                                           if d.get("minimum_detectable_difference")) + "</ul>")  # fmt: skip
+    controls = res.get("controls") or {}
+    if controls:
+        out.append('<ul class="note">' + "".join(f"<li>{esc(control_sentence(k, d))}</li>" for k, d in controls.items()) + "</ul>")
     seq = res.get("sequential")
     if seq:
         decided = ", ".join(f"{k} {'decided at round ' + str(v['look']) if v['decided'] else 'not decided'} (z {v['z']})"

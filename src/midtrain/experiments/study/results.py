@@ -17,7 +17,9 @@ any time. Layout::
         "curve": [{step, mean, ci95}],
         "cka": {"vlm": [...] | null, "vla": {<seed>: [...]}}}},
      "pairwise": {"<row a> - <row b>": {mean, ci95, share_of_replicates_above_0,
-                                        minimum_detectable_difference}},  # rows other than the baseline
+                                        minimum_detectable_difference}},  # rows other than the baseline and the controls
+     "controls": {"<baseline> - <control row>": {control, measures: vision | language_model, mean, ci95,
+                                                 share_of_replicates_above_0, minimum_detectable_difference}},
      "warnings": [{kind, subject | subjects, message}],  # midtrain.experiments.study.caveats: saturated tasks, zero-width intervals
      "sequential": {rounds, rounds_run, boundaries, stopped, comparisons: {<a - b>: {z, decided, look}}} | null,
      "budgets": {...}, "cost": {...}}
@@ -115,7 +117,7 @@ def _row_result(config, run: RunDir, row, rs: RowStages, cka: dict, models, roun
                                               for k in range(2, rounds_run + 1)]  # fmt: skip
             curves[seed] = eps
     out: dict[str, Any] = {
-        "init": row.init, "steps": steps, "recipe_overrides": row.vla, "mixture": mixture, "seeds": seeds,
+        "init": row.init, "control": row.control, "steps": steps, "recipe_overrides": row.vla, "mixture": mixture, "seeds": seeds,
         "vlm": models[row.name][0],
         "success": success_summary([episodes_final[s] for s in sorted(episodes_final)], config.seed)
         if len(episodes_final) == len(rs.finals) and episodes_final else None,
@@ -144,6 +146,25 @@ def _row_result(config, run: RunDir, row, rs: RowStages, cka: dict, models, roun
 def _power(config, row: list, other: list) -> dict:
     p = config.power
     return comparison_power(row, other, p.target_difference, p.power, p.alpha, p.seed_counts)
+
+
+def control_comparisons(config, rows: dict[str, dict]) -> dict[str, dict]:
+    """``{"<baseline> - <control>": paired interval + power}`` for every control row (``CONTROLS``):
+    baseline - blind is how much success comes from vision, baseline - vision_tower what the
+    language model adds (or, below 0, removes) over the VLM's own pooled vision features."""
+    from .config import CONTROLS
+
+    base = rows[config.baseline_row]
+    out = {}
+    for row in config.rows:
+        r = rows[row.name]
+        if row.control is None or not r["success"] or not base["success"]:
+            continue
+        d = paired_interval(base["_episodes"], r["_episodes"], config.seed)
+        d["minimum_detectable_difference"] = _power(config, base["_episodes"], r["_episodes"])
+        out[f"{config.baseline_row} - {row.name}"] = {"control": row.control, "measures": CONTROLS[row.control]["measures"],
+                                                      "what": CONTROLS[row.control]["what"], **d}  # fmt: skip
+    return out
 
 
 def _mean_over_tasks(tasks: dict[str, list[bool]]) -> float:
@@ -185,7 +206,8 @@ def collect_results(config, run: RunDir, plans: list[RowStages], models: dict, c
             r["vs_baseline"] = None
     # Every other pair of rows too (learned - random is the seed's headline comparison): row order is
     # the config's, each difference is "first - second", paired over the same seeds and episodes.
-    names_in_order = [n for n in rows if rows[n]["success"]]
+    controls = control_comparisons(config, rows)
+    names_in_order = [r.name for r in config.rows if rows[r.name]["success"] and not r.control]
     pairs = {
         f"{a} - {b}": paired_interval(rows[a]["_episodes"], rows[b]["_episodes"], config.seed)
         for i, a in enumerate(names_in_order) for b in names_in_order[i + 1 :]
@@ -213,7 +235,7 @@ def collect_results(config, run: RunDir, plans: list[RowStages], models: dict, c
     names = [*WORLD_STAGES, VLM_STAGE, RANDOM_VLM_STAGE, VLA_TEXT_STAGE, CKA_STAGE]
     names += [s.name for rs in plans for s in rs.steps] + [n for rs in plans for n in (*rs.finals.values(), *rs.probes.values())]
     return {
-        "protocol": protocol, "baseline_row": config.baseline_row, "rows": rows, "pairwise": pairs,
+        "protocol": protocol, "baseline_row": config.baseline_row, "rows": rows, "pairwise": pairs, "controls": controls,
         "warnings": study_warnings(rows, pairs, config.baseline_row),
         "sequential": sequential,
         "budgets": {"midtrain_samples": mid, "midtrain_equal": len(set(mid.values())) <= 1,

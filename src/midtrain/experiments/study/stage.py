@@ -258,6 +258,10 @@ def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path
     from .html import study_page_html, write_figures
 
     t0 = time.perf_counter()
+    if config.calibrate:  # the baseline and the controls only (calibration.py)
+        from .calibration import calibration_config
+
+        config = calibration_config(config)
     ctx = StudyContext(config, run_dir)
     plans = [row_stages(r, config.seeds, config.probe.seeds, config.probe.enabled) for r in config.rows]
     with torch_threads(config.num_threads):
@@ -296,6 +300,10 @@ def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path
         figures = write_figures(results, Path(st.dir))
         results["figures"] = figures
         write_json_atomic(Path(st.dir) / STUDY_FILE, results)
+        if config.calibrate:
+            from .calibration import CALIBRATION_FILE, calibration_record
+
+            write_json_atomic(Path(st.dir) / CALIBRATION_FILE, calibration_record(results))
         write_text_atomic(Path(st.dir) / PAGE, study_page_html(Path(st.dir), json_path=st.final_dir / STUDY_FILE))
         st.counts.update(rows=len(config.rows), seeds=len(config.seeds))
         st.extra["headline"] = {r: v.get("success", {}).get("mean") for r, v in results["rows"].items()}
