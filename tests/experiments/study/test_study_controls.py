@@ -135,5 +135,5 @@ def test_calibration_runs_the_baseline_and_the_controls_only():
     cfg = study(sequential={"rounds": 3, "compare": ["learned - base"]})
     reduced = calibration_config(cfg)
     assert [r.name for r in reduced.rows] == ["base", "blind", "vision_tower"]
-    assert not reduced.probe.enabled and not reduced.cka.enabled and reduced.sequential.rounds == 1
+    assert not reduced.probe.enabled and not reduced.cka.enabled and reduced.sequential.rounds == 1 and not reduced.report
     assert reduced.vla == cfg.vla and reduced.eval == cfg.eval and reduced.seeds == cfg.seeds

@@ -4,7 +4,9 @@ A task at 0 or at 1 for every row adds evaluation cost and no information (the s
 :mod:`midtrain.experiments.study.caveats`). Whether a task is such a task can be decided without
 the rows under comparison: if the baseline and the blind control (and any other control) agree at
 0, or agree at 1, the world cannot show a difference there. ``calibrate: true`` runs the world, the
-baseline row and the control rows only, and writes ``study/calibration.json``::
+baseline row and the control rows only and writes ``calibration/calibration.json`` (beside
+``calibration/study.json`` of those rows; the run directory's ``study/`` is left alone, and a full
+study run later in the same directory reuses the world, the baseline's and the controls' VLAs)::
 
     {"rows": [base, blind, vision_tower], "per_task": {<row>: {<task>: success}},
      "drop": [{"task", "value"}],        # every calibrated row at that value (0 or 1)
@@ -21,13 +23,14 @@ from dataclasses import replace
 from typing import Any
 
 CALIBRATION_FILE = "calibration.json"
+CALIBRATION_STAGE = "calibration"
 
 
 def calibration_config(config):
     """``config`` reduced to the baseline row and the control rows, without probe, CKA or rounds."""
     rows = [r for r in config.rows if r.name == config.baseline_row or r.control]
     return replace(config, rows=rows, probe=replace(config.probe, enabled=False), cka=replace(config.cka, enabled=False),
-                   sequential=replace(config.sequential, rounds=1))  # fmt: skip
+                   sequential=replace(config.sequential, rounds=1), report=False)  # fmt: skip
 
 
 def calibration_record(results: dict[str, Any]) -> dict[str, Any]:

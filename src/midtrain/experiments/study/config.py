@@ -245,7 +245,7 @@ class StudyConfig(StageConfig):
     report: bool = option(True, "finish with the run report (`midtrain report`: every stage's section, the study's too)")
     calibrate: bool = option(
         False, "run the baseline row and the control rows only (no selections, mid-training, probe or CKA) and write "
-        "study/calibration.json: the tasks to drop because the baseline and the controls agree at 0 or at 1")  # fmt: skip
+        "calibration/calibration.json: the tasks to drop because the baseline and the controls agree at 0 or at 1")  # fmt: skip
     rows: list[RowSpec] = option(factory=list, help="the initialisations compared (see the module docstring)")
     baseline_row: str = option("base", "the row the others are compared with (paired by seed)")
     num_threads: Optional[int] = option(

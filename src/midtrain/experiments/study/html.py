@@ -159,7 +159,7 @@ def control_sentence(key: str, d: dict) -> str:
         head = f"How much success comes from vision: {numbers} ({control}: {d['what']})"
         verdict = ("the camera image adds success" if lo is not None and lo > 0 else
                    "the blind policy does better, so the VLA's image features hurt" if hi is not None and hi < 0 else
-                   "not resolved (the interval includes 0): this study cannot show that its VLAs use the image")  # fmt: skip
+                   "not resolved (the interval includes 0): these VLAs are not shown to use the image")  # fmt: skip
     else:
         head = f"What the language model adds: {numbers} ({control}: {d['what']})"
         verdict = ("the language model adds success over the VLM's own pooled vision features" if lo is not None and lo > 0 else

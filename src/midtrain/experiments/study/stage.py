@@ -35,6 +35,7 @@ from typing import Any, Optional
 
 from ...runs import RunDir, StageError, stage_run, write_json_atomic, write_text_atomic
 from ..runner import StageRunner, call_stage, deep_merge, peak_rss_mb, stage_config
+from .calibration import CALIBRATION_FILE, CALIBRATION_STAGE, calibration_config, calibration_record
 from .config import (PLACEHOLDER_DATA, PLACEHOLDER_MODEL, StudyConfig, references_kind, referenced_scorers, row_stages,
                      vla_config, with_robot_data)  # fmt: skip
 from .plan import (CKA_STAGE, PERPLEXITY_SCORERS, RANDOM_VLM_STAGE, SELECTIONS_DIR, STUDY_STAGE, VLA_TEXT_STAGE,
@@ -258,10 +259,8 @@ def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path
     from .html import study_page_html, write_figures
 
     t0 = time.perf_counter()
-    if config.calibrate:  # the baseline and the controls only (calibration.py)
-        from .calibration import calibration_config
-
-        config = calibration_config(config)
+    if config.calibrate:
+        config = calibration_config(config)  # the baseline and the controls only
     ctx = StudyContext(config, run_dir)
     plans = [row_stages(r, config.seeds, config.probe.seeds, config.probe.enabled) for r in config.rows]
     with torch_threads(config.num_threads):
@@ -291,7 +290,8 @@ def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path
         from .rounds import round_manifests
 
         inputs.update(round_manifests(run_dir))
-    with stage_run(run_dir, STUDY_STAGE, config, inputs=inputs, force=force) as st:
+    folder = CALIBRATION_STAGE if config.calibrate else STUDY_STAGE  # beside a study/ of the same run, not over it
+    with stage_run(run_dir, folder, config, inputs=inputs, force=force) as st:
         if st.skipped_as_complete:
             return _with_report(ctx, st.final_dir)
         results = collect_results(config, run_dir, plans, models, ctx)
@@ -301,8 +301,6 @@ def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path
         results["figures"] = figures
         write_json_atomic(Path(st.dir) / STUDY_FILE, results)
         if config.calibrate:
-            from .calibration import CALIBRATION_FILE, calibration_record
-
             write_json_atomic(Path(st.dir) / CALIBRATION_FILE, calibration_record(results))
         write_text_atomic(Path(st.dir) / PAGE, study_page_html(Path(st.dir), json_path=st.final_dir / STUDY_FILE))
         st.counts.update(rows=len(config.rows), seeds=len(config.seeds))
