@@ -100,6 +100,26 @@ def test_frozen_probe_runs_the_backbone_once_per_sample(tiny_vlm, tmp_path, monk
     assert man["data"]["camera_keys"] == ["observation.images.camera0"]  # the fixture catalog records no camera names
 
 
+def test_vision_tower_probe_pools_image_features_once_per_sample_without_the_language_model(tiny_vlm, tmp_path, monkeypatch):
+    from catalog_rows import write_catalog
+
+    from midtrain.policy import VLAPolicy
+    from midtrain.policy.backbone import Backbone
+
+    rows = robot_rows(episodes=3, length=4, chunk=4)
+    write_catalog(tmp_path / "run", {"robot": rows})
+    calls = []
+    real = Backbone.pooled_image_features
+    monkeypatch.setattr(Backbone, "pooled_image_features", lambda self, inputs: calls.append(len(inputs["input_ids"])) or real(self, inputs))
+    monkeypatch.setattr(Backbone, "hidden_states", lambda self, inputs: pytest.fail("the language model ran"))
+    out = run(tmp_path / "run", args(tiny_vlm("qwen2_vl"), ["policy.features=vision_tower", "backbone.trainable=frozen"], steps=8))
+    man = json.loads((out / "manifest.json").read_text())
+    assert sum(calls) == len(rows) == man["counts"]["backbone_passes"]  # one pass per sample, evaluation included
+    assert man["parameters"]["head"] > 0 and man["train"]["samples"] == 32
+    policy = VLAPolicy.from_pretrained(out / "policy", device="cpu")
+    assert policy.config.settings.features == "vision_tower"  # so `midtrain eval` reads the same features
+
+
 def test_bad_input_stops_before_training_or_is_skipped(tiny_vlm, tmp_path):
     bad = write_lerobot(tmp_path / "nan", episodes=3, length=6, nan_action=(2, 5))
     base = args(tiny_vlm("qwen2_vl"), [f"data.lerobot={bad}"], steps=2)
