@@ -85,16 +85,22 @@ def test_reads_a_lerobot_v21_dataset_natively(tiny_vlm, tmp_path):
     assert chunk.shape == (1, 4, 3)
 
 
-def test_frozen_probe_runs_the_backbone_once_per_sample(tiny_vlm, tmp_path, monkeypatch):
+def _catalog_and_counted_passes(run_dir: Path, monkeypatch, method: str) -> tuple[list[dict], list[int]]:
+    """A small catalog in ``run_dir`` and the batch sizes of every ``Backbone.<method>`` call from now on."""
     from catalog_rows import write_catalog
 
     from midtrain.policy.backbone import Backbone
 
     rows = robot_rows(episodes=3, length=4, chunk=4)
-    write_catalog(tmp_path / "run", {"robot": rows})
-    calls = []
-    real = Backbone.hidden_states
-    monkeypatch.setattr(Backbone, "hidden_states", lambda self, inputs: calls.append(len(inputs["input_ids"])) or real(self, inputs))
+    write_catalog(run_dir, {"robot": rows})
+    calls: list[int] = []
+    real = getattr(Backbone, method)
+    monkeypatch.setattr(Backbone, method, lambda self, inputs: calls.append(len(inputs["input_ids"])) or real(self, inputs))
+    return rows, calls
+
+
+def test_frozen_probe_runs_the_backbone_once_per_sample(tiny_vlm, tmp_path, monkeypatch):
+    rows, calls = _catalog_and_counted_passes(tmp_path / "run", monkeypatch, "hidden_states")
     out = run(tmp_path / "run", args(tiny_vlm("qwen2_vl"), ["policy.head=flow", "backbone.trainable=frozen", "policy.flow.width=32",
                                                            "policy.flow.heads=2", "policy.flow.layers=1"], steps=8))  # fmt: skip
     man = json.loads((out / "manifest.json").read_text())
@@ -102,6 +108,20 @@ def test_frozen_probe_runs_the_backbone_once_per_sample(tiny_vlm, tmp_path, monk
     assert sum(calls) == len(rows) == man["counts"]["backbone_passes"]  # one pass per sample, evaluation included
     assert man["parameters"]["lora"] == man["parameters"]["backbone"] == 0 and man["parameters"]["head"] > 0
     assert man["data"]["camera_keys"] == ["observation.images.camera0"]  # the fixture catalog records no camera names
+
+
+def test_vision_tower_probe_pools_image_features_once_per_sample_without_the_language_model(tiny_vlm, tmp_path, monkeypatch):
+    from midtrain.policy import VLAPolicy
+    from midtrain.policy.backbone import Backbone
+
+    rows, calls = _catalog_and_counted_passes(tmp_path / "run", monkeypatch, "pooled_image_features")
+    monkeypatch.setattr(Backbone, "hidden_states", lambda self, inputs: pytest.fail("the language model ran"))
+    out = run(tmp_path / "run", args(tiny_vlm("qwen2_vl"), ["policy.features=vision_tower", "backbone.trainable=frozen"], steps=8))
+    man = json.loads((out / "manifest.json").read_text())
+    assert sum(calls) == len(rows) == man["counts"]["backbone_passes"]  # one pass per sample, evaluation included
+    assert man["parameters"]["head"] > 0 and man["train"]["samples"] == 32
+    policy = VLAPolicy.from_pretrained(out / "policy", device="cpu")
+    assert policy.config.settings.features == "vision_tower"  # so `midtrain eval` reads the same features
 
 
 def test_bad_input_stops_before_training_or_is_skipped(tiny_vlm, tmp_path):

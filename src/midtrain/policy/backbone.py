@@ -13,7 +13,12 @@ placeholder ids, and the models place image features by image-token id, not by e
 ``lora``: LoRA adapters (peft) on every linear layer of the language model, plus the vision tower
 if ``vision: trainable``, plus the token embedding / output matrix when the head predicts added
 tokens; ``frozen``: nothing (a probe of the initialisation; the policy then computes each
-sample's backbone output once). :meth:`Backbone.save_pretrained` writes an ordinary checkpoint
+sample's backbone output once).
+
+**Vision tower only** (``policy.features: vision_tower``, the study's reference row):
+:meth:`Backbone.pooled_image_features` runs the VLM's own ``get_image_features`` (vision tower and
+projector, the features the model would place at its image tokens) and averages them over each
+sample's image tokens; the language model does not run. :meth:`Backbone.save_pretrained` writes an ordinary checkpoint
 (LoRA merged: ``W + scale * B A`` computed into the saved weights, the live adapters untouched),
 which :func:`midtrain.models.load_vlm` loads.
 """
@@ -82,6 +87,8 @@ class Backbone(nn.Module):
             accepted_arguments(vlm.forward)
         )
         self.lora_applied = False
+        image_features = getattr(base_model(vlm), "get_image_features", None)
+        self.image_feature_arguments = accepted_arguments(image_features) if image_features is not None else set()
 
     @property
     def hidden_size(self) -> int:
@@ -141,6 +148,26 @@ class Backbone(nn.Module):
     def hidden_states(self, inputs: dict[str, Any]) -> torch.Tensor:
         """Last hidden states ``[B, T, D]`` (after the final norm) of the base model; no LM head."""
         return base_model(self.vlm)(**self.model_inputs(inputs), use_cache=False).last_hidden_state
+
+    def pooled_image_features(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """``[B, 1, D]``: the mean over each sample's image tokens of the VLM's projected image features
+        (``get_image_features``: what the model places at those tokens); no language model runs."""
+        from ..models.loading import multimodal_token_ids
+
+        base = base_model(self.vlm)
+        if not self.image_feature_arguments:
+            raise ModelLoadError(f"policy.features: vision_tower needs a VLM with get_image_features; {type(base).__name__} has none")
+        args = {k: v for k, v in self.model_inputs(inputs).items() if k in self.image_feature_arguments}
+        out = base.get_image_features(**args)
+        feats = getattr(out, "pooler_output", out)
+        parts = feats if isinstance(feats, (list, tuple)) else [feats]
+        flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in parts])
+        image_ids = torch.tensor(multimodal_token_ids(self.vlm.config)["image"], device=flat.device)
+        counts = torch.isin(inputs["input_ids"].to(flat.device), image_ids).sum(1)
+        if int(counts.sum()) != flat.shape[0] or bool((counts == 0).any()):
+            raise ValueError(f"policy.features: vision_tower: {flat.shape[0]} image features for image-token counts "
+                             f"{counts.tolist()} per sample (every sample needs its image tokens, untruncated)")  # fmt: skip
+        return torch.stack([chunk.mean(0) for chunk in flat.split(counts.tolist())])[:, None]
 
     # -- trainable parts -----------------------------------------------------------------
     def configure_trainable(self, mode: str, vision: str, lora: LoraSettings | None = None,

@@ -105,6 +105,13 @@ class PolicySettings(Settings):
     )
     binarize_gripper: bool = option(True, "learn gripper dimensions as open/closed (BCE for mlp) instead of regressing them")
     use_state: bool = option(True, "give the proprioceptive state to the policy as one projected token")
+    blank_images: bool = option(
+        False, "replace every camera image with one constant mid-grey frame, in training and in closed loop alike (the "
+        "study's blind control: the policy sees the state and the instruction only)")  # fmt: skip
+    features: Literal["vlm", "vision_tower"] = option(
+        "vlm", "what the head reads: vlm (the VLM's last hidden states) or vision_tower (the VLM's image features after its "
+        "projector, mean-pooled over each sample's image tokens; the language model does not run: the study's "
+        "vision_tower reference)")  # fmt: skip
     mlp: MLPHeadSettings = option(factory=MLPHeadSettings, help="mlp head settings")
     flow: FlowHeadSettings = option(factory=FlowHeadSettings, help="flow head settings")
     tokens: TokensHeadSettings = option(factory=TokensHeadSettings, help="tokens head settings")
@@ -114,6 +121,8 @@ class PolicySettings(Settings):
             raise ConfigError(f"chunk_size: must be >= 1, got {self.chunk_size}")
         if self.n_action_steps is not None and not 1 <= self.n_action_steps <= self.chunk_size:
             raise ConfigError(f"n_action_steps: must be in [1, chunk_size={self.chunk_size}], got {self.n_action_steps}")
+        if self.features == "vision_tower" and self.head == "tokens":
+            raise ConfigError("features: vision_tower runs no language model, which the tokens head predicts with; use head: mlp or flow")
 
     @property
     def steps_per_chunk(self) -> int:

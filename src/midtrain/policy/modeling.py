@@ -120,6 +120,11 @@ class VLAPolicy(nn.Module):
         ctx = HeadContext(inputs, state.to(self.device) if state is not None else None, self.binary)
         if not self.head.reads_backbone:
             return ctx
+        if self.config.settings.features == "vision_tower":
+            pooled = torch.stack([f.to(self.device) for f in features]) if features is not None else (
+                self.backbone.pooled_image_features(inputs))  # fmt: skip
+            ctx.hidden, ctx.mask = self.head.read_pooled(pooled)
+            return ctx
         if features is not None:
             ctx.hidden, ctx.mask = self.head.collate_features([f.to(self.device) for f in features])
             return ctx
@@ -131,10 +136,13 @@ class VLAPolicy(nn.Module):
 
     def backbone_features(self, inputs: dict[str, Any], state: torch.Tensor | None = None) -> list[torch.Tensor]:
         """What the head reads from the backbone, per sample: the query states ``[Q, D]`` (mlp) or
-        the unpadded last hidden states ``[T_i, D]`` (flow). With a frozen backbone these are fixed,
-        so they can be computed once per sample and passed as ``batch["features"]``."""
+        the unpadded last hidden states ``[T_i, D]`` (flow), or the pooled image features ``[1, D]``
+        (``features: vision_tower``). With a frozen backbone these are fixed, so they can be computed
+        once per sample and passed as ``batch["features"]``."""
         if not self.head.reads_backbone:
             raise ValueError(f"the {self.config.head} head has no fixed backbone features: it trains the backbone")
+        if self.config.settings.features == "vision_tower":
+            return list(self.backbone.pooled_image_features(inputs))
         ctx = self._context(inputs, state)
         return self.head.features(ctx.hidden, ctx.mask)
 

@@ -18,6 +18,10 @@ and an assistant turn that depends on the head:
   sequence cut before its first action token, so training and decoding see identical prefixes.
   The state, if used, is a ``<|state|>`` placeholder at the end of the user turn.
 
+With ``blank_images`` (the blind control) every camera image of the prompt is one constant
+mid-grey frame of ``image_size``, whatever the sample or observation shows: training rows and live
+observations go through :meth:`PolicyProcessor.encode`, so the policy sees the same frame in both.
+
 :class:`PolicyProcessor` holds only the HF processor and the policy's config, so it is cheap to
 pickle into DataLoader workers; :meth:`PolicyProcessor.collate` is the training ``collate``.
 """
@@ -38,6 +42,7 @@ from .heads import ActionBins
 from .normalize import Normalizer
 
 IMAGE_PLACEHOLDER = "<image>"
+BLANK_PIXEL = 128  # the blind control's constant frame: mid-grey in every channel
 
 
 def tokens_bin_range(config: PolicyConfig) -> float:
@@ -65,6 +70,10 @@ class PolicyProcessor:
             self.bins = ActionBins(s.tokens.bins, tokens_bin_range(config))
             self.bin_ids = torch.as_tensor(tok.convert_tokens_to_ids([action_bin_token(k) for k in range(s.tokens.bins)]))
         self.num_queries = (s.chunk_size if s.mlp.queries == "chunk" else 1) if s.head == "mlp" else 0
+        self.blank_ref = None
+        if s.blank_images:
+            h, w = config.image_size
+            self.blank_ref = {"path": None, "bytes": encode_image(np.full((h, w, 3), BLANK_PIXEL, dtype=np.uint8), "BMP")}
 
     # -- prompts -------------------------------------------------------------------------
     def _row(self, row: dict, answer: str | None) -> dict:
@@ -74,7 +83,8 @@ class PolicyProcessor:
         messages = [{"role": "user", "content": user}]
         if answer:
             messages.append({"role": "assistant", "content": answer})
-        return {"id": row.get("id"), "origin": row.get("origin"), "image_refs": row["image_refs"], "messages": messages}
+        refs = [self.blank_ref] * len(row["image_refs"]) if self.blank_ref is not None else row["image_refs"]
+        return {"id": row.get("id"), "origin": row.get("origin"), "image_refs": refs, "messages": messages}
 
     def _answer(self, target: np.ndarray | None) -> str | None:
         head = self.config.head

@@ -72,7 +72,7 @@ def test_a_killed_study_continues_without_redoing_finished_stages(study):
 def test_every_cell_is_filled_with_intervals(study):
     res = study["json"]
     rows = res["rows"]
-    assert list(rows) == ["base", "learned", "random", "mean_distance", "scratch"]
+    assert list(rows) == ["base", "learned", "random", "mean_distance", "scratch", "blind", "vision_tower"]
     for name, r in rows.items():
         assert set(r["seeds"]) == {"0", "1"}
         for seed, s in r["seeds"].items():
@@ -85,13 +85,14 @@ def test_every_cell_is_filled_with_intervals(study):
         assert succ["episodes"] == 2 * 2 * 2 and succ["ci95"][0] <= succ["mean"] <= succ["ci95"][1]
         assert len(succ["per_seed"]) == 2 and r["offline_l1"]["n"] == 2 and len(r["offline_l1"]["ci95"]) == 2
         assert [p["step"] for p in r["curve"]] == [1, 2]
-        assert r["probe"]["seeds"]["0"]["l1"] is not None
+        assert (r["probe"]["seeds"]["0"]["l1"] is not None) if not r["control"] else r["probe"]["seeds"] == {}
         assert len(r["cka"]["vlm"]) == res["cka"]["layers"] and len(r["cka"]["vla"]["0"]) == res["cka"]["layers"]
         if name == "base":
             assert r["vs_baseline"] is None and r["cka"]["vlm"] == [1.0] * res["cka"]["layers"] and r["mixture"] is None
         else:
             d = r["vs_baseline"]
             assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+            _check_power(d["minimum_detectable_difference"])
     for name, scorer in (("learned", "proximity"), ("random", "random"), ("mean_distance", "mean_distance")):
         mix = rows[name]["mixture"]
         assert mix["scorer"] == scorer and mix["mmd_to_vla"] is not None and mix["diversity"] is not None
@@ -99,12 +100,42 @@ def test_every_cell_is_filled_with_intervals(study):
     assert rows["scratch"]["init"] == "random_weights" and rows["scratch"]["cka"]["vlm"][0] < 0.999
     assert res["budgets"]["midtrain_equal"] and res["budgets"]["vla_equal"]
     assert res["cost"]["total_wall_s"] > 0
+    assert rows["blind"]["control"] == "blind" and rows["vision_tower"]["control"] == "vision_tower"
+    assert rows["blind"]["recipe_overrides"] == {"policy": {"blank_images": True}}
+    assert list(res["controls"]) == ["base - blind", "base - vision_tower"]  # what vision, what the language model adds
+    for key, d in res["controls"].items():
+        control = key.split(" - ")[1]
+        assert d["measures"] == {"blind": "vision", "vision_tower": "language_model"}[control]
+        assert d["mean"] == pytest.approx(rows["base"]["success"]["mean"] - rows[control]["success"]["mean"], abs=1e-3)
+        assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+        _check_power(d["minimum_detectable_difference"])
+    for control in ("blind", "vision_tower"):  # the policy directory says so, so closed-loop evaluation sees the same input
+        saved = json.loads((study["run"].stage_dir(f"vla_{control}_s0") / "policy" / "config.json").read_text())["settings"]
+        assert (saved["blank_images"], saved["features"]) == {"blind": (True, "vlm"), "vision_tower": (False, "vision_tower")}[control]
     others = ["learned", "random", "mean_distance", "scratch"]  # every pair without the baseline, in row order
     assert list(res["pairwise"]) == [f"{a} - {b}" for i, a in enumerate(others) for b in others[i + 1 :]]
     for key, d in res["pairwise"].items():
         a, b = key.split(" - ")
         assert d["mean"] == pytest.approx(rows[a]["success"]["mean"] - rows[b]["success"]["mean"], abs=1e-3)
         assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+        _check_power(d["minimum_detectable_difference"])
+    # warnings: every task at 0 (or 1) in every row is named, and nothing else is called saturated
+    per_task = {t: {r["success"]["per_task"][t] for r in rows.values()} for t in ("reach-v3", "drawer-open-v3")}
+    flat = {t for t, values in per_task.items() if values in ({0.0}, {1.0})}
+    assert {w["subject"] for w in res["warnings"] if w["kind"] == "saturated_task"} == flat
+    assert all(w["message"] for w in res["warnings"])
+    zero = {f"{name}: success" for name, r in rows.items() if r["success"]["ci95"][0] == r["success"]["ci95"][1]}
+    warned = [w["subjects"] for w in res["warnings"] if w["kind"] == "zero_width_interval"]
+    assert zero == ({s for s in warned[0] if s.endswith(": success")} if warned else set())
+
+
+def _check_power(m: dict) -> None:
+    """The detectable difference of a comparison in the smoke study's layout (2 seeds x 2 tasks x 2 episodes)."""
+    assert m["seeds"] == 2 and m["episodes_per_task"] == [2, 2] and m["target_difference"] == 0.2
+    assert 0 < m["value"] and m["value"] >= 2.8 * m["standard_error"] - 1e-3
+    assert [d["seeds"] for d in m["to_reach_target"]] == [2, 4]
+    for d in m["to_reach_target"]:
+        assert d["episodes_per_task"] is None or d["episodes_per_row"] == d["seeds"] * d["episodes_per_task"] * 2
 
 
 def test_files_are_written_and_figures_decode(study):
@@ -118,8 +149,12 @@ def test_files_are_written_and_figures_decode(study):
         with Image.open(folder / name) as im:
             assert im.size[0] > 100
     section = study_section_html(folder)
-    assert section.count("<tr") == 1 + 5 and section.count("data:image/png;base64,") == 3
-    assert (folder / "study.html").read_text().count("<section") == 1
+    assert section[: section.index("</table>")].count("<tr") == 1 + 7 and section.count("data:image/png;base64,") == 3
+    assert section.count("this study can") == 6 + 6  # "can detect" or "cannot detect": the pairs, then each row vs the base
+    assert "How much success comes from vision: base - blind" in section and "What the language model adds" in section
+    page = (folder / "study.html").read_text()
+    assert page.count("<section") == 1 and str(folder / "study.json") in page and ".partial" not in page
+    assert (study["run"].stage_dir("report") / "report.html").is_file()  # the study writes the run report
 
 
 def test_rerunning_the_study_recomputes_nothing(study):
@@ -138,4 +173,20 @@ def test_the_run_report_has_the_study_section(study):
     page = (run.stage_dir("report") / "report.html").read_text()
     start = page.index("Does mid-training make a better VLA?")
     section = page[start : page.index("</section>", start)]
-    assert section.count("<tr") == 1 + 5 and section.count("data:image/png;base64,") == 3
+    assert section[: section.index("</table>")].count("<tr") == 1 + 7 and section.count("data:image/png;base64,") == 3
+
+
+def test_calibration_reuses_the_baseline_and_the_controls(study):
+    """``calibrate=true`` on the finished study: only the aggregate runs (the baseline's and the controls'
+    VLAs are the study's), into calibration/ beside study/."""
+    run = study["run"]
+    stages = [p.name for p in run.root.iterdir() if (p / "manifest.json").is_file()]
+    before = _started(run, stages)
+    assert main(["study", "--config", str(SMOKE), "--run-dir", str(run.root), "calibrate=true"]) == 0
+    assert _started(run, stages) == before
+    record = json.loads((run.stage_dir("calibration") / "calibration.json").read_text())
+    assert record["rows"] == ["base", "blind", "vision_tower"] and list(record["controls"]) == ["base - blind", "base - vision_tower"]
+    assert sorted(record["keep"] + [d["task"] for d in record["drop"]]) == ["drawer-open-v3", "reach-v3"]
+    for d in record["drop"]:
+        assert {record["per_task"][r][d["task"]] for r in record["rows"]} == {d["value"]}
+    assert json.loads((run.stage_dir("study") / "study.json").read_text())["rows"].keys() == study["json"]["rows"].keys()

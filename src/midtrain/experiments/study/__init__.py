@@ -10,4 +10,6 @@
   study's ``cka`` stage;
 - :mod:`midtrain.experiments.study.stats`: intervals (two-way bootstrap over seeds and episodes, paired);
 - :mod:`midtrain.experiments.study.results` / :mod:`midtrain.experiments.study.html`: ``study.json``, figures, the report section.
+- :mod:`midtrain.experiments.study.calibration`: ``calibrate: true`` - the baseline and the controls only, and the
+  tasks to drop (``calibration/calibration.json``).
 """

@@ -18,6 +18,12 @@ names an artefact by reference (see :mod:`midtrain.experiments.study.plan`)::
           - {sft: {data: {"etc:grounding": 1, "etc:egocentric": 1}}}
           - {sft: {data: robot_text}}
 
+**Controls** (``{name: blind, control: blind}``, ``{name: vision_tower, control: vision_tower}``) are
+rows that say what the world can measure: the study VLM under the common VLA recipe with one input
+changed (:data:`CONTROLS`), no steps. study.json reports them like any row and, under ``controls``,
+the paired differences baseline - control: how much success comes from vision at all (``blind``) and
+what the language model adds or removes (``vision_tower``).
+
 The common recipes are plain mappings of ``midtrain sft`` / ``midtrain vla`` keys (their
 ``--help`` lists them); they are checked here by building those configs, so a wrong key fails
 before anything runs, naming the row and step.
@@ -45,6 +51,16 @@ SFT_STUDY_KEYS = ("name", "model")
 VLA_STUDY_KEYS = ("name", "model", "init_policy", "seed", "closed_loop", "closed_loop_every")
 
 DataRef = Union[str, list[str], dict[str, float]]
+
+# A control row is the study VLM under the common VLA recipe plus these policy settings (recorded in the
+# policy directory, so training and closed-loop evaluation see the same input), and what its paired
+# difference with the baseline measures.
+CONTROLS: dict[str, dict[str, Any]] = {
+    "blind": {"vla": {"policy": {"blank_images": True}}, "measures": "vision",
+              "what": "every camera image a constant frame (state and instruction only)"},
+    "vision_tower": {"vla": {"policy": {"features": "vision_tower"}}, "measures": "language_model",
+                     "what": "the VLM's own vision tower features, pooled, with the same head (no language model)"},
+}  # fmt: skip
 
 
 @dataclass
@@ -100,10 +116,18 @@ class RowSpec(Settings):
     vla: dict[str, Any] = option(
         factory=dict, help="overrides of the common VLA recipe for this row only (e.g. ETC co-training in a staged "
         "recipe); recorded in study.json, since the row then no longer shares the recipe")  # fmt: skip
+    control: Optional[Literal["blind", "vision_tower"]] = option(
+        None, "a control row (no steps): blind (every image a constant frame) or vision_tower (the VLM's pooled vision "
+        "features, no language model), under the common VLA recipe")  # fmt: skip
 
     def validate(self) -> None:
         if not ROW_NAME.match(self.name):
             raise ConfigError(f"name: {self.name!r} must be 1-48 lower-case letters, digits, _ or - (it names stage folders)")
+        if self.control is not None:
+            if self.steps or self.init != "pretrained":
+                raise ConfigError(f"rows ({self.name}): a control row is the study VLM under the common recipe; give it no "
+                                  "steps and no init")  # fmt: skip
+            self.vla = deep_merge(self.vla, CONTROLS[self.control]["vla"])  # resolved here: the row's own VLA overrides
 
 
 @dataclass
@@ -141,11 +165,52 @@ class CKASettings(Settings):
 
 
 @dataclass
+class PowerSettings(Settings):
+    """What the study can detect (:mod:`midtrain.experiments.study.power`): for every paired comparison, the
+    minimum detectable difference of this run and the seeds x episodes that would reach a target."""
+
+    target_difference: float = option(0.10, "the difference (success, 0-1) the designs in study.json are sized to detect")
+    power: float = option(0.8, "power of the minimum detectable difference")
+    alpha: float = option(0.05, "two-sided level of the test")
+    seed_counts: list[int] = option(factory=lambda: [2, 3, 5, 10], help="seed counts of the designs for the target")
+
+    def validate(self) -> None:
+        if not 0 < self.target_difference < 1:
+            raise ConfigError(f"power.target_difference: expected a difference in (0, 1), got {self.target_difference}")
+        if not 0 < self.power < 1 or not 0 < self.alpha < 1:
+            raise ConfigError(f"power: power and alpha must be in (0, 1), got {self.power} and {self.alpha}")
+        if not self.seed_counts or min(self.seed_counts) < 1:
+            raise ConfigError(f"power.seed_counts: expected seed counts >= 1, got {self.seed_counts}")
+
+
+@dataclass
+class SequentialSettings(Settings):
+    """Sequential evaluation (:mod:`midtrain.experiments.study.rounds`): closed-loop episodes in rounds of
+    ``eval.episodes_per_task`` per task until every comparison in ``compare`` is decided (alpha
+    spending keeps the false-positive rate at ``alpha``) or ``rounds`` are spent."""
+
+    rounds: int = option(1, "at most this many rounds of eval.episodes_per_task episodes per task (1: no sequential evaluation)")
+    compare: list[str] = option(factory=lambda: ["learned - random"],
+                                help="the paired comparisons ('<row> - <row>') that must be decided to stop early")  # fmt: skip
+    spending: Literal["obrien_fleming", "pocock"] = option(
+        "obrien_fleming", "alpha-spending function: obrien_fleming (little spent early) or pocock (evenly)")
+    alpha: float = option(0.05, "two-sided false-positive rate of each comparison over all rounds")
+
+    def validate(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"sequential.rounds: must be >= 1, got {self.rounds}")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"sequential.alpha: must be in (0, 1), got {self.alpha}")
+
+
+@dataclass
 class StudyConfig(StageConfig):
     """Config of ``midtrain study``: compare VLA initialisations end to end in one run directory.
 
-    ``seed`` seeds the world and the mid-training; ``seeds`` the VLA trainings (and the
-    closed-loop episodes stay the same for every row and seed: ``eval.seed``).
+    ``seed`` seeds the world (the embedded world is ``demo`` with ``demo.seed = seed``: sim collect,
+    sim pool and the data engine), the study VLM's build, the selections and the mid-training;
+    ``seeds`` the VLA trainings (and the closed-loop episodes stay the same for every row and
+    seed: ``eval.seed``).
     """
 
     world: Literal["embedded", "run_dir"] = option(
@@ -175,6 +240,12 @@ class StudyConfig(StageConfig):
     seeds: list[int] = option(factory=lambda: [0, 1, 2], help="seeds of the VLA trainings; every row runs every seed")
     probe: ProbeSettings = option(factory=ProbeSettings, help="the frozen-backbone probe")
     cka: CKASettings = option(factory=CKASettings, help="representation drift (linear CKA per layer)")
+    power: PowerSettings = option(factory=PowerSettings, help="the detectable difference of every paired comparison")
+    sequential: SequentialSettings = option(factory=SequentialSettings, help="closed-loop evaluation in rounds, stopped once decided")
+    report: bool = option(True, "finish with the run report (`midtrain report`: every stage's section, the study's too)")
+    calibrate: bool = option(
+        False, "run the baseline row and the control rows only (no selections, mid-training, probe or CKA) and write "
+        "calibration/calibration.json: the tasks to drop because the baseline and the controls agree at 0 or at 1")  # fmt: skip
     rows: list[RowSpec] = option(factory=list, help="the initialisations compared (see the module docstring)")
     baseline_row: str = option("base", "the row the others are compared with (paired by seed)")
     num_threads: Optional[int] = option(
@@ -199,6 +270,19 @@ class StudyConfig(StageConfig):
             raise ConfigError(f"rows: names repeat: {sorted({n for n in names if names.count(n) > 1})}")
         if self.baseline_row not in names:
             raise ConfigError(f"baseline_row: {self.baseline_row!r} is not a row; rows: {', '.join(names)}")
+        if next(r for r in self.rows if r.name == self.baseline_row).control:
+            raise ConfigError(f"baseline_row: {self.baseline_row!r} is a control row; the controls are compared with the baseline")
+        if self.sequential.rounds > 1:
+            if not self.closed_loop:
+                raise ConfigError("sequential.rounds: needs closed_loop: true (the rounds add closed-loop episodes)")
+            if not self.sequential.compare:
+                raise ConfigError("sequential.compare: name the comparisons that decide when to stop (e.g. 'learned - random')")
+            for c in self.sequential.compare:
+                parts = c.split(" - ")
+                if len(parts) != 2 or parts[0] == parts[1] or not set(parts) <= set(names):
+                    raise ConfigError(f"sequential.compare: {c!r} is not '<row> - <row>' of two rows; rows: {', '.join(names)}")
+        if self.demo.seed not in (0, self.seed):
+            raise ConfigError(f"demo.seed: the study's `seed` ({self.seed}) seeds the embedded world; set seed, not demo.seed")
         if self.world == "run_dir" and self.robot_data is None:
             raise ConfigError("robot_data: required with world: run_dir (the LeRobot dataset the VLAs train on)")
         check_rows(self)
@@ -245,7 +329,7 @@ def row_stages(row: RowSpec, seeds: list[int], probe_seeds: int, probe: bool = T
         out.steps.append(StepStage(name, step.kind, step.overrides, start))
         start = name
     out.finals = {s: f"vla_{row.name}_s{s}" for s in seeds}
-    if probe:
+    if probe and row.control is None:  # a control's VLM is the study VLM: the baseline's probe already measures it
         out.probes = {s: f"probe_{row.name}_s{s}" for s in seeds[:probe_seeds]}
     return out
 

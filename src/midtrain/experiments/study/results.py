@@ -11,12 +11,17 @@ any time. Layout::
         "mixture": {scorer, k, mmd_to_vla, diversity, source_diversity} | null,
         "seeds": {<seed>: {stage, success, per_task, curve, offline, train_seconds}},
         "success": {mean, ci95, interval, per_seed, per_task, episodes, successes},
-        "vs_baseline": {mean, ci95, share_of_replicates_above_0},
-        "offline_l1", "offline_gripper_accuracy": {mean, ci95, n},
+        "vs_baseline": {mean, ci95, share_of_replicates_above_0, minimum_detectable_difference},  # study.power
+        "offline_l1", "offline_gripper_accuracy": {mean, ci95, n, values},  # ci95 clipped to the quantity's range
         "probe": {seeds: {<seed>: {stage, l1, gripper_accuracy}}, l1},
         "curve": [{step, mean, ci95}],
         "cka": {"vlm": [...] | null, "vla": {<seed>: [...]}}}},
-     "pairwise": {"<row a> - <row b>": {mean, ci95, share_of_replicates_above_0}},  # rows other than the baseline
+     "pairwise": {"<row a> - <row b>": {mean, ci95, share_of_replicates_above_0,
+                                        minimum_detectable_difference}},  # rows other than the baseline and the controls
+     "controls": {"<baseline> - <control row>": {control, measures: vision | language_model, mean, ci95,
+                                                 share_of_replicates_above_0, minimum_detectable_difference}},
+     "warnings": [{kind, subject | subjects, message}],  # midtrain.experiments.study.caveats: saturated tasks, zero-width intervals
+     "sequential": {rounds, rounds_run, boundaries, stopped, comparisons: {<a - b>: {z, decided, look}}} | null,
      "budgets": {...}, "cost": {...}}
 """
 
@@ -27,8 +32,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ...runs import RunDir
-from ..runner import episode_successes
 from .plan import CKA_STAGE, RANDOM_VLM_STAGE, SELECTIONS_DIR, VLA_TEXT_STAGE, VLM_STAGE, RowStages, sft_data_refs
+from .caveats import study_warnings
+from .power import comparison_power
+from .rounds import episodes_table, first_round, merge_rounds, round_episodes, round_run, sequential_record
 from .stats import INTERVAL_METHOD, paired_interval, success_summary, t_interval
 
 WORLD_STAGES = ("sim_collect", "sim_pool", "catalog", "featurize", "gap", "fit", "score", "select", "export", "etc")
@@ -43,8 +50,9 @@ def closed_loop_episodes(stage_dir: Path) -> dict[int, dict[str, list[bool]]]:
     out: dict[int, dict[str, list[bool]]] = {}
     for folder in sorted((stage_dir / "closed_loop").glob("step-*")):
         path = folder / "episodes.parquet"
-        if path.is_file():
-            out[int(folder.name.split("-")[1])] = episode_successes(path)
+        if not path.is_file():
+            continue
+        out[int(folder.name.split("-")[1])] = episodes_table(path)
     return out
 
 
@@ -72,7 +80,7 @@ def _mixture(step_overrides: dict, run: RunDir) -> Optional[dict]:
     }  # fmt: skip
 
 
-def _row_result(config, run: RunDir, row, rs: RowStages, cka: dict, models) -> dict[str, Any]:
+def _row_result(config, run: RunDir, row, rs: RowStages, cka: dict, models, rounds_run: int = 1) -> dict[str, Any]:
     steps = []
     mixture = None
     for spec, step in zip(row.steps, rs.steps):
@@ -99,18 +107,22 @@ def _row_result(config, run: RunDir, row, rs: RowStages, cka: dict, models) -> d
             "samples_seen": man.get("train", {}).get("samples"), "wall_s": man.get("timings", {}).get("wall_s"),
         }  # fmt: skip
         if last is not None:
-            episodes_final[seed] = eps[last]
-            seeds[seed]["success"] = round(_mean_over_tasks(eps[last]), 4)
-            seeds[seed]["per_task"] = {t: round(sum(v) / len(v), 4) for t, v in eps[last].items()}
+            final = merge_rounds([eps[last], *(round_episodes(run, row.name, seed, k) for k in range(2, rounds_run + 1))])
+            episodes_final[seed] = final  # with the sequential rounds after the first (study.rounds)
+            seeds[seed]["success"] = round(_mean_over_tasks(final), 4)
+            seeds[seed]["per_task"] = {t: round(sum(v) / len(v), 4) for t, v in final.items()}
             seeds[seed]["episodes_file"] = str(run.stage_dir(name) / "closed_loop" / f"step-{last:06d}" / "episodes.parquet")
+            if rounds_run > 1:
+                seeds[seed]["round_files"] = [str(round_run(run, row.name, seed, k).stage_dir("eval") / "episodes.parquet")
+                                              for k in range(2, rounds_run + 1)]  # fmt: skip
             curves[seed] = eps
     out: dict[str, Any] = {
-        "init": row.init, "steps": steps, "recipe_overrides": row.vla, "mixture": mixture, "seeds": seeds,
+        "init": row.init, "control": row.control, "steps": steps, "recipe_overrides": row.vla, "mixture": mixture, "seeds": seeds,
         "vlm": models[row.name][0],
         "success": success_summary([episodes_final[s] for s in sorted(episodes_final)], config.seed)
         if len(episodes_final) == len(rs.finals) and episodes_final else None,
-        "offline_l1": t_interval([seeds[s]["offline"]["l1"] for s in seeds]),
-        "offline_gripper_accuracy": t_interval([seeds[s]["offline"]["gripper_accuracy"] for s in seeds]),
+        "offline_l1": t_interval([seeds[s]["offline"]["l1"] for s in seeds], bounds=(0.0, None)),
+        "offline_gripper_accuracy": t_interval([seeds[s]["offline"]["gripper_accuracy"] for s in seeds], bounds=(0.0, 1.0)),
     }  # fmt: skip
     out["_episodes"] = [episodes_final[s] for s in sorted(episodes_final)]
     common = sorted(set.intersection(*(set(c) for c in curves.values()))) if len(curves) == len(rs.finals) and curves else []
@@ -120,14 +132,38 @@ def _row_result(config, run: RunDir, row, rs: RowStages, cka: dict, models) -> d
     for seed, name in rs.probes.items():
         man = run.manifest(name) or {}
         probes[seed] = {"stage": name, **{k: v for k, v in _offline(man).items() if k != "loss"}}
-    out["probe"] = {"seeds": probes, "l1": t_interval([p["l1"] for p in probes.values()]),
-                    "gripper_accuracy": t_interval([p["gripper_accuracy"] for p in probes.values()])}  # fmt: skip
+    out["probe"] = {"seeds": probes, "l1": t_interval([p["l1"] for p in probes.values()], bounds=(0.0, None)),
+                    "gripper_accuracy": t_interval([p["gripper_accuracy"] for p in probes.values()], bounds=(0.0, 1.0))}  # fmt: skip
     models_cka = (cka or {}).get("models", {})
     vlm_cka = models_cka.get(row.name, {}).get("cka")
     if vlm_cka is None and cka and models[row.name][0] == cka.get("base"):
         vlm_cka = [1.0] * int(cka["layers"])  # the base VLM itself
     out["cka"] = {"vlm": vlm_cka, "vla": {int(k.rsplit("_s", 1)[1]): v["cka"] for k, v in models_cka.items()
                                           if k.startswith(f"{row.name}/vla_s")}}  # fmt: skip
+    return out
+
+
+def _power(config, row: list, other: list) -> dict:
+    p = config.power
+    return comparison_power(row, other, p.target_difference, p.power, p.alpha, p.seed_counts)
+
+
+def control_comparisons(config, rows: dict[str, dict]) -> dict[str, dict]:
+    """``{"<baseline> - <control>": paired interval + power}`` for every control row (``CONTROLS``):
+    baseline - blind is how much success comes from vision, baseline - vision_tower what the
+    language model adds (or, below 0, removes) over the VLM's own pooled vision features."""
+    from .config import CONTROLS
+
+    base = rows[config.baseline_row]
+    out = {}
+    for row in config.rows:
+        r = rows[row.name]
+        if row.control is None or not r["success"] or not base["success"]:
+            continue
+        d = paired_interval(base["_episodes"], r["_episodes"], config.seed)
+        d["minimum_detectable_difference"] = _power(config, base["_episodes"], r["_episodes"])
+        out[f"{config.baseline_row} - {row.name}"] = {"control": row.control, "measures": CONTROLS[row.control]["measures"],
+                                                      "what": CONTROLS[row.control]["what"], **d}  # fmt: skip
     return out
 
 
@@ -158,21 +194,28 @@ def _cost(run: RunDir, names: list[str]) -> dict[str, Any]:
 def collect_results(config, run: RunDir, plans: list[RowStages], models: dict, ctx=None) -> dict[str, Any]:
     """``study.json``'s content (see the module docstring)."""
     cka = _read_json(run.stage_dir(CKA_STAGE) / "cka.json") if config.cka.enabled else None
-    rows = {row.name: _row_result(config, run, row, rs, cka, models) for row, rs in zip(config.rows, plans)}
+    sequential = sequential_record(config, first_round(run, config, plans), run)
+    rounds_run = sequential["rounds_run"] if sequential else 1
+    rows = {row.name: _row_result(config, run, row, rs, cka, models, rounds_run) for row, rs in zip(config.rows, plans)}
     base = rows[config.baseline_row]
     for name, r in rows.items():
         if name != config.baseline_row and r["success"] and base["success"]:
             r["vs_baseline"] = paired_interval(r["_episodes"], base["_episodes"], config.seed)
+            r["vs_baseline"]["minimum_detectable_difference"] = _power(config, r["_episodes"], base["_episodes"])
         else:
             r["vs_baseline"] = None
     # Every other pair of rows too (learned - random is the seed's headline comparison): row order is
     # the config's, each difference is "first - second", paired over the same seeds and episodes.
-    names_in_order = [n for n in rows if rows[n]["success"]]
+    controls = control_comparisons(config, rows)
+    names_in_order = [r.name for r in config.rows if rows[r.name]["success"] and not r.control]
     pairs = {
         f"{a} - {b}": paired_interval(rows[a]["_episodes"], rows[b]["_episodes"], config.seed)
         for i, a in enumerate(names_in_order) for b in names_in_order[i + 1 :]
         if config.baseline_row not in (a, b)
     }  # fmt: skip
+    for key, d in pairs.items():
+        a, b = key.split(" - ")
+        d["minimum_detectable_difference"] = _power(config, rows[a]["_episodes"], rows[b]["_episodes"])
     for r in rows.values():
         r.pop("_episodes")
     sft_samples = {name: sum(s["samples_seen"] or 0 for s in r["steps"] if s["kind"] == "sft") for name, r in rows.items()}
@@ -192,7 +235,9 @@ def collect_results(config, run: RunDir, plans: list[RowStages], models: dict, c
     names = [*WORLD_STAGES, VLM_STAGE, RANDOM_VLM_STAGE, VLA_TEXT_STAGE, CKA_STAGE]
     names += [s.name for rs in plans for s in rs.steps] + [n for rs in plans for n in (*rs.finals.values(), *rs.probes.values())]
     return {
-        "protocol": protocol, "baseline_row": config.baseline_row, "rows": rows, "pairwise": pairs,
+        "protocol": protocol, "baseline_row": config.baseline_row, "rows": rows, "pairwise": pairs, "controls": controls,
+        "warnings": study_warnings(rows, pairs, config.baseline_row),
+        "sequential": sequential,
         "budgets": {"midtrain_samples": mid, "midtrain_equal": len(set(mid.values())) <= 1,
                     "vla_samples": vla_samples,
                     "vla_equal": len({tuple(v) for v in vla_samples.values()}) <= 1},  # fmt: skip

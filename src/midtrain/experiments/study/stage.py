@@ -16,7 +16,11 @@ Top to bottom (:func:`run_study`), every step an ordinary resumable stage (folde
 5. **the frozen-backbone probe** of every row's VLM (``probe_<row>_s<seed>``);
 6. **CKA drift** of every row from the base VLM (``cka/``);
 7. **the study** (``study/``): ``study.json`` with every number and its seed, ``study.html`` (the
-   table and figures, :func:`midtrain.experiments.study.html.study_section_html`) and the figures as PNGs.
+   table and figures, :func:`midtrain.experiments.study.html.study_section_html`) and the figures as PNGs;
+8. **the run report** (``report/``, unless ``report: false``), the study's section in it.
+
+With ``sequential.rounds > 1``, step 4 continues in rounds of new closed-loop episodes
+(``rounds/``, :mod:`midtrain.experiments.study.rounds`) until the named comparisons are decided.
 
 ``--force`` recomputes the ``study/`` folder only (the aggregate); a sub-stage is redone by
 deleting its folder or running it with ``--force``.
@@ -24,12 +28,14 @@ deleting its folder or running it with ``--force``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from ...runs import RunDir, StageError, stage_run, write_json_atomic, write_text_atomic
-from ..runner import StageRunner, deep_merge, peak_rss_mb
+from ..runner import StageRunner, call_stage, deep_merge, peak_rss_mb, stage_config
+from .calibration import CALIBRATION_FILE, CALIBRATION_STAGE, calibration_config, calibration_record
 from .config import (PLACEHOLDER_DATA, PLACEHOLDER_MODEL, StudyConfig, references_kind, referenced_scorers, row_stages,
                      vla_config, with_robot_data)  # fmt: skip
 from .plan import (CKA_STAGE, PERPLEXITY_SCORERS, RANDOM_VLM_STAGE, SELECTIONS_DIR, STUDY_STAGE, VLA_TEXT_STAGE,
@@ -59,6 +65,10 @@ class StudyContext:
         """Run the registered ``stage`` with ``mapping`` (a complete stage with the same config and
         inputs is skipped, as always); errors name ``key``."""
         return self.runner.run(stage, mapping, run_dir=run_dir, label=label or mapping.get("name") or key, key=key)
+
+    def timed(self, label: str, fn):
+        """Call ``fn`` as a step of the study, timed under ``label``."""
+        return self.runner.timed(label, fn)
 
     @property
     def common(self) -> dict[str, Any]:
@@ -128,7 +138,8 @@ def _world(ctx: StudyContext) -> None:
     if cfg.world == "embedded":
         from ..demo import run_demo
 
-        ctx.runner.timed("demo", lambda: run_demo(cfg.demo, ctx.run, force=False))
+        world = replace(cfg.demo, seed=cfg.seed)  # the study's seed reseeds the world
+        ctx.runner.timed("demo", lambda: run_demo(world, ctx.run, force=False))
     else:
         for stage in ("catalog", "featurize"):
             ctx.run.require(stage)
@@ -248,6 +259,8 @@ def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path
     from .html import study_page_html, write_figures
 
     t0 = time.perf_counter()
+    if config.calibrate:
+        config = calibration_config(config)  # the baseline and the controls only
     ctx = StudyContext(config, run_dir)
     plans = [row_stages(r, config.seeds, config.probe.seeds, config.probe.enabled) for r in config.rows]
     with torch_threads(config.num_threads):
@@ -259,6 +272,11 @@ def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path
             ctx.etc_llava_dir()
         models = _run_rows(ctx, plans)
         _run_finals(ctx, plans, models)
+        if config.sequential.rounds > 1:
+            from .rounds import run_rounds
+
+            run_rounds(ctx, plans, eval_settings(ctx),
+                       lambda name, run, mapping, key: call_stage(name, stage_config(name, mapping, key=key), run))
         _run_probes(ctx, plans, models)
         cka_dir = _run_cka(ctx, plans, models)
 
@@ -268,19 +286,36 @@ def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path
         inputs[CKA_STAGE] = Path(cka_dir) / "manifest.json"
     inputs.update({f"{SELECTIONS_DIR}/{s}": run_dir.root / SELECTIONS_DIR / s / "select" / "manifest.json"
                    for s in referenced_scorers(config)})  # fmt: skip
-    with stage_run(run_dir, STUDY_STAGE, config, inputs=inputs, force=force) as st:
+    if config.sequential.rounds > 1:
+        from .rounds import round_manifests
+
+        inputs.update(round_manifests(run_dir))
+    folder = CALIBRATION_STAGE if config.calibrate else STUDY_STAGE  # beside a study/ of the same run, not over it
+    with stage_run(run_dir, folder, config, inputs=inputs, force=force) as st:
         if st.skipped_as_complete:
-            return st.final_dir
+            return _with_report(ctx, st.final_dir)
         results = collect_results(config, run_dir, plans, models, ctx)
         results["cost"]["this_invocation"] = {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss": peak_rss_mb(),
                                               "stages_s": ctx.runner.seconds}  # fmt: skip
         figures = write_figures(results, Path(st.dir))
         results["figures"] = figures
         write_json_atomic(Path(st.dir) / STUDY_FILE, results)
-        write_text_atomic(Path(st.dir) / PAGE, study_page_html(Path(st.dir)))
+        if config.calibrate:
+            write_json_atomic(Path(st.dir) / CALIBRATION_FILE, calibration_record(results))
+        write_text_atomic(Path(st.dir) / PAGE, study_page_html(Path(st.dir), json_path=st.final_dir / STUDY_FILE))
         st.counts.update(rows=len(config.rows), seeds=len(config.seeds))
         st.extra["headline"] = {r: v.get("success", {}).get("mean") for r, v in results["rows"].items()}
         for r, v in results["rows"].items():
             s = v.get("success") or {}
             st.log.info("%-16s success %s %s", r, s.get("mean"), s.get("ci95"))
-    return st.final_dir
+        for w in results["warnings"]:
+            st.log.warning("%s", w["message"])
+    return _with_report(ctx, st.final_dir)
+
+
+def _with_report(ctx: StudyContext, study_dir: Path) -> Path:
+    """The run report (``report/report.html``, the study's section in it) unless ``report: false``."""
+    if ctx.config.report:
+        mapping = {**ctx.common, "title": "midtrain study: does mid-training make a better VLA?"}
+        ctx.run_stage("report", mapping, "report")
+    return study_dir

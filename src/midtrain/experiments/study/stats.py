@@ -28,7 +28,7 @@ Student-t 95% interval over seeds (none with one seed).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -95,29 +95,43 @@ def success_summary(per_seed: Sequence[dict[str, Sequence[bool]]], seed: int = 0
     }  # fmt: skip
 
 
+def paired_arrays(row: Sequence[dict[str, Sequence[bool]]], base: Sequence[dict[str, Sequence[bool]]]
+                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:  # fmt: skip
+    """:func:`success_array` of two rows compared pair by pair (the same tasks, seeds and episodes)."""
+    t_row, a_row = success_array(row)
+    t_base, a_base = success_array(base)
+    if t_row != t_base or [a.shape for a in a_row] != [a.shape for a in a_base]:
+        raise ValueError("paired comparison: the rows were not evaluated under the same protocol and seeds")
+    return a_row, a_base
+
+
 def paired_interval(row: Sequence[dict[str, Sequence[bool]]], base: Sequence[dict[str, Sequence[bool]]],
                     seed: int = 0) -> dict:  # fmt: skip
     """The difference ``row - base`` of mean success, paired by seed index and episode, with its
     two-way bootstrap interval (the same replicate weights for both)."""
-    t_row, a_row = success_array(row)
-    t_base, a_base = success_array(base)
-    if t_row != t_base or [a.shape for a in a_row] != [a.shape for a in a_base]:
-        raise ValueError("paired_interval: the rows were not evaluated under the same protocol and seeds")
+    a_row, a_base = paired_arrays(row, base)
     diff = bootstrap_means(a_row, seed) - bootstrap_means(a_base, seed)
     point = float(np.mean([y.mean() for y in a_row]) - np.mean([y.mean() for y in a_base]))
     return {"mean": round(point, 4), "ci95": percentile_interval(diff),
             "share_of_replicates_above_0": round(float(np.mean(diff > 0)), 4)}  # fmt: skip
 
 
-def t_interval(values: Sequence[float]) -> dict:
-    """Mean of per-seed values with a Student-t 95% interval (``ci95`` None for one value)."""
+def t_interval(values: Sequence[float], bounds: tuple[Optional[float], Optional[float]] = (None, None)) -> dict:
+    """Mean of per-seed values with a Student-t 95% interval (``ci95`` None for one value), clipped
+    to ``bounds`` (the quantity's range: an accuracy's interval over 2 seeds easily leaves [0, 1]);
+    ``values`` are the seeds' own numbers, which say more than the interval with few seeds."""
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not vals:
         return {"mean": None, "ci95": None, "n": 0}
     mean = float(np.mean(vals))
     if len(vals) < 2:
-        return {"mean": round(mean, 5), "ci95": None, "n": 1}
+        return {"mean": round(mean, 5), "ci95": None, "n": 1, "values": [round(v, 5) for v in vals]}
     from scipy.stats import t
 
     half = float(t.ppf(0.975, len(vals) - 1) * np.std(vals, ddof=1) / math.sqrt(len(vals)))
-    return {"mean": round(mean, 5), "ci95": [round(mean - half, 5), round(mean + half, 5)], "n": len(vals)}
+    lo, hi = mean - half, mean + half
+    clipped = (bounds[0] is not None and lo < bounds[0]) or (bounds[1] is not None and hi > bounds[1])
+    lo = lo if bounds[0] is None else max(lo, bounds[0])
+    hi = hi if bounds[1] is None else min(hi, bounds[1])
+    return {"mean": round(mean, 5), "ci95": [round(lo, 5), round(hi, 5)], "n": len(vals),
+            "values": [round(v, 5) for v in vals], "clipped": clipped}  # fmt: skip

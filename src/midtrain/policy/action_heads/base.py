@@ -62,6 +62,10 @@ class ActionHead(nn.Module):
         """``(hidden, mask)``: what the head keeps of the backbone's last hidden states ``[B, T, D]``."""
         return hidden, inputs["attention_mask"].to(hidden.device).bool()
 
+    def read_pooled(self, pooled: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(hidden, mask)`` from pooled image features ``[B, 1, D]`` (``policy.features: vision_tower``)."""
+        return pooled, torch.ones(pooled.shape[:2], dtype=torch.bool, device=pooled.device)
+
     def features(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> list[torch.Tensor]:
         """What :meth:`read` kept, per sample and unpadded (a frozen backbone's fixed features)."""
         return [hidden[i, mask[i]] for i in range(len(hidden))] if mask is not None else list(hidden)

@@ -32,11 +32,15 @@ class MLPHead(ActionHead):
         ids = inputs["input_ids"].to(hidden.device)
         return hidden[ids == self.io.query_id].reshape(ids.shape[0], self.io.num_queries, hidden.shape[-1]), None
 
+    def read_pooled(self, pooled: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Pooled image features plus each query: the per-step inputs of the MLP-ResNet (``[B, Q, D]``)."""
+        return pooled + self.queries[None].to(pooled.dtype), None
+
     def collate_features(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, None]:
         return torch.stack(features), None
 
     def backbone_inputs(self) -> list[nn.Parameter]:
-        return [self.queries]
+        return [] if self.config.settings.features == "vision_tower" else [self.queries]  # then they train after the backbone
 
     def loss(self, ctx: HeadContext, batch: dict[str, Any]):
         target, mask = action_targets(batch, ctx.binary.device)
