@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..runs import StageError, write_json_atomic
+from .fsdp import is_sharded, is_sharded_checkpoint, load_sharded_state, save_sharded_state
 
 STATE_DIR = "trainer_state"
 STEP_DIR = re.compile(r"step-(\d{6,})")
@@ -127,13 +128,17 @@ def save_checkpoint(accelerator, root: Path, step: int, task, model, optimizer, 
             shutil.rmtree(tmp)
         (tmp / STATE_DIR).mkdir(parents=True)
     accelerator.wait_for_everyone()
-    weights, optim = _full_state(model, optimizer)
     torch.save(rng_state(), tmp / STATE_DIR / f"rng-{accelerator.process_index:05d}.pt")
-    if main:
+    if is_sharded(model):  # FSDP: every process writes its own shards (train/fsdp.py)
+        save_sharded_state(accelerator, tmp, tmp / STATE_DIR, task, model, optimizer, _resume_names(model))
+    else:
+        weights, optim = _full_state(model, optimizer)
+    if main and not is_sharded(model):
         task.save_pretrained(tmp)
         keep_names = _resume_names(accelerator.unwrap_model(model))
         torch.save({k: v for k, v in weights.items() if k in keep_names}, tmp / STATE_DIR / "weights.pt")
         torch.save(optim, tmp / STATE_DIR / "optimizer.pt")
+    if main:
         torch.save(scheduler.state_dict(), tmp / STATE_DIR / "scheduler.pt")
     accelerator.wait_for_everyone()
     if main:
@@ -173,10 +178,24 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dic
     Raises :class:`~midtrain.runs.StageError` naming the checkpoint when its files do not match
     the model being trained (a changed model or trainable set behind an unchanged config)."""
     import torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     state_dir = path / STATE_DIR
     state = json.loads((state_dir / "state.json").read_text())
+    if is_sharded_checkpoint(state_dir):  # FSDP shards (train/fsdp.py)
+        load_sharded_state(accelerator, state_dir, model, optimizer, _resume_names(model))
+    else:
+        _load_full_state(accelerator, state_dir, model, optimizer)
+    scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=False))
+    rng_file = state_dir / f"rng-{accelerator.process_index:05d}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def _load_full_state(accelerator, state_dir: Path, model, optimizer) -> None:
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     weights = torch.load(state_dir / "weights.pt", map_location="cpu", weights_only=True)
     optim = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
     expected = _resume_names(accelerator.unwrap_model(model))
@@ -187,11 +206,6 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dic
     opts = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, weights, options=opts)
     set_optimizer_state_dict(model, optimizer, optim, options=opts)
-    scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=False))
-    rng_file = state_dir / f"rng-{accelerator.process_index:05d}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return state
 
 
 class MetricsLog:

@@ -50,6 +50,7 @@ import numpy as np
 from ..runs import StageError
 from .batches import BatchPlan, StepBatches, eval_batches
 from .checkpoint import MetricsLog, complete_checkpoints, load_checkpoint, remove_partial_checkpoints, save_checkpoint
+from .fsdp import fsdp_active, gather_into_plain_module, local_state_bytes, shard_model
 from .settings import TrainSettings
 
 
@@ -168,6 +169,7 @@ class TrainResult:
     processes: int = 1
     global_batch: int = 0
     parameters: dict = field(default_factory=dict)
+    state_bytes: dict = field(default_factory=dict)  # per process: param_bytes, optimizer_bytes (local shards)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -261,6 +263,8 @@ def train(task: TrainTask, settings: TrainSettings, st, *, accelerator=None,
             raise StageError(f"train.gradient_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable()")
         enable()
     counts = _parameter_counts(model)
+    if fsdp_active(settings, acc):  # FSDP: shard before the optimizer sees the parameters (train/fsdp.py)
+        model = shard_model(model, acc, getattr(task, "fsdp_forward_methods", ()))
     if counts["trainable"] == 0:
         raise StageError("nothing to train: every parameter of the model is frozen")
     groups = task.param_groups() if hasattr(task, "param_groups") else default_param_groups(model, settings.weight_decay)
@@ -270,7 +274,8 @@ def train(task: TrainTask, settings: TrainSettings, st, *, accelerator=None,
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps,
                                   weight_decay=settings.weight_decay)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: settings.lr_factor(update))
-    model, optimizer = acc.prepare(model, optimizer)
+    if not fsdp_active(settings, acc):  # FSDP needs no DDP wrapper
+        model, optimizer = acc.prepare(model, optimizer)
     plan = BatchPlan(len(task.train_dataset), settings.batch_size, settings.grad_accum, procs, settings.seed,
                      getattr(task, "lengths", None) if settings.group_by_length else None)  # fmt: skip
 
@@ -397,11 +402,14 @@ def train(task: TrainTask, settings: TrainSettings, st, *, accelerator=None,
             final_path = save(step)
     metrics.close()
     seconds = time.perf_counter() - t_start
+    state_bytes = local_state_bytes(model, optimizer)  # this process's share of weights + optimizer states
+    if fsdp_active(settings, acc):
+        gather_into_plain_module(model, main)  # the stage saves the main process's model as without FSDP
     return TrainResult(
         steps=settings.steps, resumed_from=start if found else None,
         final_checkpoint=Path(getattr(st, "final_dir", None) or st.dir) / "checkpoints" / final_path.name,
         train_loss=run.last_loss, eval=result_eval, samples=int(run.samples_total), tokens=int(run.tokens_total),
-        seconds=seconds, processes=procs, global_batch=plan.global_batch, parameters=counts,
+        seconds=seconds, processes=procs, global_batch=plan.global_batch, parameters=counts, state_bytes=state_bytes,
     )  # fmt: skip
 
 
@@ -467,7 +475,8 @@ def _evaluate(task, model, acc, settings: TrainSettings, step: int, streams: Seq
     import torch
 
     batches = eval_batches(len(task.eval_dataset), settings.batch_size, settings.eval_batches, settings.seed,
-                           acc.num_processes, acc.process_index, getattr(task, "eval_lengths", None))  # fmt: skip
+                           acc.num_processes, acc.process_index, getattr(task, "eval_lengths", None),
+                           equal_shares=fsdp_active(settings, acc))  # fmt: skip
     loader = _loader(task, task.eval_dataset, batches, settings, acc.device)
     model.eval()
     loss_sum = weight = tokens = 0.0
@@ -494,7 +503,7 @@ def _evaluate(task, model, acc, settings: TrainSettings, step: int, streams: Seq
         if s.eval_dataset is None or not len(s.eval_dataset):
             continue
         batches = eval_batches(len(s.eval_dataset), s.eval_batch_size, settings.eval_batches, settings.seed,
-                               acc.num_processes, acc.process_index)  # fmt: skip
+                               acc.num_processes, acc.process_index, equal_shares=fsdp_active(settings, acc))  # fmt: skip
         s_loss = s_weight = 0.0
         with torch.no_grad():
             for batch in _loader(task, s.eval_dataset, batches, settings, acc.device, collate=s.collate):
