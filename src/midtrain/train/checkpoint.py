@@ -10,6 +10,9 @@ Layout of ``<stage dir>/checkpoints/step-NNNNNN/``::
       rng-RRRRR.pt      python / numpy / torch (/ CUDA) RNG states of process R
       state.json        step, global batch, processes, running log sums; written last
 
+Under FSDP (``train.fsdp``, :mod:`midtrain.train.fsdp`) ``weights.pt`` and ``optimizer.pt`` are
+replaced by ``shard-RRRRR-of-PPPPP.safetensors`` per process and ``shards.json``.
+
 A checkpoint is written into ``.step-NNNNNN.tmp/`` and renamed into place only when every file
 of every process is on disk (fsync'd), so a directory named ``step-NNNNNN`` is always whole and
 a killed save leaves only a hidden temporary that the next run deletes. Model and optimizer
