@@ -1,5 +1,5 @@
 """``train.fsdp``: which modules are sharded one by one, and the one-line errors before any work
-(the two-process runs are in tests/sft/test_fsdp.py and tests/vla/test_vla_cotrain.py)."""
+(the two-process runs are in tests/sft/test_fsdp_processes.py and tests/vla/test_vla_cotrain.py)."""
 
 from __future__ import annotations
 
