@@ -155,7 +155,7 @@ def shard_model(model, accelerator, forward_methods: tuple[str, ...] = ()):
         policy = MixedPrecisionPolicy()
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)  # gathered until its backward (the hook below)
     for vlm, _ in _language_models(model).values():
         # the first block's input requires grad even when the embeddings are frozen and the batch has no image
         # features: every process then reduce-scatters the blocks' gradients in the same order (layer 0 included)
