@@ -5,8 +5,8 @@ a 32,000-token vocabulary, full fine-tuning of the language model, vision tower 
 the same samples (``benchmarks/sft.py``'s LLaVA-like conversations), with the same global batch,
 as 2 processes under ``accelerate launch --multi_gpu`` (gloo on CPU, NCCL on GPUs): once as DDP
 replicas, once with ``train.fsdp=true``. Reported: seconds per optimizer step of the training loop
-(from ``metrics.jsonl``, the first step excluded: it includes lazy initialisation), the ratio FSDP /
-DDP, and ``train.state_bytes_per_process`` of each manifest (bytes of the local weights and AdamW
+(from ``metrics.jsonl``, the first step excluded: it includes lazy initialisation; the mean over
+rounds that alternate DDP and FSDP, so both see the same machine load), the ratio FSDP / DDP, and ``train.state_bytes_per_process`` of each manifest (bytes of the local weights and AdamW
 states of one process) with their ratios. The equality check: the two loss curves agree (relative
 difference < 1e-4: the same steps up to the order of float additions).
 
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=2, help="per process")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    parser.add_argument("--rounds", type=int, default=2, help="DDP and FSDP alternate this many times (same machine load)")
     args = parser.parse_args(argv)
     args.arch_size = args.arch_size or ("test" if args.quick else "bench")
     from midtrain.data.catalog import rows_to_table
@@ -79,7 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     write_parquet_atomic(mixture, rows_to_table(rows))
     print(f"model: {args.arch} ({args.arch_size}), {info['parameters'] / 1e6:.1f} M parameters; 2 processes x "
           f"{args.batch_size} samples, {args.steps} steps, {args.device}, {args.threads} thread(s) per process")  # fmt: skip
-    ddp, fsdp = run_two(model_dir, mixture, args, fsdp=False), run_two(model_dir, mixture, args, fsdp=True)
+    ddp_runs, fsdp_runs = [], []
+    for r in range(args.rounds):
+        ddp_runs.append(run_two(model_dir, mixture, args, fsdp=False))
+        fsdp_runs.append(run_two(model_dir, mixture, args, fsdp=True))
+        print(f"round {r + 1}: DDP {ddp_runs[-1]['step_s']:.3f} s/step, FSDP {fsdp_runs[-1]['step_s']:.3f} s/step")
+    ddp, fsdp = ddp_runs[0], fsdp_runs[0]
+    for runs, out in ((ddp_runs, ddp), (fsdp_runs, fsdp)):
+        out["step_s"] = sum(x["step_s"] for x in runs) / len(runs)
     rel = max(abs(a - b) / abs(a) for a, b in zip(ddp["losses"], fsdp["losses"]))
     ratios = {k: fsdp["bytes"][k] / ddp["bytes"][k] for k in ddp["bytes"]}
     print(f"DDP : {ddp['step_s']:.3f} s/step, {ddp['bytes']}")
@@ -87,11 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loss curves agree: max relative difference {rel:.1e} ({'ok' if rel < 1e-4 else 'FAIL'})")
     figures = {"bench": "fsdp", "device": args.device, "arch": args.arch, "arch_size": args.arch_size,
                "params_m": round(info["parameters"] / 1e6, 1), "processes": 2, "batch_size": args.batch_size,
-               "steps": args.steps, "ddp_step_s": round(ddp["step_s"], 3), "fsdp_step_s": round(fsdp["step_s"], 3),
+               "steps": args.steps, "rounds": args.rounds, "ddp_step_s": round(ddp["step_s"], 3), "fsdp_step_s": round(fsdp["step_s"], 3),
                "fsdp_over_ddp_step_time": round(fsdp["step_s"] / ddp["step_s"], 2),
                "param_bytes_ratio": round(ratios["param_bytes"], 3), "optimizer_bytes_ratio": round(ratios["optimizer_bytes"], 3),
                "ddp_bytes_per_process": ddp["bytes"], "fsdp_bytes_per_process": fsdp["bytes"],
-               "loss_max_rel_diff": float(f"{rel:.1e}"), "losses_agree": bool(rel < 1e-4)}  # fmt: skip
+               "loss_max_rel_diff": float(f"{rel:.1e}"), "losses_agree": bool(rel < 1e-4),
+               "loadavg_1m": round(os.getloadavg()[0], 1)}  # fmt: skip
     print(json.dumps(figures))
     return 0 if rel < 1e-4 else 1
 

@@ -5,15 +5,13 @@ per process, a SIGKILLed run that continues exactly, and a final model that load
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from cli_processes import cli_env as env
+from cli_processes import cli_env as env, kill_launch_at_checkpoint
 from test_processes import copy_run, curve, free_port, in_process, overrides
 
 
@@ -27,21 +25,6 @@ def run_two(run_root: Path, args: list[str]) -> Path:
     done = subprocess.run(launch(run_root, args), env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_root / "sft"
-
-
-def kill_launch_at_checkpoint(cmd: list[str], stage_dirs: list[Path], step: int, timeout_s: float = 300) -> None:
-    """Start the launcher and SIGKILL it and its workers (each in a session of its own) as soon as
-    checkpoint ``step`` exists."""
-    import psutil
-
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout_s
-    while not any((d / "checkpoints" / f"step-{step:06d}").exists() for d in stage_dirs):
-        assert proc.poll() is None and time.time() < deadline, f"the run ended before its checkpoint at step {step}"
-        time.sleep(0.002)
-    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-        p.send_signal(signal.SIGKILL)
-    proc.wait()
 
 
 def manifest(stage_dir: Path) -> dict:
@@ -81,7 +64,7 @@ def test_fsdp_lora_trains_like_one_process_with_half_the_state_and_resumes_exact
 
     # SIGKILL after the checkpoint of step 4, rerun: the uninterrupted FSDP run, bit for bit
     run = copy_run(catalog_run, "killed")
-    kill_launch_at_checkpoint(launch(run.root, args), [run.root / "sft", run.root / ".partial" / "sft"], 4)
+    kill_launch_at_checkpoint(launch(run.root, args), run.root, "sft", 4)
     resumed = run_two(run.root, args)
     assert manifest(resumed)["train"]["resumed_from"] == 4
     assert curve(resumed) == curve(two) and curve(resumed, "eval_loss") == curve(two, "eval_loss")

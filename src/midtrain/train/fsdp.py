@@ -282,7 +282,7 @@ def load_sharded_state(accelerator, state_dir: Path, model, optimizer, expected:
                          f"train.fsdp=true and {info['processes']} processes (this run: {procs}, fsdp "
                          f"{'on' if is_sharded(model) else 'off'}), or --force to start over")  # fmt: skip
     tensors = load_file(str(state_dir / _shard_file(accelerator.process_index, procs)))
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under each name
 
     def like(name: str, local):
         ref = params.get(name)
