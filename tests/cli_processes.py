@@ -48,7 +48,9 @@ def kill_launch_at_checkpoint(cmd: list[str], run_root: Path, stage: str, step: 
     while not any((d / "checkpoints" / f"step-{step:06d}").exists() for d in in_progress):
         assert proc.poll() is None and time.time() < deadline, f"the run ended before its checkpoint at step {step}"
         time.sleep(0.002)
-    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+    procs = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    for p in procs:
         p.send_signal(signal.SIGKILL)
     proc.wait()
+    psutil.wait_procs(procs, timeout=60)  # gone (reaped), so a rerun finds the stage lock's holder dead
     return next(d for d in in_progress if (d / "checkpoints").exists())

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from midtrain.runs import StageError
 from cli_processes import cli_env as env, kill_launch_at_checkpoint
 from test_processes import copy_run, curve, free_port, in_process, overrides
 
@@ -65,6 +66,9 @@ def test_fsdp_lora_trains_like_one_process_with_half_the_state_and_resumes_exact
     # SIGKILL after the checkpoint of step 4, rerun: the uninterrupted FSDP run, bit for bit
     run = copy_run(catalog_run, "killed")
     kill_launch_at_checkpoint(launch(run.root, args), run.root, "sft", 4)
+    with pytest.raises(StageError, match=r"step-000004/trainer_state: checkpoint sharded over 2 FSDP processes; resume with "
+                                         r"train.fsdp=true and 2 processes \(this run: 1, fsdp off\)"):  # fmt: skip
+        in_process(run, args)  # one process cannot take the shards over
     resumed = run_two(run.root, args)
     assert manifest(resumed)["train"]["resumed_from"] == 4
     assert curve(resumed) == curve(two) and curve(resumed, "eval_loss") == curve(two, "eval_loss")
