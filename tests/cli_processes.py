@@ -35,3 +35,22 @@ def kill_at_checkpoint(cmd: list[str], run_root: Path, stage: str, step: int, ti
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     return next(d for d in in_progress if (d / "checkpoints").exists())
+
+
+def kill_launch_at_checkpoint(cmd: list[str], run_root: Path, stage: str, step: int, timeout_s: float = 300) -> Path:
+    """As :func:`kill_at_checkpoint` for a launcher (``accelerate launch``, ``torchrun``): the launcher
+    and its workers (each in a session of its own) are SIGKILLed together."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    in_progress = [run_root / stage, run_root / ".partial" / stage]
+    deadline = time.time() + timeout_s
+    while not any((d / "checkpoints" / f"step-{step:06d}").exists() for d in in_progress):
+        assert proc.poll() is None and time.time() < deadline, f"the run ended before its checkpoint at step {step}"
+        time.sleep(0.002)
+    procs = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(procs, timeout=60)  # gone (reaped), so a rerun finds the stage lock's holder dead
+    return next(d for d in in_progress if (d / "checkpoints").exists())

@@ -106,11 +106,13 @@ def test_bad_co_training_configs_stop_before_training(tiny_vlm, world, tmp_path)
 
 
 @pytest.mark.slow
-def test_two_processes_co_train_like_one_at_the_same_global_batch(tiny_vlm, world, tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_co_train_like_one_at_the_same_global_batch(tiny_vlm, world, tmp_path, sharding):
     """1 process x grad_accum 2 vs 2 processes (gloo) x grad_accum 1: the same action and VQA
     micro-batches, the VQA passes before the action passes so the synced backward is an action batch
     (DDP with unused parameters: a VQA batch gives the head no gradient); action and VQA loss curves
-    agree up to the order of float additions."""
+    agree up to the order of float additions. ``fsdp``: the same with the backbone sharded (FSDP2), and
+    the final policy, written from the gathered weights, loads and predicts like the one process's."""
     import shutil
     import socket
     import subprocess
@@ -128,7 +130,8 @@ def test_two_processes_co_train_like_one_at_the_same_global_batch(tiny_vlm, worl
         port = s.getsockname()[1]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-              "-m", "midtrain.cli", "vla", "--run-dir", str(two_dir), *base, "train.grad_accum=1", "name=vla_two"]  # fmt: skip
+              "-m", "midtrain.cli", "vla", "--run-dir", str(two_dir), *base, "train.grad_accum=1", "name=vla_two",
+              f"train.fsdp={sharding == 'fsdp'}"]  # fmt: skip
     done = subprocess.run(launch, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     two = two_dir / "vla_two"
@@ -137,3 +140,9 @@ def test_two_processes_co_train_like_one_at_the_same_global_batch(tiny_vlm, worl
     assert curve(one, "loss") == pytest.approx(curve(two, "loss"), rel=1e-5)
     assert curve(one, "loss_vqa") == pytest.approx(curve(two, "loss_vqa"), rel=1e-5)
     assert len(curve(one, "loss")) == 4
+    if sharding == "fsdp":
+        man = json.loads((two / "manifest.json").read_text())["train"]
+        assert man["fsdp"] and man["state_bytes_per_process"]["optimizer_bytes"] > 0
+        a, b = VLAPolicy.from_pretrained(one / "policy", device="cpu"), VLAPolicy.from_pretrained(two / "policy", device="cpu")
+        wa = dict(a.named_parameters())
+        assert all((p - wa[n]).abs().max() < 1e-4 for n, p in b.named_parameters())

@@ -201,5 +201,37 @@ def test_sigkill_and_rerun_continues_the_uninterrupted_run(tiny_vlm, dataset, tm
     shutil.rmtree(tmp_path / "reference", ignore_errors=True)
 
 
+@pytest.mark.slow
+def test_fsdp_full_fine_tuning_after_sigkill_continues_the_uninterrupted_run(tiny_vlm, dataset, tmp_path):
+    """2 FSDP processes (gloo), the whole backbone training: killed after the checkpoint of step 4 and
+    rerun, the run reproduces an uninterrupted 2-process run bit for bit, policy included."""
+    import socket
+
+    from cli_processes import kill_launch_at_checkpoint
+
+    overrides = args(tiny_vlm("qwen2_vl"), [f"data.lerobot={dataset}", "policy.head=mlp", "backbone.trainable=full"],
+                     steps=8, save_every=4, eval_every=4, fsdp="true", batch_size=2)  # fmt: skip
+
+    def launch(root: Path) -> list[str]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+                "-m", "midtrain.cli", "vla", "--run-dir", str(root), *overrides]  # fmt: skip
+
+    for root in (tmp_path / "reference", tmp_path / "killed"):
+        if root.name == "killed":
+            kill_launch_at_checkpoint(launch(root), root, "vla", 4)
+        done = subprocess.run(launch(root), env=cli_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    reference, out = tmp_path / "reference" / "vla", tmp_path / "killed" / "vla"
+    assert json.loads((out / "manifest.json").read_text())["train"]["resumed_from"] == 4
+    assert _without_times(metrics(out)) == _without_times(metrics(reference))
+    a = VLAPolicy.from_pretrained(out / "policy", device="cpu").state_dict()
+    b = VLAPolicy.from_pretrained(reference / "policy", device="cpu").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _without_times(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]

@@ -32,6 +32,7 @@ from ..models.loading import check_vlm, load_processor, load_vlm
 from ..runs import RunDir, StageError
 from ..devices import torch_threads
 from ..train import distributed_stage, make_accelerator, read_metrics, train
+from ..train.fsdp import check_fsdp
 from .config import SFTConfig
 from .data import (COMPOSITION_FILE, DATA_DIR, InputIndex, catalog_source_files, collate_sft, draw_and_prepare,
                    load_prepared, materialize_datasets)  # fmt: skip
@@ -139,9 +140,7 @@ def run_sft(config: SFTConfig, run_dir: RunDir, force: bool = False) -> Path:
         fingerprint_inputs["model"] = Path(config.model).expanduser()
     accelerator = make_accelerator(config.train.precision, config.device,
                                    find_unused_parameters=config.vision != "frozen" or config.train_projector)  # fmt: skip
-    if accelerator.distributed_type.name == "FSDP":
-        raise StageError("sft: FSDP is not supported yet (saving and merging read unsharded modules); launch with DDP "
-                         "(accelerate launch --multi_gpu) and use LoRA / gradient checkpointing to fit the model (docs/sft.md)")  # fmt: skip
+    check_fsdp(accelerator, config.train, config.model, config.trust_remote_code)  # train.fsdp: blocks to shard (train/fsdp.py)
     with torch_threads(config.num_threads), distributed_stage(accelerator, run_dir, config.name, config, fingerprint_inputs,
                                                               force) as st:  # fmt: skip
         if st.skipped_as_complete:
@@ -225,6 +224,7 @@ def run_sft(config: SFTConfig, run_dir: RunDir, force: bool = False) -> Path:
                 "global_batch": result.global_batch, "train_loss": result.train_loss, **result.eval,
                 "tokens": result.tokens, "samples": result.samples, "train_seconds": round(result.seconds, 2),
                 "tokens_per_s": round(result.tokens / seconds, 1), "final_checkpoint": str(result.final_checkpoint.name),
+                "fsdp": config.train.fsdp and result.processes > 1, "state_bytes_per_process": result.state_bytes,
             }  # fmt: skip
             st.extra["final_model"] = str(Path(st.final_dir) / FINAL_MODEL)
             st.extra["save_dtype"] = dtype

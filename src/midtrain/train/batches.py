@@ -94,16 +94,20 @@ class StepBatches:
 
 
 def eval_batches(n: int, batch_size: int, max_batches: int, seed: int, processes: int, rank: int,
-                 lengths: Optional[np.ndarray] = None) -> list[list[int]]:  # fmt: skip
+                 lengths: Optional[np.ndarray] = None, equal_shares: bool = False) -> list[list[int]]:  # fmt: skip
     """This process's share of the evaluation micro-batches: a fixed seeded subset of
     ``max_batches x batch_size`` samples (0: all ``n``), sorted by length and cut into batches,
-    batch ``j`` going to process ``j mod processes``. The same at every evaluation."""
+    batch ``j`` going to process ``j mod processes``. The same at every evaluation.
+    ``equal_shares``: every process gets as many batches (FSDP runs each forward on all processes
+    together), the last ``len mod processes`` batches are left out."""
     order = np.random.default_rng([seed, 1 << 30]).permutation(n)
     if max_batches:
         order = order[: max_batches * batch_size]
     if lengths is not None:
         order = order[np.argsort(-np.asarray(lengths)[order], kind="stable")]
     batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    if equal_shares:
+        batches = batches[: len(batches) // processes * processes]
     return batches[rank::processes]
 
 

@@ -16,6 +16,9 @@ strings only and loads with ``torch.load(weights_only=True)`` (a planted pickle 
 run). A resume verifies the checksums of the newest checkpoint and, when a file is damaged
 (truncated, rewritten), names it in a warning and resumes from the newest intact one.
 
+Under FSDP (``train.fsdp``, :mod:`midtrain.train.fsdp`) ``weights.pt`` and ``optimizer.pt`` are
+replaced by ``shard-RRRRR-of-PPPPP.safetensors`` per process and ``shards.json``.
+
 A checkpoint is written into ``.step-NNNNNN.tmp/`` and renamed into place only when every file
 of every process is on disk (fsync'd), so a directory named ``step-NNNNNN`` is always whole and
 a killed save leaves only a hidden temporary that the next run deletes. Model and optimizer
@@ -43,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from ..runs import StageError, follow_umask, write_json_atomic
+from .fsdp import is_sharded, is_sharded_checkpoint, load_sharded_state, save_sharded_state
 
 STATE_DIR = "trainer_state"
 CHECKSUMS = "checksums.json"
@@ -220,13 +224,17 @@ def save_checkpoint(accelerator, root: Path, step: int, task, model, optimizer, 
             shutil.rmtree(tmp)
         (tmp / STATE_DIR).mkdir(parents=True)
     accelerator.wait_for_everyone()
-    weights, optim = _full_state(model, optimizer)
     _save(rng_state(), tmp / STATE_DIR / f"rng-{accelerator.process_index:05d}.pt")
-    if main:
+    if is_sharded(model):  # FSDP: every process writes its own shards (train/fsdp.py)
+        save_sharded_state(accelerator, tmp, tmp / STATE_DIR, task, model, optimizer, _resume_names(model))
+    else:
+        weights, optim = _full_state(model, optimizer)
+    if main and not is_sharded(model):
         task.save_pretrained(tmp)
         keep_names = _resume_names(accelerator.unwrap_model(model))
         _save({k: v for k, v in weights.items() if k in keep_names}, tmp / STATE_DIR / "weights.pt")
         _save(optim, tmp / STATE_DIR / "optimizer.pt")
+    if main:
         _save(scheduler.state_dict(), tmp / STATE_DIR / "scheduler.pt")
     accelerator.wait_for_everyone()
     if main:
@@ -267,29 +275,41 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dic
 
     Raises :class:`~midtrain.runs.StageError` naming the checkpoint when its files do not match
     the model being trained (a changed model or trainable set behind an unchanged config)."""
+    state_dir = path / STATE_DIR
+    state = _read_part(state_dir, "state.json")
+    scheduler_state = _read_part(state_dir, "scheduler.pt")
+    rng_name = f"rng-{accelerator.process_index:05d}.pt"
+    rng = _read_part(state_dir, rng_name) if (state_dir / rng_name).exists() else None
+    if is_sharded_checkpoint(state_dir):  # FSDP shards (train/fsdp.py)
+        load_sharded_state(accelerator, state_dir, model, optimizer, _resume_names(model))
+    else:
+        _load_full_state(accelerator, state_dir, model, optimizer)
+    scheduler.load_state_dict(scheduler_state)
+    if rng is not None:
+        set_rng_state(rng)
+    return state
+
+
+def _read_part(state_dir: Path, name: str):
+    """One checkpoint part, tensors and plain data only; a file that is not is a one-line error naming it."""
     import torch
+
+    f = state_dir / name
+    try:
+        if name.endswith(".json"):
+            return json.loads(f.read_text())
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling refused, truncated zip, bad JSON: all name the file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise StageError(f"{f}: cannot resume from this checkpoint file ({type(exc).__name__}: {first}); "
+                         "delete the checkpoint folder to resume from an older one, or rerun with --force") from None  # fmt: skip
+
+
+def _load_full_state(accelerator, state_dir: Path, model, optimizer) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    state_dir = path / STATE_DIR
-
-    def read(name: str):
-        """One part, tensors and plain data only; a file that is not is a one-line error naming it."""
-        f = state_dir / name
-        try:
-            if name.endswith(".json"):
-                return json.loads(f.read_text())
-            return torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - unpickling refused, truncated zip, bad JSON: all name the file
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise StageError(f"{f}: cannot resume from this checkpoint file ({type(exc).__name__}: {first}); "
-                             "delete the checkpoint folder to resume from an older one, or rerun with --force") from None  # fmt: skip
-
-    state = read("state.json")
-    weights = read("weights.pt")
-    optim = read("optimizer.pt")
-    scheduler_state = read("scheduler.pt")
-    rng_name = f"rng-{accelerator.process_index:05d}.pt"
-    rng = read(rng_name) if (state_dir / rng_name).exists() else None
+    weights = _read_part(state_dir, "weights.pt")
+    optim = _read_part(state_dir, "optimizer.pt")
     expected = _resume_names(accelerator.unwrap_model(model))
     missing = sorted(expected - set(weights))
     if missing:
@@ -298,10 +318,6 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dic
     opts = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, weights, options=opts)
     set_optimizer_state_dict(model, optimizer, optim, options=opts)
-    scheduler.load_state_dict(scheduler_state)
-    if rng is not None:
-        set_rng_state(rng)
-    return state
 
 
 class MetricsLog:

@@ -51,6 +51,7 @@ from ..runs import StageError
 from .batches import BatchPlan, StepBatches, eval_batches
 from .checkpoint import MetricsLog, complete_checkpoints, load_checkpoint, remove_partial_checkpoints, save_checkpoint
 from .checkpoint import intact_checkpoints
+from .fsdp import fsdp_active, gather_into_plain_module, local_state_bytes, shard_model
 from .settings import TrainSettings
 
 
@@ -169,6 +170,7 @@ class TrainResult:
     processes: int = 1
     global_batch: int = 0
     parameters: dict = field(default_factory=dict)
+    state_bytes: dict = field(default_factory=dict)  # per process: param_bytes, optimizer_bytes (local shards)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -272,12 +274,16 @@ def train(task: TrainTask, settings: TrainSettings, st, *, accelerator=None,
                          {s.name: (v, t) for s, v, t in zip(streams, sums.stream_loss, sums.stream_weight)})  # fmt: skip
         final_path = loop.after_step(step, time.perf_counter() - t_start) or final_path
     loop.metrics.close()
+    seconds = time.perf_counter() - t_start
+    state_bytes = local_state_bytes(model, optimizer)  # this process's share of weights + optimizer states
+    if fsdp_active(settings, acc):
+        gather_into_plain_module(model, acc.is_main_process)  # the stage saves the main process's model as without FSDP
     return TrainResult(
         steps=settings.steps, resumed_from=start if resumed is not None else None,
         final_checkpoint=Path(getattr(st, "final_dir", None) or st.dir) / "checkpoints" / final_path.name,
         train_loss=loop.running.last_loss, eval=loop.last_eval, samples=int(loop.running.samples_total),
-        tokens=int(loop.running.tokens_total), seconds=time.perf_counter() - t_start, processes=acc.num_processes,
-        global_batch=plan.global_batch, parameters=counts,
+        tokens=int(loop.running.tokens_total), seconds=seconds, processes=acc.num_processes,
+        global_batch=plan.global_batch, parameters=counts, state_bytes=state_bytes,
     )  # fmt: skip
 
 
@@ -293,6 +299,8 @@ def _prepare_model(task: TrainTask, settings: TrainSettings, acc):
             raise StageError(f"train.gradient_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable()")
         enable()
     counts = _parameter_counts(model)
+    if fsdp_active(settings, acc):  # FSDP: shard before the optimizer sees the parameters (train/fsdp.py)
+        model = shard_model(model, acc, getattr(task, "fsdp_forward_methods", ()))
     if counts["trainable"] == 0:
         raise StageError("nothing to train: every parameter of the model is frozen")
     groups = task.param_groups() if hasattr(task, "param_groups") else default_param_groups(model, settings.weight_decay)
@@ -302,7 +310,8 @@ def _prepare_model(task: TrainTask, settings: TrainSettings, acc):
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps,
                                   weight_decay=settings.weight_decay)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: settings.lr_factor(update))
-    model, optimizer = acc.prepare(model, optimizer)
+    if not fsdp_active(settings, acc):  # FSDP needs no DDP wrapper
+        model, optimizer = acc.prepare(model, optimizer)
     return model, optimizer, scheduler, counts
 
 
@@ -563,7 +572,8 @@ def _evaluate(task, model, acc, settings: TrainSettings, step: int, streams: Seq
     import torch
 
     batches = eval_batches(len(task.eval_dataset), settings.batch_size, settings.eval_batches, settings.seed,
-                           acc.num_processes, acc.process_index, getattr(task, "eval_lengths", None))  # fmt: skip
+                           acc.num_processes, acc.process_index, getattr(task, "eval_lengths", None),
+                           equal_shares=fsdp_active(settings, acc))  # fmt: skip
     loader = _loader(task, task.eval_dataset, batches, settings, acc.device)
     model.eval()
     loss_sum = weight = tokens = 0.0
@@ -590,7 +600,7 @@ def _evaluate(task, model, acc, settings: TrainSettings, step: int, streams: Seq
         if s.eval_dataset is None or not len(s.eval_dataset):
             continue
         batches = eval_batches(len(s.eval_dataset), s.eval_batch_size, settings.eval_batches, settings.seed,
-                               acc.num_processes, acc.process_index)  # fmt: skip
+                               acc.num_processes, acc.process_index, equal_shares=fsdp_active(settings, acc))  # fmt: skip
         s_loss = s_weight = 0.0
         with torch.no_grad():
             for batch in _loader(task, s.eval_dataset, batches, settings, acc.device, collate=s.collate):

@@ -45,6 +45,8 @@ class TrainSettings(Settings):
     )
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, ~30% slower)",
                                           throughput=True)  # fmt: skip
+    fsdp: bool = option(False, "shard weights, gradients and optimizer states over the processes (FSDP2, one unit per "
+                               "transformer block) instead of DDP replicas; checkpoints are per-process shards", throughput=True)
     group_by_length: bool = option(True, "micro-batches of similar token length (less padding; order still random)")
     seed: int = option(0, "seed of the data order, dropout and any other randomness in training")
     num_workers: int = option(1, "DataLoader worker processes building batches (0: in the training process)", throughput=True)
@@ -69,6 +71,8 @@ class TrainSettings(Settings):
         for key in ("eval_every", "eval_batches", "save_every", "keep_checkpoints", "num_workers"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.fsdp and self.precision == "fp16":
+            raise ConfigError("train.precision: fp16 needs a gradient scaler that sharded training does not have; use bf16 with train.fsdp")
         if self.log_every < 1:
             raise ConfigError(f"train.log_every: must be >= 1, got {self.log_every}")
 

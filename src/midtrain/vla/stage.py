@@ -82,6 +82,7 @@ class VLATask:
         self.seed = seed
         self.find_unused_parameters = False
         self.training_frames: dict | None = None  # how the training frames were made (training_frames.json)
+        self.fsdp_forward_methods = ("metrics",)  # evaluate() calls it on the model: FSDP gathers weights for it
 
     def collate(self, samples: list[dict]) -> dict[str, Any]:
         import torch
@@ -243,6 +244,7 @@ def train_vla(config: VLAConfig, run_dir: RunDir, force: bool = False) -> Path:
     """Run ``midtrain vla`` into ``<run>/<config.name>``; returns that directory."""
     from ..policy.configuration import PolicyConfig, resolve_gripper_dims
     from ..train import distributed_stage, make_accelerator, read_metrics, train
+    from ..train.fsdp import check_fsdp
 
     expected = None
     if config.init_policy is not None:
@@ -255,6 +257,8 @@ def train_vla(config: VLAConfig, run_dir: RunDir, force: bool = False) -> Path:
     cotrain = resolve_inputs(config.cotrain, run_dir)  # fail fast: the ETC stages and domains exist
     # a VQA batch leaves the action head without gradient (and an action batch an untied LM head)
     accelerator = make_accelerator(config.train.precision, config.device, find_unused_parameters=cotrain is not None)
+    check_fsdp(accelerator, config.train, config.model or Path(config.init_policy) / expected.backbone,
+               config.backbone.trust_remote_code, closed_loop=bool(config.closed_loop_every))  # train.fsdp (train/fsdp.py)
     with distributed_stage(accelerator, run_dir, config.name, config, _fingerprint_inputs(config, kind, path, cotrain),
                            force) as st:  # fmt: skip
         if st.skipped_as_complete:
@@ -357,6 +361,7 @@ def train_vla(config: VLAConfig, run_dir: RunDir, force: bool = False) -> Path:
                 "samples": result.samples, "train_seconds": round(result.seconds, 2),
                 "samples_per_s": round(result.samples / seconds, 2), "final_checkpoint": result.final_checkpoint.name,
                 "metrics_rows": len(rows),
+                "fsdp": config.train.fsdp and result.processes > 1, "state_bytes_per_process": result.state_bytes,
             }  # fmt: skip
             st.extra["final_policy"] = str(Path(st.final_dir) / FINAL_POLICY)
             st.log.info("vla done: %d steps, train loss %s, %s", result.steps, result.train_loss, result.eval)
