@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,3 +162,38 @@ def test_the_run_report_has_the_study_section(study):
     start = page.index("Does mid-training make a better VLA?")
     section = page[start : page.index("</section>", start)]
     assert section[: section.index("</table>")].count("<tr") == 1 + 5 and section.count("data:image/png;base64,") == 3
+
+
+TIMING_KEYS = {"cost", "config", "wall_s", "train_seconds"}  # how long and how it ran, not what it found
+
+
+def _findings(value):
+    """``study.json`` without its timing and cost fields (and the config, which names the backend)."""
+    if isinstance(value, dict):
+        return {k: _findings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [_findings(v) for v in value]
+    return value
+
+
+def test_the_ray_backend_computes_the_same_study(study):
+    """Last in this module (it recomputes the rows): every row sub-stage deleted, as if a driver died
+    after the world, then rerun with backend=ray on a local 2-CPU Ray cluster. The rerun schedules
+    only what is missing (the world is not recomputed), the sub-stages run in Ray workers, and
+    study.json is the local backend's: every success, interval, curve, probe and CKA value."""
+    pytest.importorskip("ray")
+    run, root = study["run"], study["run"].root
+    local = json.loads((root / "study" / "study.json").read_text())
+    redo = [p.name for p in root.iterdir() if p.name.startswith(("sft_", "vla_", "probe_")) or p.name in ("cka", "study", "report")]
+    kept = [p.name for p in root.iterdir() if (p / "manifest.json").is_file() and p.name not in redo]
+    assert len(redo) == 3 + 5 * 2 + 5 + 3 and "sim_collect" in kept
+    before = _started(run, kept)
+    for name in redo:
+        shutil.rmtree(root / name)
+    assert main(["study", "--config", str(SMOKE), "--run-dir", str(root), "backend=ray", "ray.num_cpus=2"]) == 0
+    assert _started(run, kept) == before  # the world and the selections: not recomputed
+    workers = {json.loads((root / ".locks" / f"{name}.lock").read_text())["pid"] for name in redo if name.startswith("vla_")}
+    assert os.getpid() not in workers  # trained in Ray worker processes, not in the driver
+    distributed = json.loads((root / "study" / "study.json").read_text())
+    assert distributed["missing"] == [] and distributed["config"]["backend"] == "ray"
+    assert _findings(distributed) == _findings(local)
