@@ -7,7 +7,7 @@
     runner.timed("cka", lambda: measure_drift(cka_config, run_dir))  # a step that is no registered stage
     runner.call("demo", run_demo, world, run_dir)                     # a module-level step, on the executor
     outs = runner.run_wave([StageCall("vla", mapping, label="vla_base_s0"), ...])  # independent stages
-    runner.records    # [{stage, wall_s, self_mb, children_mb}] in running order
+    runner.records    # [{stage, wall_s, self_mb, children_mb}] in running order (memory: this process's)
     runner.seconds    # {label: wall seconds} of this invocation
     runner.failures   # [{stage, reason}]: sub-stages whose Ray worker died (the rest went on)
 
@@ -80,7 +80,7 @@ class StageCall:
     """One registered stage of a wave: ``stage`` with ``mapping`` into ``run_dir`` (default: the runner's)."""
 
     stage: str
-    mapping: dict[str, Any]
+    mapping: Optional[dict[str, Any]] = None
     run_dir: Optional[RunDir] = None
     label: Optional[str] = None  # names it in the records (default: the mapping's name, else the stage)
     key: Optional[str] = None  # names it in config errors
@@ -106,21 +106,17 @@ class StageRunner:
             overrides: Sequence[str] = ()) -> Path:  # fmt: skip
         """Run ``stage`` with ``mapping`` (see the module docstring); ``label`` names it in the
         records (default: its folder name in the mapping, else the stage), ``key`` in errors."""
-        label = label or (mapping or {}).get("name") or stage
-        config = stage_config(stage, mapping, config_file, overrides, key)
-        call = Call(label, call_stage, (stage, config, run_dir or self.run_dir, self.force), getattr(config, "device", None))
-        return self._one(call)
+        return self._one(self._build(StageCall(stage, mapping, run_dir, label, key), config_file, overrides))
 
     def run_wave(self, calls: Sequence[StageCall]) -> dict[str, Optional[Path]]:
         """Run independent stages at once on the executor; ``{label: output folder, or None when its
         worker died}`` (the reason is in :attr:`failures`). Every config is built before any runs."""
-        built = []
-        for c in calls:
-            label = c.label or c.mapping.get("name") or c.stage
-            config = stage_config(c.stage, c.mapping, key=c.key)
-            built.append(Call(label, call_stage, (c.stage, config, c.run_dir or self.run_dir, self.force),
-                              getattr(config, "device", None)))  # fmt: skip
-        return {o.label: o.value for o in self._execute(built)}
+        return {o.label: o.value for o in self._execute([self._build(c) for c in calls])}
+
+    def _build(self, c: StageCall, config_file: Optional[Path] = None, overrides: Sequence[str] = ()) -> Call:
+        config = stage_config(c.stage, c.mapping, config_file, overrides, c.key)
+        label = c.label or (c.mapping or {}).get("name") or c.stage
+        return Call(label, call_stage, (c.stage, config, c.run_dir or self.run_dir, self.force), getattr(config, "device", None))
 
     def call(self, label: str, fn: Callable[..., T], *args: Any, device: Optional[str] = None) -> T:
         """``fn(*args)`` (a module-level step that is no registered stage) on the executor."""
