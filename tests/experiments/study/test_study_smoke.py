@@ -19,6 +19,7 @@ import yaml
 
 import midtrain
 from midtrain.cli import main
+from midtrain.experiments.study.stage import study_findings
 from midtrain.runs import RunDir
 
 pytestmark = pytest.mark.slow  # the whole study, twice (a few minutes)
@@ -164,18 +165,6 @@ def test_the_run_report_has_the_study_section(study):
     assert section[: section.index("</table>")].count("<tr") == 1 + 5 and section.count("data:image/png;base64,") == 3
 
 
-TIMING_KEYS = {"cost", "config", "wall_s", "train_seconds"}  # how long and how it ran, not what it found
-
-
-def _findings(value):
-    """``study.json`` without its timing and cost fields (and the config, which names the backend)."""
-    if isinstance(value, dict):
-        return {k: _findings(v) for k, v in value.items() if k not in TIMING_KEYS}
-    if isinstance(value, list):
-        return [_findings(v) for v in value]
-    return value
-
-
 def test_the_ray_backend_computes_the_same_study(study):
     """Last in this module (it recomputes the rows): every row sub-stage deleted, as if a driver died
     after the world, then rerun with backend=ray on a local 2-CPU Ray cluster. The rerun schedules
@@ -196,4 +185,4 @@ def test_the_ray_backend_computes_the_same_study(study):
     assert os.getpid() not in workers  # trained in Ray worker processes, not in the driver
     distributed = json.loads((root / "study" / "study.json").read_text())
     assert distributed["missing"] == [] and distributed["config"]["backend"] == "ray"
-    assert _findings(distributed) == _findings(local)
+    assert study_findings(distributed) == study_findings(local)

@@ -51,6 +51,17 @@ from .plan import (CKA_STAGE, PERPLEXITY_SCORERS, RANDOM_VLM_STAGE, SELECTIONS_D
 
 STUDY_FILE = "study.json"
 PAGE = "study.html"
+TIMING_KEYS = ("cost", "config", "wall_s", "train_seconds")  # how long and how it ran (the config names the backend)
+
+
+def study_findings(value: Any) -> Any:
+    """``study.json`` without its timing and cost fields: what two runs of one study must agree on
+    whichever backend ran them."""
+    if isinstance(value, dict):
+        return {k: study_findings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [study_findings(v) for v in value]
+    return value
 
 
 class StudyContext:
