@@ -5,8 +5,11 @@
     out = runner.run("sft", {"model": ..., "train": {...}})        # -> the stage's output folder
     out = runner.run("score", mapping, run_dir=sub, label="selections/learned/score")
     runner.timed("cka", lambda: measure_drift(cka_config, run_dir))  # a step that is no registered stage
-    runner.records    # [{stage, wall_s, self_mb, children_mb}] in running order
+    runner.call("demo", run_demo, world, run_dir)                     # a module-level step, on the executor
+    outs = runner.run_wave([StageCall("vla", mapping, label="vla_base_s0"), ...])  # independent stages
+    runner.records    # [{stage, wall_s, self_mb, children_mb}] in running order (memory: this process's)
     runner.seconds    # {label: wall seconds} of this invocation
+    runner.failures   # [{stage, reason}]: sub-stages whose Ray worker died (the rest went on)
 
 One call, top to bottom (:meth:`StageRunner.run`):
 
@@ -14,8 +17,9 @@ One call, top to bottom (:meth:`StageRunner.run`):
    overrides (:func:`midtrain.config.load_config`, the CLI's order); a bad key fails in one line
    naming ``key``;
 2. **the stage**: :func:`call_stage`, the stage function itself (a complete stage with the same
-   config and inputs is skipped, as always). It is a plain function of picklable arguments: an
-   executor that runs stages elsewhere (a Ray task per stage) replaces this one call;
+   config and inputs is skipped, as always), a plain function of picklable arguments that the
+   executor (:mod:`midtrain.experiments.executors`) runs: here, or as a Ray task (``backend: ray``).
+   :meth:`StageRunner.run_wave` hands the executor several independent stages at once;
 3. **the cost**: wall seconds and peak resident memory after the call, kept in ``records``.
 
 The results experiments read back are written once here too: per-task closed-loop successes
@@ -28,12 +32,14 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from ..config import ConfigError, load_config
-from ..runs import RunDir
+from ..runs import RunDir, StageError
 from ..stages import STAGES
+from .executors import Call, LocalExecutor, Outcome
 
 T = TypeVar("T")
 
@@ -69,14 +75,29 @@ def call_stage(stage: str, config: Any, run_dir: RunDir, force: bool = False) ->
     return Path(fn(config, run_dir, force=force))
 
 
-class StageRunner:
-    """Runs registered stages into one run directory (or a nested one per call), timing each."""
+@dataclass
+class StageCall:
+    """One registered stage of a wave: ``stage`` with ``mapping`` into ``run_dir`` (default: the runner's)."""
 
-    def __init__(self, run_dir: RunDir, name: str = "midtrain", force: bool = False, announce: bool = True):
+    stage: str
+    mapping: Optional[dict[str, Any]] = None
+    run_dir: Optional[RunDir] = None
+    label: Optional[str] = None  # names it in the records (default: the mapping's name, else the stage)
+    key: Optional[str] = None  # names it in config errors
+
+
+class StageRunner:
+    """Runs registered stages into one run directory (or a nested one per call), timing each, on
+    its executor (default: this process)."""
+
+    def __init__(self, run_dir: RunDir, name: str = "midtrain", force: bool = False, executor: Any = None,
+                 announce: bool = True):
         self.run_dir, self.name, self.force = run_dir, name, force
+        self.executor = executor or LocalExecutor()
         self.log = logging.getLogger(f"midtrain.{name}")
         self.level = logging.INFO if announce else logging.DEBUG  # a lone CLI stage is not announced
         self.records: list[dict[str, Any]] = []
+        self.failures: list[dict[str, str]] = []
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -87,9 +108,44 @@ class StageRunner:
             overrides: Sequence[str] = ()) -> Path:  # fmt: skip
         """Run ``stage`` with ``mapping`` (see the module docstring); ``label`` names it in the
         records (default: its folder name in the mapping, else the stage), ``key`` in errors."""
-        label = label or (mapping or {}).get("name") or stage
-        config = stage_config(stage, mapping, config_file, overrides, key)
-        return self.timed(label, lambda: call_stage(stage, config, run_dir or self.run_dir, self.force))
+        return self._one(self._build(StageCall(stage, mapping, run_dir, label, key), config_file, overrides))
+
+    def run_wave(self, calls: Sequence[StageCall]) -> dict[str, Optional[Path]]:
+        """Run independent stages at once on the executor; ``{label: output folder, or None when its
+        worker died}`` (the reason is in :attr:`failures`). Every config is built before any runs."""
+        return {o.label: o.value for o in self._execute([self._build(c) for c in calls])}
+
+    def _build(self, c: StageCall, config_file: Optional[Path] = None, overrides: Sequence[str] = ()) -> Call:
+        config = stage_config(c.stage, c.mapping, config_file, overrides, c.key)
+        label = c.label or (c.mapping or {}).get("name") or c.stage
+        return Call(label, call_stage, (c.stage, config, c.run_dir or self.run_dir, self.force), getattr(config, "device", None))
+
+    def call(self, label: str, fn: Callable[..., T], *args: Any, device: Optional[str] = None) -> T:
+        """``fn(*args)`` (a module-level step that is no registered stage) on the executor."""
+        return self._one(Call(label, fn, args, device))
+
+    def check(self, devices: Sequence[Optional[str]]) -> None:
+        """Before any work: the executor can run a sub-stage on each of ``devices`` (one-line error if not)."""
+        self.executor.check([self.executor.resources(Call("check", call_stage, (), d)) for d in devices])
+
+    def _one(self, call: Call) -> Any:
+        (out,) = self._execute([call])
+        if not out.ok:
+            raise StageError(f"{call.label}: did not finish ({out.error}); rerun to continue")
+        return out.value
+
+    def _execute(self, calls: list[Call]) -> list[Outcome]:
+        for c in calls:
+            self.log.log(self.level, "%s: %s", self.name, c.label)
+        outcomes = self.executor.run(calls)
+        peak = peak_rss_mb()
+        for o in outcomes:
+            self.records.append({"stage": o.label, "wall_s": o.wall_s, **peak})
+            if o.ok:
+                self.log.log(self.level, "%s: %s done (%.1fs)", self.name, o.label, o.wall_s)
+            else:
+                self.failures.append({"stage": o.label, "reason": o.error})
+        return outcomes
 
     def timed(self, label: str, fn: Callable[[], T]) -> T:
         """Call ``fn`` and record its wall time and the peak memory after it under ``label``."""

@@ -14,7 +14,7 @@ from torch_threads import one_thread  # noqa: F401  (autouse)
 import midtrain
 from midtrain.config import ConfigError, load_config
 from midtrain.experiments.recipes.config import RecipesConfig
-from midtrain.experiments.recipes.stage import fill, load_recipe, plan_recipes, recipe_files, run_recipes
+from midtrain.experiments.recipes.stage import fill, load_recipe, plan_recipes, recipe_files, run_recipes, waves
 from midtrain.runs import RunDir
 
 RECIPES = Path(midtrain.__file__).parents[2] / "configs" / "recipes"
@@ -44,6 +44,15 @@ def test_the_recipe_files_plan_with_shared_steps_run_once():
     assert ra["train"]["seed"] == 1 and ra["init_policy"] == "/r/vla_etc_ob/policy" and ra["data"]["lerobot"] == "/tgt"
     assert ra["cotrain"]["etc"].startswith("etc_target:") and "cotrain" not in plan.stages["vla_ao_db"].mapping
     assert len(plan.stages) == 8 + 2 * 7  # shared steps once, one final per recipe and seed
+    # waves (backend: ray runs each at once): a stage after every earlier step of each recipe naming it
+    order = {s.name: i for i, wave in enumerate(waves(plan)) for s in wave}
+    assert sorted(order) == sorted(plan.stages)
+    for recipe in recipes:
+        for seed in (0, 1):
+            names = [s.name.replace("{seed}", str(seed)) for s in recipe.steps]
+            assert [order[n] for n in names] == sorted(order[n] for n in names) and len(set(order[n] for n in names)) == len(names)
+    assert order["vla_etc_ra_s0"] == order["vla_etc_ra_s1"] and order["sft_etc_db"] == 0  # seeds side by side
+    assert sum(len(w) for w in waves(plan)) == len(plan.stages) and len(waves(plan)) < len(plan.stages)
 
 
 def test_a_step_name_means_one_config_and_bad_recipes_name_the_key(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import yaml
 
 import midtrain
 from midtrain.cli import main
+from midtrain.experiments.study.stage import study_findings
 from midtrain.runs import RunDir
 
 pytestmark = pytest.mark.slow  # the whole study, twice (a few minutes)
@@ -190,3 +192,26 @@ def test_calibration_reuses_the_baseline_and_the_controls(study):
     for d in record["drop"]:
         assert {record["per_task"][r][d["task"]] for r in record["rows"]} == {d["value"]}
     assert json.loads((run.stage_dir("study") / "study.json").read_text())["rows"].keys() == study["json"]["rows"].keys()
+
+
+def test_the_ray_backend_computes_the_same_study(study):
+    """Last in this module (it recomputes the rows): every row sub-stage deleted, as if a driver died
+    after the world, then rerun with backend=ray on a local 2-CPU Ray cluster. The rerun schedules
+    only what is missing (the world is not recomputed), the sub-stages run in Ray workers, and
+    study.json is the local backend's: every success, interval, curve, probe and CKA value."""
+    pytest.importorskip("ray")
+    run, root = study["run"], study["run"].root
+    local = json.loads((root / "study" / "study.json").read_text())
+    redo = [p.name for p in root.iterdir() if p.name.startswith(("sft_", "vla_", "probe_")) or p.name in ("cka", "study", "report")]
+    kept = [p.name for p in root.iterdir() if (p / "manifest.json").is_file() and p.name not in redo]
+    assert len(redo) == 3 + 7 * 2 + 5 + 3 and "sim_collect" in kept  # 5 rows + 2 controls x 2 seeds; controls get no probe
+    before = _started(run, kept)
+    for name in redo:
+        shutil.rmtree(root / name)
+    assert main(["study", "--config", str(SMOKE), "--run-dir", str(root), "backend=ray", "ray.num_cpus=2"]) == 0
+    assert _started(run, kept) == before  # the world and the selections: not recomputed
+    workers = {json.loads((root / ".locks" / f"{name}.lock").read_text())["pid"] for name in redo if name.startswith("vla_")}
+    assert os.getpid() not in workers  # trained in Ray worker processes, not in the driver
+    distributed = json.loads((root / "study" / "study.json").read_text())
+    assert distributed["missing"] == [] and distributed["config"]["backend"] == "ray"
+    assert study_findings(distributed) == study_findings(local)

@@ -32,6 +32,7 @@ from typing import Any, Optional, Union
 
 from ...config import ConfigError, Settings, StageConfig, option
 from ...eval.config import EvalSettings
+from ..executors import Backend, RaySettings
 
 STEP_STAGES = ("sft", "vla")
 
@@ -98,6 +99,10 @@ class RecipesConfig(StageConfig):
         factory=list, help="[recipe, reference] pairs reported as paired differences of success (same seeds and episodes)"
     )
     num_threads: Optional[int] = option(1, "intra-op threads of training and feature passes (null: torch's default)", throughput=True)
+    backend: Backend = option("local", "where stages run: local (here, one at a time) or ray (independent ones at once, "
+                              "as Ray tasks; see ray)", throughput=True)  # fmt: skip
+    ray: RaySettings = option(factory=RaySettings, help="backend: ray - the cluster and each stage's CPUs and GPUs",
+                              throughput=True)  # fmt: skip
 
     def validate(self) -> None:
         for split in ("source", "target"):

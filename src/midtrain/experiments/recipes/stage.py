@@ -21,6 +21,12 @@ Top to bottom (:func:`run_recipes`), every piece an ordinary resumable stage of 
    with its interval, the paired differences of ``compare``; drift; stage timings) and
    ``results.md``. Intervals are :mod:`midtrain.experiments.study.stats`': a two-way bootstrap over seeds and
    episodes, paired across recipes.
+
+Steps 4 and 5 run in **waves** of independent stages on the executor ``backend`` names
+(:mod:`midtrain.experiments.executors`): every stage whose earlier steps are complete at once
+(every recipe's first step and every seed's, then the next, ...), then every evaluation at once.
+With ``backend: ray`` they are Ray tasks; a stage whose worker died is left out with the stages
+after it, and the run ends with one line naming them (a rerun computes only those).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from typing import Any
 
 from ...config import ConfigError, load_yaml
 from ...runs import RunDir, StageError, stage_run, write_json_atomic, write_text_atomic
-from ..runner import StageRunner, deep_merge, episode_successes, peak_rss_mb, stage_config
+from ..executors import make_executor
+from ..runner import StageCall, StageRunner, deep_merge, episode_successes, peak_rss_mb, stage_config
 from .config import STEP_STAGES, RecipesConfig
 
 STAGE = "recipes"
@@ -115,6 +122,7 @@ class Planned:
     stage: str
     mapping: dict[str, Any]
     used_by: list[str] = field(default_factory=list)
+    after: set[str] = field(default_factory=set)  # the earlier steps of its recipes (its inputs)
 
 
 @dataclass
@@ -140,6 +148,7 @@ def plan_recipes(config: RecipesConfig, recipes: list[Recipe], variables: dict[s
         finals[recipe.name] = {}
         for seed in config.seeds:
             vars_ = {**variables, "seed": seed}
+            earlier: set[str] = set()
             for i, step in enumerate(recipe.steps):
                 name = step.name.replace("{seed}", str(seed))
                 key = f"{recipe.name}.steps[{i}] ({name})"
@@ -154,6 +163,8 @@ def plan_recipes(config: RecipesConfig, recipes: list[Recipe], variables: dict[s
                                       "config; a shared step must be the same everywhere (rename one)")  # fmt: skip
                 elif recipe.name not in have.used_by:
                     have.used_by.append(recipe.name)
+                stages[name].after |= earlier
+                earlier = earlier | {name}
             finals[recipe.name][seed] = recipe.steps[-1].name.replace("{seed}", str(seed))
     for recipe in recipes:
         last = recipe.steps[-1]
@@ -162,6 +173,17 @@ def plan_recipes(config: RecipesConfig, recipes: list[Recipe], variables: dict[s
         if not last.per_seed and len(config.seeds) > 1:
             raise ConfigError(f"{recipe.name}: the last step ({last.name}) must be per seed ({{seed}} in its name)")
     return Plan(stages, finals)
+
+
+def waves(plan: Plan) -> list[list[Planned]]:
+    """The stages in waves: a stage runs in the wave after the last of its earlier steps."""
+    level: dict[str, int] = {}
+    for name, stage in plan.stages.items():  # running order: earlier steps come first
+        level[name] = 1 + max((level[d] for d in stage.after), default=-1)
+    out: list[list[Planned]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for name, stage in plan.stages.items():
+        out[level[name]].append(stage)
+    return out
 
 
 # --------------------------------------------------------------------------- the run
@@ -198,16 +220,24 @@ def _base_model(config: RecipesConfig, run: RunDir, runner: StageRunner) -> str:
 
 def run_recipes(config: RecipesConfig, run_dir: RunDir, force: bool = False) -> Path:
     """Run ``midtrain recipes`` (module docstring) into ``run_dir``; returns ``<run>/recipes``."""
+    recipes = [load_recipe(r, f"recipes[{i}]") for i, r in enumerate(config.recipes)]
+    executor = make_executor(config.backend, config.ray, config.num_threads)  # ray: the cluster answers, or one line
+    try:
+        return _run(config, recipes, run_dir, StageRunner(run_dir, name="recipes", executor=executor), force)
+    finally:
+        executor.close()
+
+
+def _run(config: RecipesConfig, recipes: list[Recipe], run_dir: RunDir, runner: StageRunner, force: bool) -> Path:
     from ...devices import torch_threads
 
-    recipes = [load_recipe(r, f"recipes[{i}]") for i, r in enumerate(config.recipes)]
-    runner = StageRunner(run_dir, name="recipes")
     with torch_threads(config.num_threads), stage_run(run_dir, STAGE, config, force=force) as st:
         if st.skipped_as_complete:
             return st.final_dir
         # a cheap check of every recipe before the world is recorded: placeholders stand in for paths
-        plan_recipes(config, recipes, {"run": str(run_dir.root.resolve()), "base": "<base>", "source": "<source>",
-                                       "target": "<target>"})  # fmt: skip
+        checked = plan_recipes(config, recipes, {"run": str(run_dir.root.resolve()), "base": "<base>",
+                                                 "source": "<source>", "target": "<target>"})  # fmt: skip
+        runner.check([stage_config(s.stage, s.mapping).device for s in checked.stages.values()])
         source, target = _world(config, run_dir, runner)
         base = _base_model(config, run_dir, runner)
         variables = {"run": str(run_dir.root.resolve()), "base": base, "source": str(source), "target": str(target)}
@@ -215,8 +245,12 @@ def run_recipes(config: RecipesConfig, run_dir: RunDir, force: bool = False) -> 
         for split, dataset in (("source", source), ("target", target)):
             mapping = {**config.etc, "seed": config.seed, "name": f"etc_{split}", "dataset": str(dataset)}
             runner.run("etc", mapping, key=f"etc ({split})")
-        for stage in plan.stages.values():
-            runner.run(stage.stage, stage.mapping, key=f"{stage.used_by[0]}: {stage.name}")
+        missing: dict[str, str] = {}
+        for wave in waves(plan):
+            ready = [s for s in wave if not s.after & set(missing)]
+            missing.update({s.name: f"not run: {sorted(s.after & set(missing))[0]} did not finish" for s in wave if s not in ready})
+            runner.run_wave([StageCall(s.stage, s.mapping, key=f"{s.used_by[0]}: {s.name}") for s in ready])
+            missing.update({f["stage"]: f["reason"] for f in runner.failures})
 
         # -- closed loop on the target split ---------------------------------------------------
         eval_map = {**config.eval.to_dict(), "seed": config.eval.seed, "corpus": str(target)}
@@ -224,14 +258,16 @@ def run_recipes(config: RecipesConfig, run_dir: RunDir, force: bool = False) -> 
             if not config.world.target_tasks:
                 raise ConfigError("eval.tasks: required when the target split is a given dataset")
             eval_map["tasks"] = list(config.world.target_tasks)
-        success: dict[str, list[dict[str, list[bool]]]] = {}
-        for recipe, per_seed in plan.finals.items():
-            success[recipe] = []
-            for seed, final in per_seed.items():
-                sub = RunDir(run_dir.root / "evals" / final)
-                folder = runner.run("eval", {**eval_map, "policy": str(run_dir.stage_dir(final) / "policy")}, run_dir=sub,
-                                    label=f"evals/{final}", key=f"{recipe}: eval {final}")  # fmt: skip
-                success[recipe].append(episode_successes(folder / "episodes.parquet"))
+        evals = {final: StageCall("eval", {**eval_map, "policy": str(run_dir.stage_dir(final) / "policy")},
+                                  RunDir(run_dir.root / "evals" / final), f"evals/{final}", f"{recipe}: eval {final}")
+                 for recipe, per_seed in plan.finals.items() for final in per_seed.values() if final not in missing}  # fmt: skip
+        folders = runner.run_wave(list(evals.values()))
+        missing.update({f["stage"]: f["reason"] for f in runner.failures})
+        if missing:
+            raise StageError(f"recipes: {len(missing)} stage(s) did not finish ({'; '.join(f'{k}: {v}' for k, v in missing.items())}); "
+                             "rerun to compute only those")  # fmt: skip
+        success = {recipe: [episode_successes(folders[f"evals/{final}"] / "episodes.parquet") for final in per_seed.values()]
+                   for recipe, per_seed in plan.finals.items()}  # fmt: skip
 
         # -- drift -------------------------------------------------------------------------------
         drift = {}
@@ -242,7 +278,7 @@ def run_recipes(config: RecipesConfig, run_dir: RunDir, force: bool = False) -> 
                 cfg = CKAStageConfig(seed=config.seed, base=fill(d.reference, variables),
                                      models={k: fill(v, variables) for k, v in d.models.items()},
                                      robot_data=fill(d.data, variables), frames=d.frames)  # fmt: skip
-                folder = runner.timed(f"cka_{d.name}", lambda: measure_drift(cfg, run_dir, name=f"cka_{d.name}"))
+                folder = runner.call(f"cka_{d.name}", measure_drift, cfg, run_dir, f"cka_{d.name}")
                 drift[d.name] = json.loads((Path(folder) / CKA_FILE).read_text())
 
         # -- the table ---------------------------------------------------------------------------

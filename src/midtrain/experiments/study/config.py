@@ -38,6 +38,7 @@ from typing import Any, Literal, Optional, Union
 
 from ...config import ConfigError, Settings, StageConfig, from_dict, option
 from ..demo import DemoConfig
+from ..executors import Backend, RaySettings
 from ...eval.config import EvalSettings
 from ..runner import deep_merge
 from .plan import SCORERS, VLA_REF_KINDS, RowStages, StepStage, parse_ref, sft_data_refs
@@ -251,6 +252,10 @@ class StudyConfig(StageConfig):
     num_threads: Optional[int] = option(
         1, "intra-op threads of training and feature passes (null: torch's default; on 2 shared cores 1 was 3x faster "
         "than 2)", throughput=True)  # fmt: skip
+    backend: Backend = option("local", "where sub-stages run: local (here, one at a time) or ray (independent ones at "
+                              "once, as Ray tasks; see ray)", throughput=True)  # fmt: skip
+    ray: RaySettings = option(factory=RaySettings, help="backend: ray - the cluster and each sub-stage's CPUs and GPUs",
+                              throughput=True)  # fmt: skip
 
     def validate(self) -> None:
         if self.k < 1:

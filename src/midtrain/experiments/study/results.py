@@ -220,7 +220,7 @@ def collect_results(config, run: RunDir, plans: list[RowStages], models: dict, c
         r.pop("_episodes")
     sft_samples = {name: sum(s["samples_seen"] or 0 for s in r["steps"] if s["kind"] == "sft") for name, r in rows.items()}
     mid = {n: v for n, v in sft_samples.items() if any(s["kind"] == "sft" for s in rows[n]["steps"])}
-    vla_samples = {name: sorted({s["samples_seen"] for s in r["seeds"].values()}) for name, r in rows.items()}
+    vla_samples = {name: sorted({s["samples_seen"] for s in r["seeds"].values()} - {None}) for name, r in rows.items()}
     settings = ctx and getattr(ctx, "config", None)
     protocol = {
         "benchmark": config.eval.benchmark, "eval": config.eval.to_dict(), "seeds": list(config.seeds),

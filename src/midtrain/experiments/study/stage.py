@@ -22,6 +22,14 @@ Top to bottom (:func:`run_study`), every step an ordinary resumable stage (folde
 With ``sequential.rounds > 1``, step 4 continues in rounds of new closed-loop episodes
 (``rounds/``, :mod:`midtrain.experiments.study.rounds`) until the named comparisons are decided.
 
+Independent sub-stages run as **waves** on the executor ``backend`` names
+(:mod:`midtrain.experiments.executors`): step ``i`` of every row at once, then every row x seed
+VLA training (with its closed loop) and every probe at once. With ``backend: local`` a wave runs
+in order in this process; with ``backend: ray`` as Ray tasks on a cluster (the run directory on a
+filesystem every node sees), the driver only scheduling and collecting. A sub-stage whose Ray
+worker died is recorded under ``missing`` in ``study.json`` with the reason; the study goes on
+with the other rows, and a rerun computes only what is missing.
+
 ``--force`` recomputes the ``study/`` folder only (the aggregate); a sub-stage is redone by
 deleting its folder or running it with ``--force``.
 """
@@ -34,21 +42,33 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ...runs import RunDir, StageError, stage_run, write_json_atomic, write_text_atomic
-from ..runner import StageRunner, call_stage, deep_merge, peak_rss_mb, stage_config
+from ..executors import make_executor
+from ..runner import StageCall, StageRunner, deep_merge, peak_rss_mb
 from .calibration import CALIBRATION_FILE, CALIBRATION_STAGE, calibration_config, calibration_record
 from .config import (PLACEHOLDER_DATA, PLACEHOLDER_MODEL, StudyConfig, references_kind, referenced_scorers, row_stages,
-                     vla_config, with_robot_data)  # fmt: skip
+                     sft_config, vla_config, with_robot_data)  # fmt: skip
 from .plan import (CKA_STAGE, PERPLEXITY_SCORERS, RANDOM_VLM_STAGE, SELECTIONS_DIR, STUDY_STAGE, VLA_TEXT_STAGE,
                    VLM_STAGE, RowStages, eval_settings, resolve_sft_data, resolve_vla_data)  # fmt: skip
 
 STUDY_FILE = "study.json"
 PAGE = "study.html"
+TIMING_KEYS = ("cost", "config", "wall_s", "train_seconds")  # how long and how it ran (the config names the backend)
+
+
+def study_findings(value: Any) -> Any:
+    """``study.json`` without its timing and cost fields: what two runs of one study must agree on
+    whichever backend ran them."""
+    if isinstance(value, dict):
+        return {k: study_findings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [study_findings(v) for v in value]
+    return value
 
 
 class StudyContext:
     """The running study: its config, run directory and the artefacts steps ask for (made on first use)."""
 
-    def __init__(self, config: StudyConfig, run: RunDir):
+    def __init__(self, config: StudyConfig, run: RunDir, executor: Any = None):
         self.config, self.run = config, run
         self.robot_data = Path(config.robot_data) if config.robot_data else run.stage_dir("sim_collect") / "lerobot"
         recipe = vla_config(with_robot_data({**config.vla, "model": PLACEHOLDER_MODEL}, PLACEHOLDER_DATA), {}, "vla")
@@ -56,7 +76,7 @@ class StudyContext:
         self.frame_stride = recipe.data.frame_stride
         self.base_vlm = ""
         self.random_vlm = ""
-        self.runner = StageRunner(run, name="study")  # runs and times every sub-stage
+        self.runner = StageRunner(run, name="study", executor=executor)  # runs and times every sub-stage
         self._selections: dict[str, tuple[Path, Path]] = {}
         self._vla_text: Optional[str] = None
 
@@ -139,7 +159,7 @@ def _world(ctx: StudyContext) -> None:
         from ..demo import run_demo
 
         world = replace(cfg.demo, seed=cfg.seed)  # the study's seed reseeds the world
-        ctx.runner.timed("demo", lambda: run_demo(world, ctx.run, force=False))
+        ctx.runner.call("demo", run_demo, world, ctx.run)
     else:
         for stage in ("catalog", "featurize"):
             ctx.run.require(stage)
@@ -156,10 +176,10 @@ def _vlms(ctx: StudyContext) -> None:
     else:
         build = BuildVLMConfig(seed=cfg.seed, build=cfg.vlm.build, text_layers=cfg.vlm.text_layers,
                                tiny_arch=cfg.vlm.tiny_arch, tiny_size=cfg.vlm.tiny_size)  # fmt: skip
-        ctx.base_vlm = str(ctx.runner.timed(VLM_STAGE, lambda: build_vlm_stage(build, ctx.run, VLM_STAGE)))
+        ctx.base_vlm = str(ctx.runner.call(VLM_STAGE, build_vlm_stage, build, ctx.run, VLM_STAGE))
     if any(r.init == "random_weights" for r in cfg.rows):
         rnd = BuildVLMConfig(seed=cfg.seed, build="random_weights", source=str(ctx.base_vlm))
-        ctx.random_vlm = str(ctx.runner.timed(RANDOM_VLM_STAGE, lambda: build_vlm_stage(rnd, ctx.run, RANDOM_VLM_STAGE)))
+        ctx.random_vlm = str(ctx.runner.call(RANDOM_VLM_STAGE, build_vlm_stage, rnd, ctx.run, RANDOM_VLM_STAGE))
 
 
 def vla_mapping(ctx: StudyContext, recipe: dict[str, Any], name: str, seed: int, vlm: str, policy: Optional[str],
@@ -183,55 +203,71 @@ def vla_mapping(ctx: StudyContext, recipe: dict[str, Any], name: str, seed: int,
     return out
 
 
-def _run_rows(ctx: StudyContext, plans: list[RowStages]) -> dict[str, tuple[str, Optional[str]]]:
-    """Run every row's steps; returns row -> (its VLM, its policy if the last step was a vla step)."""
+Models = dict[str, tuple[str, Optional[str]]]  # row -> (its VLM, its policy if its last step was a vla step)
+
+
+def _step_call(ctx: StudyContext, row, i: int, step, vlm: str, policy: Optional[str]) -> StageCall:
+    """Step ``i`` of ``row`` (an sft or vla stage) starting from ``vlm`` / ``policy``."""
     cfg = ctx.config
-    out = {}
-    for row, rs in zip(cfg.rows, plans):
-        vlm = ctx.random_vlm if row.init == "random_weights" else ctx.base_vlm
-        policy: Optional[str] = None
-        for i, step in enumerate(rs.steps):
-            key = f"rows.{row.name}.steps[{i}].{step.kind}"
-            over = dict(step.overrides)
-            data = over.pop("data", None)
-            if step.kind == "sft":
-                keys = resolve_sft_data(ctx, data, f"{key}.data").keys if data is not None else {}
-                mapping = deep_merge(deep_merge(cfg.midtrain, over), keys)
-                mapping.update(ctx.common, name=step.name, model=vlm)
-                stage = ctx.run_stage("sft", mapping, key)
-                vlm, policy = str(Path(stage) / "model"), None
+    key = f"rows.{row.name}.steps[{i}].{step.kind}"
+    over = dict(step.overrides)
+    data = over.pop("data", None)
+    if step.kind == "sft":
+        keys = resolve_sft_data(ctx, data, f"{key}.data").keys if data is not None else {}
+        mapping = deep_merge(deep_merge(cfg.midtrain, over), keys)
+        mapping.update(ctx.common, name=step.name, model=vlm)
+    else:
+        recipe = deep_merge(deep_merge(cfg.vla, over), resolve_vla_data(ctx, data, f"{key}.data") if data else {})
+        mapping = vla_mapping(ctx, recipe, step.name, cfg.seed, vlm, policy, closed_loop=False)
+    return StageCall(step.kind, mapping, label=step.name, key=key)
+
+
+def _run_rows(ctx: StudyContext, plans: list[RowStages]) -> Models:
+    """Every row's steps, in waves: the first step of every row at once, then the second, ...
+    A row whose step did not finish (its Ray worker died) stops there and is left out of ``models``."""
+    cfg = ctx.config
+    models: Models = {row.name: (ctx.random_vlm if row.init == "random_weights" else ctx.base_vlm, None) for row in cfg.rows}
+    for i in range(max(len(rs.steps) for rs in plans)):
+        steps = {row.name: rs.steps[i] for row, rs in zip(cfg.rows, plans) if i < len(rs.steps) and row.name in models}
+        calls = [_step_call(ctx, row, i, steps[row.name], *models[row.name]) for row in cfg.rows if row.name in steps]
+        done = ctx.runner.run_wave(calls)
+        for row_name, step in steps.items():
+            stage = done[step.name]
+            if stage is None:
+                del models[row_name]
+            elif step.kind == "sft":
+                models[row_name] = (str(Path(stage) / "model"), None)
             else:
-                recipe = deep_merge(deep_merge(cfg.vla, over), resolve_vla_data(ctx, data, f"{key}.data") if data else {})
-                mapping = vla_mapping(ctx, recipe, step.name, cfg.seed, vlm, policy, closed_loop=False)
-                stage = ctx.run_stage("vla", mapping, key)
-                policy = str(Path(stage) / "policy")
-                vlm = str(Path(policy) / "backbone")
-        out[row.name] = (vlm, policy)
+                models[row_name] = (str(Path(stage) / "policy" / "backbone"), str(Path(stage) / "policy"))
+    return models
+
+
+def _final_calls(ctx: StudyContext, plans: list[RowStages], models: Models) -> list[StageCall]:
+    """The common VLA recipe on every row, seed by seed (all rows of the first seed first, so a
+    local study stopped early still compares every row), each with its closed loop."""
+    cfg = ctx.config
+    out = []
+    for seed in cfg.seeds:
+        for row, rs in zip(cfg.rows, plans):
+            if row.name in models:
+                vlm, policy = models[row.name]
+                mapping = vla_mapping(ctx, deep_merge(cfg.vla, row.vla), rs.finals[seed], seed, vlm, policy, closed_loop=True)
+                out.append(StageCall("vla", mapping, key=rs.finals[seed]))
     return out
 
 
-def _run_finals(ctx: StudyContext, plans: list[RowStages], models: dict[str, tuple[str, Optional[str]]]) -> None:
-    """The common VLA recipe on every row, seed by seed (all rows of the first seed first, so a study
-    stopped early still compares every row)."""
-    cfg = ctx.config
-    for seed in cfg.seeds:
-        for row, rs in zip(cfg.rows, plans):
-            vlm, policy = models[row.name]
-            mapping = vla_mapping(ctx, deep_merge(cfg.vla, row.vla), rs.finals[seed], seed, vlm, policy, closed_loop=True)
-            ctx.run_stage("vla", mapping, rs.finals[seed])
-
-
-def _run_probes(ctx: StudyContext, plans: list[RowStages], models: dict[str, tuple[str, Optional[str]]]) -> None:
+def _probe_calls(ctx: StudyContext, plans: list[RowStages], models: Models) -> list[StageCall]:
     cfg = ctx.config
     recipe = deep_merge(deep_merge(cfg.vla, cfg.probe.vla), {"backbone": {"trainable": "frozen", "vision": "frozen"}})
+    out = []
     for row, rs in zip(cfg.rows, plans):
-        vlm, _ = models[row.name]
-        for seed, name in rs.probes.items():
-            mapping = vla_mapping(ctx, recipe, name, seed, vlm, None, closed_loop=False)
-            ctx.run_stage("vla", mapping, name)
+        if row.name in models:
+            for seed, name in rs.probes.items():
+                out.append(StageCall("vla", vla_mapping(ctx, recipe, name, seed, models[row.name][0], None, False), key=name))
+    return out
 
 
-def _run_cka(ctx: StudyContext, plans: list[RowStages], models: dict[str, tuple[str, Optional[str]]]) -> Optional[Path]:
+def _run_cka(ctx: StudyContext, plans: list[RowStages], models: Models) -> Optional[Path]:
     from .drift import CKAStageConfig, measure_drift
 
     cfg = ctx.config
@@ -239,14 +275,17 @@ def _run_cka(ctx: StudyContext, plans: list[RowStages], models: dict[str, tuple[
         return None
     targets: dict[str, str] = {}
     for row, rs in zip(cfg.rows, plans):
+        if row.name not in models:
+            continue
         vlm, _ = models[row.name]
         if vlm != ctx.base_vlm:
             targets[row.name] = vlm
         for seed in cfg.seeds[: cfg.cka.vla_seeds]:
-            targets[f"{row.name}/vla_s{seed}"] = str(ctx.run.stage_dir(rs.finals[seed]) / "policy" / "backbone")
+            if (ctx.run.manifest(rs.finals[seed]) or {}).get("status") == "complete":
+                targets[f"{row.name}/vla_s{seed}"] = str(ctx.run.stage_dir(rs.finals[seed]) / "policy" / "backbone")
     drift = CKAStageConfig(seed=cfg.seed, base=str(ctx.base_vlm), models=targets, frames=cfg.cka.frames,
                            robot_data=str(ctx.robot_data), batch_size=cfg.cka.batch_size)  # fmt: skip
-    return ctx.runner.timed(CKA_STAGE, lambda: measure_drift(drift, ctx.run))
+    return ctx.runner.call(CKA_STAGE, measure_drift, drift, ctx.run)
 
 
 # --------------------------------------------------------------------------- the study
@@ -255,33 +294,46 @@ def _run_cka(ctx: StudyContext, plans: list[RowStages], models: dict[str, tuple[
 def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path:
     """Run the study into ``run_dir`` (see the module docstring); returns ``<run>/study``."""
     from ...devices import torch_threads
-    from .results import collect_results
-    from .html import study_page_html, write_figures
 
     t0 = time.perf_counter()
     if config.calibrate:
         config = calibration_config(config)  # the baseline and the controls only
-    ctx = StudyContext(config, run_dir)
     plans = [row_stages(r, config.seeds, config.probe.seeds, config.probe.enabled) for r in config.rows]
-    with torch_threads(config.num_threads):
-        _world(ctx)
-        _vlms(ctx)
-        for scorer in referenced_scorers(config):
-            ctx.selection(scorer)
-        if references_kind(config, "etc"):
-            ctx.etc_llava_dir()
-        models = _run_rows(ctx, plans)
-        _run_finals(ctx, plans, models)
-        if config.sequential.rounds > 1:
-            from .rounds import run_rounds
+    executor = make_executor(config.backend, config.ray, config.num_threads)  # ray: the cluster answers, or one line
+    try:
+        ctx = StudyContext(config, run_dir, executor)
+        ctx.runner.check([sft_config({**config.midtrain, "model": PLACEHOLDER_MODEL}, {}, "midtrain").device,
+                          vla_config(with_robot_data({**config.vla, "model": PLACEHOLDER_MODEL}, PLACEHOLDER_DATA), {}, "vla").device])  # fmt: skip
+        with torch_threads(config.num_threads):
+            _world(ctx)
+            _vlms(ctx)
+            for scorer in referenced_scorers(config):
+                ctx.selection(scorer)
+            if references_kind(config, "etc"):
+                ctx.etc_llava_dir()
+            models = _run_rows(ctx, plans)
+            ctx.runner.run_wave(_final_calls(ctx, plans, models) + _probe_calls(ctx, plans, models))
+            if config.sequential.rounds > 1:
+                from .rounds import run_rounds
 
-            run_rounds(ctx, plans, eval_settings(ctx),
-                       lambda name, run, mapping, key: call_stage(name, stage_config(name, mapping, key=key), run))
-        _run_probes(ctx, plans, models)
-        cka_dir = _run_cka(ctx, plans, models)
+                run_rounds(ctx, plans, eval_settings(ctx), lambda name, run, mapping, key: ctx.runner.run(
+                    name, mapping, run_dir=run, key=key, label=f"rounds/{run.root.name}"))  # fmt: skip
+            cka_dir = _run_cka(ctx, plans, models)
+        return _aggregate(ctx, plans, models, cka_dir, t0, force)
+    finally:
+        executor.close()
 
+
+def _aggregate(ctx: StudyContext, plans: list[RowStages], models: Models, cka_dir: Optional[Path], t0: float,
+               force: bool) -> Path:  # fmt: skip
+    """The ``study/`` stage: ``study.json`` (with what is missing), the page, the figures, then the report."""
+    from .results import collect_results
+    from .html import study_page_html, write_figures
+
+    config, run_dir = ctx.config, ctx.run
+    missing = _missing(ctx, plans)
     stages = [s.name for rs in plans for s in rs.steps] + [n for rs in plans for n in (*rs.finals.values(), *rs.probes.values())]
-    inputs = {s: run_dir.stage_dir(s) / "manifest.json" for s in stages}
+    inputs = {s: run_dir.stage_dir(s) / "manifest.json" for s in stages if s not in missing}
     if cka_dir is not None:
         inputs[CKA_STAGE] = Path(cka_dir) / "manifest.json"
     inputs.update({f"{SELECTIONS_DIR}/{s}": run_dir.root / SELECTIONS_DIR / s / "select" / "manifest.json"
@@ -294,7 +346,8 @@ def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path
     with stage_run(run_dir, folder, config, inputs=inputs, force=force) as st:
         if st.skipped_as_complete:
             return _with_report(ctx, st.final_dir)
-        results = collect_results(config, run_dir, plans, models, ctx)
+        results = collect_results(config, run_dir, plans, {r.name: models.get(r.name, ("", None)) for r in config.rows}, ctx)
+        results["missing"] = [{"stage": s, "reason": why} for s, why in missing.items()]
         results["cost"]["this_invocation"] = {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss": peak_rss_mb(),
                                               "stages_s": ctx.runner.seconds}  # fmt: skip
         figures = write_figures(results, Path(st.dir))
@@ -304,13 +357,33 @@ def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path
             write_json_atomic(Path(st.dir) / CALIBRATION_FILE, calibration_record(results))
         write_text_atomic(Path(st.dir) / PAGE, study_page_html(Path(st.dir), json_path=st.final_dir / STUDY_FILE))
         st.counts.update(rows=len(config.rows), seeds=len(config.seeds))
-        st.extra["headline"] = {r: v.get("success", {}).get("mean") for r, v in results["rows"].items()}
+        st.extra["headline"] = {r: (v.get("success") or {}).get("mean") for r, v in results["rows"].items()}
         for r, v in results["rows"].items():
             s = v.get("success") or {}
             st.log.info("%-16s success %s %s", r, s.get("mean"), s.get("ci95"))
         for w in results["warnings"]:
             st.log.warning("%s", w["message"])
+        for m in results["missing"]:
+            st.log.warning("missing: %s (%s); rerun the study to compute it", m["stage"], m["reason"])
     return _with_report(ctx, st.final_dir)
+
+
+def _missing(ctx: StudyContext, plans: list[RowStages]) -> dict[str, str]:
+    """``{stage: why}`` of every row sub-stage that is not complete: its Ray worker died (the reason
+    the executor recorded), or a step of its row before it did not finish."""
+    failed = {f["stage"]: f["reason"] for f in ctx.runner.failures}
+
+    def complete(name: str) -> bool:
+        return (ctx.run.manifest(name) or {}).get("status") == "complete"
+
+    out = {}
+    for rs in plans:
+        steps = [s.name for s in rs.steps]
+        broken = next((name for name in steps if not complete(name)), None)
+        for name in [*steps, *rs.finals.values(), *rs.probes.values()]:
+            if not complete(name):
+                out[name] = failed.get(name) or (f"not run: {broken} did not finish" if broken and broken != name else "not run")
+    return out
 
 
 def _with_report(ctx: StudyContext, study_dir: Path) -> Path:
