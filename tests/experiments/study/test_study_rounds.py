@@ -45,7 +45,7 @@ class Study:
         self.config = load_config(StudyConfig, base={
             "rows": ROWS, "seeds": SEEDS, "cka": {"enabled": False}, "eval": {"episodes_per_task": EPISODES, "tasks": list(TASKS)},
             "sequential": {"rounds": rounds, "compare": ["learned - random"]}})  # fmt: skip
-        self.run, self.p, self.calls = RunDir(root), p_success, []
+        self.run, self.p, self.calls, self.waves = RunDir(root), p_success, [], []
         self.plans = [row_stages(r, SEEDS, 1, probe=False) for r in self.config.rows]
         for row, rs in zip(self.config.rows, self.plans):
             for seed, name in rs.finals.items():
@@ -53,9 +53,6 @@ class Study:
                                 lambda t, e, r=row.name, s=seed: _draw(self.p[r], r, s, 0, t, e))
                 man = {"status": "complete", "train": {"samples": 8}, "timings": {"wall_s": 1.0}}
                 (self.run.stage_dir(name) / "manifest.json").write_text(json.dumps(man))
-
-    def timed(self, stage, fn):
-        return fn()
 
     def eval_stage(self, name: str, run_dir: RunDir, mapping: dict, key: str) -> Path:
         assert name == "eval" and mapping["episodes_per_task"] == EPISODES
@@ -68,8 +65,13 @@ class Study:
         (out / "manifest.json").write_text(json.dumps({"status": "complete"}))
         return out
 
+    def eval_wave(self, calls) -> dict:
+        """One round's evaluations at once (the runner's run_wave)."""
+        self.waves.append(len(calls))
+        return {c.label: self.eval_stage(c.stage, c.run_dir, c.mapping, c.key) for c in calls}
+
     def rounds(self) -> dict:
-        return run_rounds(self, self.plans, self.config.eval.to_dict(), self.eval_stage)
+        return run_rounds(self, self.plans, self.config.eval.to_dict(), self.eval_wave)
 
 
 def test_equal_rows_spend_the_budget_on_new_shared_initial_states(tmp_path):
@@ -79,6 +81,7 @@ def test_equal_rows_spend_the_budget_on_new_shared_initial_states(tmp_path):
     assert not record["comparisons"]["learned - random"]["decided"] and len(record["comparisons"]["learned - random"]["z"]) == 3
     # rounds 2 and 3: every row and seed, eval seeds 1 and 2 (round 1 was eval.seed 0)
     assert sorted(study.calls) == sorted((r["name"], s, k) for k in (1, 2) for r in ROWS for s in SEEDS)
+    assert study.waves == [len(ROWS) * len(SEEDS)] * 2  # each round's evaluations at once (one wave of Ray tasks)
     res = collect_results(study.config, study.run, study.plans, {r["name"]: ("/vlm", None) for r in ROWS})
     assert res["sequential"]["rounds_run"] == 3
     assert res["rows"]["learned"]["success"]["episodes"] == 3 * EPISODES * len(TASKS) * len(SEEDS)

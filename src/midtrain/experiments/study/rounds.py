@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ...runs import RunDir
-from ..runner import episode_successes
+from ..runner import StageCall, episode_successes
 from .sequential import boundaries, z_statistic
 
 ROUNDS_DIR = "rounds"
@@ -115,23 +115,28 @@ def first_round(run: RunDir, config, plans) -> dict[tuple[str, int], Optional[Ep
     return out
 
 
-def run_rounds(ctx: Any, plans: list, settings: dict[str, Any], run_stage: Callable[..., Path]) -> Optional[dict]:
+def run_rounds(ctx: Any, plans: list, settings: dict[str, Any],
+               run_wave: Callable[[list[StageCall]], dict[str, Optional[Path]]]) -> Optional[dict]:  # fmt: skip
     """Run rounds until :func:`sequential_record` stops (module docstring); ``settings`` is the
-    closed-loop protocol (``closed_loop`` keys), ``run_stage(name, run_dir, mapping, key)`` runs a
-    registered stage. Returns the record."""
+    closed-loop protocol (``closed_loop`` keys), ``run_wave(calls)`` runs a round's evaluations at
+    once (:meth:`~midtrain.experiments.runner.StageRunner.run_wave`: ``{label: folder, or None
+    when its worker died}``). A round with an evaluation that did not finish ends the rounds (the
+    study reports it missing; a rerun continues). Returns the record."""
     cfg = ctx.config
     while True:
         record = sequential_record(cfg, first_round(ctx.run, cfg, plans), ctx.run)
         if record is None or record["stopped"] != "continue":
             return record
         k = record["rounds_run"] + 1
+        calls = []
         for seed in cfg.seeds:
             for row, rs in zip(cfg.rows, plans):
                 policy = ctx.run.stage_dir(rs.finals[seed]) / "policy"
                 mapping = {**settings, "seed": settings["seed"] + k - 1, "policy": str(policy), "on_error": cfg.on_error}
                 sub = round_run(ctx.run, row.name, seed, k)
-                key = f"sequential round {k}: {row.name} seed {seed}"
-                ctx.timed(f"{ROUNDS_DIR}/{sub.root.name}", lambda m=mapping, d=sub, n=key: run_stage("eval", d, m, n))
+                calls.append(StageCall("eval", mapping, sub, f"{ROUNDS_DIR}/{sub.root.name}", f"sequential round {k}: {row.name} seed {seed}"))
+        if any(folder is None for folder in run_wave(calls).values()):
+            return sequential_record(cfg, first_round(ctx.run, cfg, plans), ctx.run)
 
 
 def round_manifests(run: RunDir) -> dict[str, Path]:

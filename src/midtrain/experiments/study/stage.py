@@ -316,8 +316,7 @@ def run_study(config: StudyConfig, run_dir: RunDir, force: bool = False) -> Path
             if config.sequential.rounds > 1:
                 from .rounds import run_rounds
 
-                run_rounds(ctx, plans, eval_settings(ctx), lambda name, run, mapping, key: ctx.runner.run(
-                    name, mapping, run_dir=run, key=key, label=f"rounds/{run.root.name}"))  # fmt: skip
+                run_rounds(ctx, plans, eval_settings(ctx), ctx.runner.run_wave)
             cka_dir = _run_cka(ctx, plans, models)
         return _aggregate(ctx, plans, models, cka_dir, t0, force)
     finally:
@@ -383,6 +382,7 @@ def _missing(ctx: StudyContext, plans: list[RowStages]) -> dict[str, str]:
         for name in [*steps, *rs.finals.values(), *rs.probes.values()]:
             if not complete(name):
                 out[name] = failed.get(name) or (f"not run: {broken} did not finish" if broken and broken != name else "not run")
+    out.update({name: why for name, why in failed.items() if name not in out})  # a sequential round, CKA
     return out
 
 
