@@ -9,9 +9,8 @@ import pytest
 import torch
 from catalog_rows import vlm_rows
 
-from midtrain.models import load_vlm
+from midtrain.models import answer_loss, load_vlm
 from midtrain.models.tiny import ARCHS as TINY_ARCHS
-from midtrain.sft import model as sft_model
 from midtrain.models.parts import LoraSettings
 from midtrain.sft.data import collate_sft
 from midtrain.sft.model import SFTModel, apply_training_mode, chunked_answer_loss, find_parts, parameter_counts
@@ -53,7 +52,7 @@ def test_chunked_loss_equals_the_direct_loss_with_gradients(monkeypatch):
     y = torch.randint(0, 50, (37,))
     direct = torch.nn.functional.cross_entropy(head(h), y)
     (g_direct,) = torch.autograd.grad(direct, h)
-    monkeypatch.setattr(sft_model, "HEAD_CHUNK_ELEMENTS", 50 * 8)  # 8 positions per chunk
+    monkeypatch.setattr(answer_loss, "HEAD_CHUNK_ELEMENTS", 50 * 8)  # 8 positions per chunk
     chunked = chunked_answer_loss(h, head, y)
     (g_chunked,) = torch.autograd.grad(chunked, h)
     assert float(chunked) == pytest.approx(float(direct), rel=1e-6)

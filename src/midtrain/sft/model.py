@@ -33,11 +33,9 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..models.answer_loss import HEAD_CHUNK_ELEMENTS, IGNORE, chunked_answer_loss  # noqa: F401 (re-exported)
 from ..models.parts import VLMParts, find_parts, lora_targets, trainable_modules  # noqa: F401 (re-exported)
 from ..runs import StageError
-
-HEAD_CHUNK_ELEMENTS = 1 << 27  # logits per chunk (512 MiB in fp32) before the loss is chunked
-IGNORE = -100
 
 
 def _expand_module_lists(vlm, names: list[str]) -> list[str]:
@@ -92,30 +90,6 @@ def parameter_counts(vlm, parts: VLMParts) -> dict[str, dict[str, int]]:
     out["all"] = {"total": sum(v["total"] for k, v in out.items() if k != "lora"),
                   "trainable": sum(v["trainable"] for k, v in out.items() if k != "lora")}  # fmt: skip
     return out
-
-
-def chunked_answer_loss(hidden, head, targets, softcap: float | None = None):
-    """Mean cross-entropy of ``head(hidden)`` against ``targets`` (``hidden`` ``[n, d]``, targets ``[n]``),
-    in chunks whose logits are recomputed in the backward pass when ``n x vocab`` is large."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
-
-    def chunk_sum(h, y):
-        logits = head(h).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return F.cross_entropy(logits, y, reduction="sum")
-
-    n = hidden.shape[0]
-    vocab = head.weight.shape[0]
-    if n * vocab <= HEAD_CHUNK_ELEMENTS:
-        return chunk_sum(hidden, targets) / n
-    step = max(1, HEAD_CHUNK_ELEMENTS // vocab)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, n, step):
-        total = total + checkpoint(chunk_sum, hidden[s : s + step], targets[s : s + step], use_reentrant=False)
-    return total / n
 
 
 class SFTModel(nn.Module):
