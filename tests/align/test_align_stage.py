@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from plain_transformers import run_without_midtrain
 
 from midtrain.align.config import AlignConfig
 from midtrain.align.stage import run_align
@@ -44,6 +45,19 @@ def test_align_trains_the_projector_then_lora_and_writes_an_ordinary_checkpoint(
     assert not (out / "pretrain" / "aligned" / "adapter_config.json").exists()  # stage 1: the projector alone
     assert (out / "aligned" / "adapter_config.json").exists() and (out / "aligned" / "projector.safetensors").exists()
     assert processor.chat_template and (out / "corpus" / "corpus.json").exists()
+    report = run_without_midtrain(out / "model")  # the aligned VLM loads and generates without midtrain
+    assert report["class"] == "LlavaForConditionalGeneration" and report["new_tokens"] >= 1
+
+
+def test_the_demo_tower_with_any_causal_lm_is_a_checkpoint_plain_transformers_loads(tiny_parts, tmp_path):
+    from midtrain.align.assemble import assemble_vlm
+
+    out = assemble_vlm(tmp_path / "vlm", "efficientnet-lite0", str(tiny_parts["lm"]), None, seed=0)
+    assert json.loads((out / "config.json").read_text())["vision_config"]["model_type"] == "timm_wrapper"
+    report = run_without_midtrain(out)
+    assert report["class"] == "FastVlmForConditionalGeneration" and report["new_tokens"] >= 1 and not report["midtrain_loaded"]
+    vlm, processor = load_vlm(out, dtype="float32", device="cpu")  # and midtrain loads it as any checkpoint
+    assert vlm.model.multi_modal_projector.linear_1.in_features == 1280
 
 
 def test_cached_feature_loss_equals_the_vlms_own_forward(tiny_parts, tmp_path):
@@ -84,3 +98,30 @@ def test_cached_feature_loss_equals_the_vlms_own_forward(tiny_parts, tmp_path):
     # features are cached in float16: equal up to that rounding
     assert float(cached_loss) == pytest.approx(float(own), rel=2e-3)
     assert np.isfinite(float(own)) and len(cache.index) == 4
+
+
+def test_a_failed_run_resumes_with_the_finished_phases_and_cached_features(tiny_parts, tmp_path, monkeypatch):
+    from midtrain.align import stage as align_stage
+
+    run = RunDir(tmp_path / "run")
+    calls = []
+    real = align_stage._train_phase
+
+    def failing_finetune(phase, *args, **kwargs):
+        calls.append(phase)
+        if phase == "finetune":
+            raise RuntimeError("killed during stage 2")
+        return real(phase, *args, **kwargs)
+
+    monkeypatch.setattr(align_stage, "_train_phase", failing_finetune)
+    with pytest.raises(RuntimeError, match="killed during stage 2"):
+        run_align(tiny_config(tiny_parts), run)
+    partial = tmp_path / "run" / ".partial" / "align"
+    features = {p: p.stat().st_mtime_ns for p in (partial / "features").glob("part-*.npy")}
+    pretrain_metrics = (partial / "pretrain" / "metrics.jsonl").read_text()
+    monkeypatch.setattr(align_stage, "_train_phase", lambda phase, *a, **k: (calls.append(phase), real(phase, *a, **k))[1])
+    out = run_align(tiny_config(tiny_parts), run)
+    assert calls == ["pretrain", "finetune", "finetune"]  # stage 1 is not trained again
+    assert {p.name: t for p, t in features.items()} == {p.name: p.stat().st_mtime_ns for p in (out / "features").glob("part-*.npy")}
+    assert (out / "pretrain" / "metrics.jsonl").read_text() == pretrain_metrics
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"

@@ -1,6 +1,7 @@
 """Assemble a LLaVA-architecture VLM from a pretrained vision tower and a pretrained causal LM.
 
-LLaVA's layout (``LlavaForConditionalGeneration``): vision tower -> two-layer GELU MLP projector
+LLaVA's layout (``LlavaForConditionalGeneration``; ``FastVlmForConditionalGeneration`` for the demo's
+convolutional tower, the same layout for a ``[B, C, H, W]`` feature map): vision tower -> two-layer GELU MLP projector
 (random, seeded: what alignment trains) -> language model over interleaved image and text tokens,
 with the LM's tokenizer plus one ``<image>`` token and the LM's chat template extended so a
 message's content may hold image blocks.
@@ -99,11 +100,10 @@ def _auto_config(name: str, what: str):
 def tower_info(name: str) -> TowerInfo:
     """The tower's vision config and token geometry (reads config files only)."""
     if name == DEMO_TOWER:
-        from ..models.demo_vlm import vision_config
+        from ..models.demo_parts import IMAGE_SIZE, LITE0_WIDTH, STRIDE, timm_vision_config
 
-        vc = vision_config()
-        side = vc.image_size // vc.patch_size
-        return TowerInfo(name, vc, vc.hidden_size, side * side, vc.image_size, vc.patch_size, "full", -1)
+        side = IMAGE_SIZE // STRIDE
+        return TowerInfo(name, timm_vision_config(), LITE0_WIDTH, side * side, IMAGE_SIZE, STRIDE, "full", -1)
     config = _auto_config(name, "vision_tower")
     vc = getattr(config, "vision_config", None) if config.model_type in COMPOSITE_VISION else config
     if vc is None or vc.model_type not in VISION_TYPES:
@@ -200,8 +200,6 @@ def _load_causal_lm(info: LanguageModelInfo):
 
 def _tower_weights(info: TowerInfo) -> dict:
     """The tower's state dict, keyed as LLaVA's ``vision_tower`` module holds it."""
-    if info.name == DEMO_TOWER:
-        return {}
     from transformers import AutoModel
 
     path = Path(info.name).expanduser()
@@ -211,11 +209,6 @@ def _tower_weights(info: TowerInfo) -> dict:
 
 
 def _image_processor(info: TowerInfo):
-    if info.name == DEMO_TOWER:
-        from transformers import CLIPImageProcessor
-
-        return CLIPImageProcessor(size={"height": info.image_size, "width": info.image_size}, do_center_crop=False,
-                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # fmt: skip
     from transformers import AutoImageProcessor
 
     path = Path(info.name).expanduser()
@@ -226,10 +219,8 @@ def _assemble_generic(out_dir: Path, tower: TowerInfo, lm_info: LanguageModelInf
     import torch
     from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from ..models.components import register_components
-    from ..models.demo_vlm import efficientnet_lite0_weights, save_demo_vlm
+    from ..models.demo_parts import demo_processor, save_demo_vlm
 
-    register_components()
     lm, tokenizer = _load_causal_lm(lm_info)
     tokenizer = copy.deepcopy(tokenizer)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -241,19 +232,22 @@ def _assemble_generic(out_dir: Path, tower: TowerInfo, lm_info: LanguageModelInf
         text_config.layer_types = text_config.layer_types[: lm_info.layers]
     text_config.vocab_size = len(tokenizer)
     tied = bool(getattr(lm.config, "tie_word_embeddings", False))
-    config = LlavaConfig(vision_config=tower.config, text_config=text_config, image_token_id=image_token_id,
-                         vision_feature_select_strategy=tower.strategy, vision_feature_layer=tower.feature_layer,
-                         projector_hidden_act="gelu", tie_word_embeddings=tied)  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config).eval()
-        torch.manual_seed(seed)  # the projector from the seed alone, whatever the constructor drew before it
-        for module in model.model.multi_modal_projector.modules():
-            if isinstance(module, torch.nn.Linear):
-                model._init_weights(module)
-    if tower.name == DEMO_TOWER:
-        model.model.vision_tower.load_efficientnet_weights(efficientnet_lite0_weights())
+    if tower.name == DEMO_TOWER:  # FastVLM's container: a convolutional timm tower that plain transformers loads
+        from ..models.causal_demo_vlm import lite0_vlm
+
+        text_config.tie_word_embeddings = tied
+        model = lite0_vlm(text_config, image_token_id, seed)
     else:
+        config = LlavaConfig(vision_config=tower.config, text_config=text_config, image_token_id=image_token_id,
+                             vision_feature_select_strategy=tower.strategy, vision_feature_layer=tower.feature_layer,
+                             projector_hidden_act="gelu", tie_word_embeddings=tied)  # fmt: skip
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlavaForConditionalGeneration(config).eval()
+            torch.manual_seed(seed)  # the projector from the seed alone, whatever the constructor drew before it
+            for module in model.model.multi_modal_projector.modules():
+                if isinstance(module, torch.nn.Linear):
+                    model._init_weights(module)
         model.model.vision_tower.load_state_dict(_tower_weights(tower), strict=True)
     decoder = lm.get_decoder()
     state = {k: v for k, v in decoder.state_dict().items()
@@ -274,10 +268,14 @@ def _assemble_generic(out_dir: Path, tower: TowerInfo, lm_info: LanguageModelInf
     eos = tokenizer.eos_token_id if lm.generation_config.eos_token_id is None else lm.generation_config.eos_token_id
     model.generation_config = GenerationConfig(bos_token_id=lm.generation_config.bos_token_id, eos_token_id=eos,
                                                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)  # fmt: skip
-    processor = LlavaProcessor(image_processor=_image_processor(tower), tokenizer=tokenizer, patch_size=tower.patch_size,
-                               vision_feature_select_strategy=tower.strategy,
-                               num_additional_image_tokens=1 if tower.strategy == "default" else 0,
-                               chat_template=BLOCKS_TO_TEXT + lm_info.chat_template, image_token=IMAGE_TOKEN)  # fmt: skip
-    info = {"arch": "llava", "language_model": lm_info.name, "text_layers": lm_info.layers, "vision_tower": tower.name,
-            "image_tokens": tower.tokens, "projector": "random init", "seed": seed}  # fmt: skip
+    template = BLOCKS_TO_TEXT + lm_info.chat_template
+    if tower.name == DEMO_TOWER:
+        processor = demo_processor(tokenizer, template)
+    else:
+        processor = LlavaProcessor(image_processor=_image_processor(tower), tokenizer=tokenizer, patch_size=tower.patch_size,
+                                   vision_feature_select_strategy=tower.strategy,
+                                   num_additional_image_tokens=1 if tower.strategy == "default" else 0,
+                                   chat_template=template, image_token=IMAGE_TOKEN)  # fmt: skip
+    info = {"arch": type(model).__name__, "language_model": lm_info.name, "text_layers": lm_info.layers,
+            "vision_tower": tower.name, "image_tokens": tower.tokens, "projector": "random init", "seed": seed}  # fmt: skip
     return save_demo_vlm(model, processor, out_dir, info)
