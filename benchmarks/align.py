@@ -70,7 +70,7 @@ def main() -> None:
         elif args.aligned is not None:
             vlm, processor = load_vlm(args.aligned, dtype="float32", device="cpu")
         else:
-            from midtrain.align.stage import apply_alignment
+            from midtrain.models.alignment import apply_alignment
 
             vlm, processor = load_vlm(unaligned, dtype="float32", device="cpu")
             vlm = apply_alignment(vlm, args.aligned_delta)

