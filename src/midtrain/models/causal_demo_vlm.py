@@ -77,15 +77,24 @@ def lite0_vlm(text_config, image_token_id: int, seed: int):
     return model
 
 
+def alignment_layers(alignment: Path) -> int:
+    """The depth an alignment was trained at (``config.text_layers`` of its manifest; all 30 if unset)."""
+    import json
+
+    manifest = alignment / "manifest.json"
+    layers = json.loads(manifest.read_text()).get("config", {}).get("text_layers") if manifest.exists() else None
+    return int(layers or SMOLLM2_LAYERS)
+
+
 def build_causal_demo_vlm(out_dir: Path | str, seed: int = 0, text_layers: int | None = None, smollm2=None,
                           alignment: Path | str | None = None) -> Path:
     """Build and save the causal demo VLM (see module docstring); deterministic for ``seed``.
 
     ``smollm2``: ``(model, tokenizer)`` from :func:`midtrain.models.smollm2.load_smollm2`, to build
     several variants from one GGUF load (neither is modified); loaded here when None.
-    ``alignment``: an alignment directory (:mod:`midtrain.models.alignment`, e.g.
-    :data:`ALIGNED_DEMO`) trained on the full 30-layer VLM of this
-    ``seed``: applied to all 30 layers, then the first ``text_layers`` are kept.
+    ``alignment``: an alignment directory (:mod:`midtrain.models.alignment`, e.g. :data:`ALIGNED_DEMO`)
+    trained on this ``seed``'s VLM of some depth (its ``manifest.json`` says which; 30 if it does not):
+    applied at that depth, then the first ``text_layers`` (at most that many) are kept.
     """
     import copy
 
@@ -102,7 +111,12 @@ def build_causal_demo_vlm(out_dir: Path | str, seed: int = 0, text_layers: int |
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    built = SMOLLM2_LAYERS if alignment is not None else layers
+    built = layers
+    if alignment is not None:
+        built = alignment_layers(Path(alignment))
+        if layers > built:
+            raise ValueError(f"text_layers: the alignment {alignment} was trained on the first {built} decoder layers; "
+                             f"got {layers}")  # fmt: skip
     model = lite0_vlm(_text_config(lm.config, len(tokenizer), built), image_token_id, seed)
 
     state = {k: v for k, v in lm.model.state_dict().items()
