@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import tempfile
 import time
@@ -42,6 +43,11 @@ def main() -> None:
     ap.add_argument("--per-kind", type=int, default=40, help="held-out questions per kind")
     ap.add_argument("--probe-depths", type=int, nargs="+", default=[8, 2])
     ap.add_argument("--loss-depths", type=int, nargs="+", default=[2, 4, 8, 30])
+    ap.add_argument("--reference", type=Path, help="another VLM whose caption loss by depth to report beside (e.g. the "
+                                                   "unaligned 30-layer demo VLM, for depth 30)")
+    ap.add_argument("--only", choices=("unaligned", "aligned"), help="measure one VLM (into --cache) and stop")
+    ap.add_argument("--cache", type=Path, help="keep each VLM's measurements here and reuse them when the model and "
+                                               "held-out set are the same (run --only unaligned and aligned side by side)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -64,6 +70,17 @@ def main() -> None:
     out: dict = {"heldout_questions": len(samples), "per_kind_questions": args.per_kind, "kinds": list(WEB_KINDS)}
     results = {}
     for label in ("unaligned", "aligned"):
+        if args.only and label != args.only:
+            continue
+        model = str(unaligned if label == "unaligned" else args.aligned or args.aligned_delta)
+        key = {"model": model, "per_kind": args.per_kind, "seed": args.seed, "depths": sorted(set(args.probe_depths + args.loss_depths))}
+        cached = args.cache / f"{label}.pkl" if args.cache else None
+        if cached is not None and cached.exists():
+            stored = pickle.loads(cached.read_bytes())
+            if stored["key"] == key:
+                results[label] = stored["result"]
+                print(f"{label}: from {cached}", file=sys.stderr, flush=True)
+                continue
         t0 = time.perf_counter()
         if label == "unaligned":
             vlm, processor = load_vlm(unaligned, dtype="float32", device="cpu")
@@ -82,7 +99,12 @@ def main() -> None:
                           "examples": [(s.kind, s.answer, a) for s, a in zip(samples[:: args.per_kind], answers[:: args.per_kind])],
                           "uniform": uniform_loss(vlm), "seconds": time.perf_counter() - t0}  # fmt: skip
         print(f"{label}: {json.dumps(results[label]['accuracy'])} ({results[label]['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_bytes(pickle.dumps({"key": key, "result": results[label]}))
         del vlm
+    if args.only:
+        return
 
     ch = chance(WEB_KINDS)
     out["per_kind"] = {k: {"aligned": results["aligned"]["accuracy"][k], "unaligned": results["unaligned"]["accuracy"][k],
@@ -107,6 +129,11 @@ def main() -> None:
     out["caption_loss_by_depth"] = {label: {str(d): round(v, 3) for d, v in results[label]["loss"].items()
                                             if d in args.loss_depths} for label in results}  # fmt: skip
     out["uniform_loss"] = round(results["aligned"]["uniform"], 3)
+    if args.reference is not None:
+        vlm, processor = load_vlm(args.reference, dtype="float32", device="cpu")
+        depths = [d for d in args.loss_depths if d <= vlm.config.text_config.num_hidden_layers]
+        _, losses = depth_readout(vlm, processor, samples, depths)
+        out["reference_caption_loss_by_depth"] = {"model": str(args.reference), **{str(d): round(v, 3) for d, v in losses.items()}}
     out["seconds"] = {label: round(results[label]["seconds"], 1) for label in results}
     print(json.dumps(out))
 

@@ -57,7 +57,7 @@ class PretrainSettings(PhaseSettings):
     """Stage 1, the projector alone on captions. LLaVA-1.5's pretrain.sh: lr 1e-3, no weight decay, 3%
     warmup, cosine, one epoch."""
 
-    steps: int = option(100, "optimizer steps of stage 1")
+    steps: int = option(80, "optimizer steps of stage 1")
     lr: float = option(1e-3, "peak learning rate of the projector (LLaVA-1.5: 1e-3)")
 
 
@@ -66,7 +66,7 @@ class FinetuneSettings(PhaseSettings):
     """Stage 2, projector and language model on visual questions. LLaVA-1.5's finetune_lora.sh: lr 2e-4,
     cosine, one epoch (thousands of steps; this recipe's few hundred take a higher rate)."""
 
-    steps: int = option(300, "optimizer steps of stage 2")
+    steps: int = option(250, "optimizer steps of stage 2")
     lr: float = option(5e-4, "peak learning rate (LoRA; above LLaVA's 2e-4 for a run of hundreds of steps; full "
                              "fine-tuning wants ~2e-5)")
 

@@ -42,11 +42,12 @@ def ship_alignment(stage_dir: Path, out_dir: Path, benchmark: dict | None = None
     for path in sorted(source.iterdir()):
         if path.suffix == ".safetensors":  # float16: half the bytes; the merged weights move by < 1e-3 relative
             save_file({k: v.to(torch.float16).contiguous() for k, v in load_file(str(path)).items()}, str(out_dir / path.name))
-        elif path.is_file():
+        elif path.is_file() and path.suffix == ".json":  # peft's adapter_config.json (not its README model card)
             shutil.copyfile(path, out_dir / path.name)
     info = {
-        "what": "midtrain align's projector + LoRA adapter for the causal demo VLM (EfficientNet-Lite0 + SmolLM2-135M-"
-                "Instruct, 30 layers, seed 0), float16; apply with build_causal_demo_vlm(..., alignment=ALIGNED_DEMO)",
+        "what": f"midtrain align's projector + LoRA adapter for the causal demo VLM (EfficientNet-Lite0 + SmolLM2-135M-"
+                f"Instruct, its first {(manifest.get('config') or {}).get('text_layers') or 30} layers, seed 0), float16; "
+                "apply with build_causal_demo_vlm(..., alignment=ALIGNED_DEMO)",
         "rebuild": REBUILD,
         "config": manifest.get("config"),
         "fingerprint": manifest.get("fingerprint"),
