@@ -37,3 +37,19 @@ def test_policy_backbone_loads_without_midtrain(demo_tower_vlm, tmp_path):
     Backbone(vlm, processor).save_pretrained(tmp_path / "backbone")
     report = run_without_midtrain(tmp_path / "backbone")
     assert report["class"] == "FastVlmForConditionalGeneration" and report["new_tokens"] >= 1
+
+
+def test_featurize_takes_a_demo_tower_vlm(demo_tower_vlm, tmp_path):
+    import numpy as np
+    from catalog_rows import vla_rows
+
+    from midtrain.data.features import open_features
+    from midtrain.featurize.config import FeaturizeConfig
+    from midtrain.featurize.stage import featurize
+
+    run = RunDir(tmp_path / "run")
+    write_catalog(run.root, {"llava": vlm_rows(5, seed=1), "robot": vla_rows(3, seed=2)})
+    out = featurize(FeaturizeConfig(model=str(demo_tower_vlm), shard_size=8, batch_size=4, num_workers=0), run)
+    features = open_features(out)
+    assert len(features) == 8 and features.dim == 32
+    assert np.isfinite(np.concatenate([features.array(n) for n in features.names]).astype(np.float32)).all()
