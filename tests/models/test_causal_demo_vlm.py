@@ -49,7 +49,7 @@ def test_saved_as_an_ordinary_transformers_checkpoint_without_gguf(causal_demo_v
     model, _ = causal_vlm
     assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
     info = json.loads((causal_demo_vlm_dir / "midtrain_demo_vlm.json").read_text())
-    assert info["text_layers"] == 30 and 139e6 < info["parameters"] < 141e6
+    assert info["text_layers"] == 30 and 138.5e6 < info["parameters"] < 139.5e6  # the tower without its ImageNet classifier
 
 
 def test_the_text_path_still_answers_after_the_build(causal_vlm, smollm2):
