@@ -251,7 +251,8 @@ def filesystem_error(exc: BaseException, where: Path | str) -> StageError | None
 # --------------------------------------------------------------------------- hashing
 
 
-def _hash_file(path: Path) -> str:
+def hash_file(path: Path) -> str:
+    """blake2b-128 of a file's bytes, read in 1 MiB blocks (content fingerprints, checkpoint checksums)."""
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -280,7 +281,7 @@ class HashCache:
         hit = self.entries.get(key)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return hit[2]
-        digest = _hash_file(path)
+        digest = hash_file(path)
         self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
         self.dirty = True
         return digest

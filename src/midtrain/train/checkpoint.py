@@ -34,7 +34,6 @@ copy of the weights; the optimizer state (two more copies) dominates either way.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -45,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runs import StageError, follow_umask, write_json_atomic
+from ..runs import StageError, follow_umask, hash_file, write_json_atomic
 from .fsdp import is_sharded, is_sharded_checkpoint, load_sharded_state, save_sharded_state
 
 STATE_DIR = "trainer_state"
@@ -69,16 +68,8 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _checksums(path: Path) -> dict[str, str]:
-    return {f.relative_to(path).as_posix(): _file_hash(f) for f in sorted(path.rglob("*"))
+    return {f.relative_to(path).as_posix(): hash_file(f) for f in sorted(path.rglob("*"))
             if f.is_file() and f.relative_to(path).as_posix() != f"{STATE_DIR}/{CHECKSUMS}"}  # fmt: skip
 
 
@@ -98,7 +89,7 @@ def checkpoint_problem(path: Path) -> str | None:
         f = path / rel
         if not f.is_file():
             return f"{f}: missing"
-        if _file_hash(f) != digest:
+        if hash_file(f) != digest:
             return f"{f}: content differs from its checksum (truncated or rewritten)"
     return None
 
