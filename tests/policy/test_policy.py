@@ -93,14 +93,14 @@ def test_tokens_head_overfits_and_decodes_its_targets(tiny_vlm):
     after, logs = policy(batch)
     assert float(after) < before / 10, (before, float(after))
     if logs["token_accuracy"] == 1.0:  # every valid target token is the argmax: greedy decoding returns them
-        expected = policy.io.decode_tokens(_target_tokens(policy, batch))
+        expected = policy.io.prompt.decode_tokens(_target_tokens(policy, batch))
         valid = batch["action_mask"]
         assert torch.equal(policy.predict_normalized(batch["inputs"], batch["state"])[valid], expected[valid])
 
 
 def _target_tokens(policy: VLAPolicy, batch: dict) -> torch.Tensor:
     ids = batch["inputs"]["input_ids"]
-    return ids[torch.isin(ids, policy.io.bin_ids)].reshape(len(ids), -1)
+    return ids[torch.isin(ids, policy.io.prompt.bin_ids)].reshape(len(ids), -1)
 
 
 # --------------------------------------------------------------------------- save -> load, every architecture
@@ -191,7 +191,7 @@ def test_greedy_decoding_matches_the_training_forward(tiny_vlm, arch):
     tf = policy.io.collate(as_target)
     with torch.no_grad():
         logits, labels = policy.head.action_token_logits(tf["inputs"], tf["state"])
-    assert torch.equal(policy.io.bin_ids[logits[..., policy.io.bin_ids].argmax(-1)], labels)
+    assert torch.equal(policy.io.prompt.bin_ids[logits[..., policy.io.prompt.bin_ids].argmax(-1)], labels)
 
 
 def test_tokens_loss_is_causal(tiny_vlm):
@@ -207,7 +207,7 @@ def test_tokens_loss_is_causal(tiny_vlm):
         ids = b["inputs"]["input_ids"]
         with torch.no_grad(), policy.backbone.injected(policy.head.injected(1, b["state"])):
             hidden = policy.backbone.hidden_states(b["inputs"])
-        pos = torch.nonzero(torch.isin(ids, policy.io.bin_ids))[:, 1]
+        pos = torch.nonzero(torch.isin(ids, policy.io.prompt.bin_ids))[:, 1]
         losses.append(hidden[0, pos[:5] - 1])  # the first step's tokens and the next one's first
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
 

@@ -10,6 +10,7 @@ state dimensions and names, camera keys, image size, normalisation statistics) a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,6 @@ from ..models.parts import LoraSettings  # noqa: F401 (the backbone's LoRA setti
 
 POLICY_TYPE = "midtrain_vla"
 CONFIG_NAME = "config.json"
-HEADS = ("mlp", "flow", "tokens")
 
 
 @dataclass
@@ -94,7 +94,8 @@ class TokensHeadSettings(Settings):
 class PolicySettings(Settings):
     """The policy a user chooses: head, chunking, normalisation, state input, head settings."""
 
-    head: Literal["mlp", "flow", "tokens"] = option("mlp", "action head: mlp (regression), flow (flow matching), tokens (action tokens)")
+    head: str = option("mlp", "action head, a name in midtrain.policy.action_heads.HEADS: mlp (regression), flow (flow matching), "
+                              "tokens (action tokens)")  # fmt: skip
     chunk_size: int = option(8, "actions predicted per chunk (H)")
     n_action_steps: Optional[int] = option(None, "actions of a chunk executed by select_action before predicting again (null: the whole chunk)")
     normalization: Literal["mean_std", "min_max", "q01_q99"] = option(
@@ -112,17 +113,31 @@ class PolicySettings(Settings):
         "vlm", "what the head reads: vlm (the VLM's last hidden states) or vision_tower (the VLM's image features after its "
         "projector, mean-pooled over each sample's image tokens; the language model does not run: the study's "
         "vision_tower reference)")  # fmt: skip
+    # each head's own section, ``policy.<its settings_field>`` (see midtrain.policy.action_heads):
     mlp: MLPHeadSettings = option(factory=MLPHeadSettings, help="mlp head settings")
     flow: FlowHeadSettings = option(factory=FlowHeadSettings, help="flow head settings")
     tokens: TokensHeadSettings = option(factory=TokensHeadSettings, help="tokens head settings")
 
     def validate(self) -> None:
+        head = self.head_class
         if self.chunk_size < 1:
             raise ConfigError(f"chunk_size: must be >= 1, got {self.chunk_size}")
         if self.n_action_steps is not None and not 1 <= self.n_action_steps <= self.chunk_size:
             raise ConfigError(f"n_action_steps: must be in [1, chunk_size={self.chunk_size}], got {self.n_action_steps}")
-        if self.features == "vision_tower" and self.head == "tokens":
-            raise ConfigError("features: vision_tower runs no language model, which the tokens head predicts with; use head: mlp or flow")
+        if self.features == "vision_tower" and head.predicts_with_language_model:
+            raise ConfigError(f"features: vision_tower runs no language model, which the {self.head} head predicts with; use a head "
+                              f"that reads the backbone ({', '.join(n for n, h in _heads().items() if not h.predicts_with_language_model)})")  # fmt: skip
+
+    @property
+    def head_class(self):
+        """The registered head class of ``head`` (ConfigError for a name not in ``HEADS``)."""
+        heads = _heads()
+        if self.head not in heads:
+            raise ConfigError(f"head: expected one of {', '.join(heads)}, got {self.head!r}")
+        field = heads[self.head].settings_field
+        if field is not None and field not in {f.name for f in dataclasses.fields(self)}:
+            raise ConfigError(f"head: {self.head} keeps its settings in policy.{field}, which PolicySettings lacks (add the field)")
+        return heads[self.head]
 
     @property
     def steps_per_chunk(self) -> int:
@@ -204,6 +219,13 @@ class PolicyConfig(Settings):
             return from_dict(cls, data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+def _heads() -> dict:
+    """The registered heads (imported here, not at the top: the heads import torch and the backbone)."""
+    from .action_heads import HEADS
+
+    return HEADS
 
 
 def resolve_gripper_dims(settings: PolicySettings, action_names: list[str], action_dim: int) -> list[int]:

@@ -10,13 +10,11 @@ LeRobot feature names the closed-loop evaluator sends::
 Both become the same prompt, rendered with the VLM's chat template through
 :func:`midtrain.models.inputs.build_batch`: one user turn with the camera images (resized to the
 policy's ``image_size`` first, so evaluation frames match training frames) then the instruction,
-and an assistant turn that depends on the head:
-
-- ``mlp``: Q ``<|action_query|>`` placeholders (their embeddings are the learned queries);
-- ``flow``: none (the expert attends to the whole prompt);
-- ``tokens``: the chunk's ``H * A`` action-bin tokens; at inference the prompt is the same
-  sequence cut before its first action token, so training and decoding see identical prefixes.
-  The state, if used, is a ``<|state|>`` placeholder at the end of the user turn.
+then what the head adds (its :class:`midtrain.policy.action_heads.HeadPrompt`, ``prompt``): placeholders
+at the end of the user turn and an assistant turn. ``mlp``: Q ``<|action_query|>`` placeholders
+(their embeddings are the learned queries); ``flow``: nothing (the expert attends to the whole
+prompt); ``tokens``: a ``<|state|>`` placeholder if the state is used, and the chunk's ``H * A``
+action-bin tokens, cut off again for decoding.
 
 With ``blank_images`` (the blind control) every camera image of the prompt is one constant
 mid-grey frame of ``image_size``, whatever the sample or observation shows: training rows and live
@@ -34,22 +32,14 @@ import numpy as np
 import torch
 
 from ..data.images import encode_image
-from ..models.inputs import SEQUENCE_KEYS, build_batch
+from ..models.inputs import build_batch
 from ..runs import SampleError
-from .backbone import ACTION_QUERY_TOKEN, STATE_TOKEN, action_bin_token
+from .action_heads import HEADS
 from .configuration import PolicyConfig
-from .heads import ActionBins
 from .normalize import Normalizer
 
 IMAGE_PLACEHOLDER = "<image>"
 BLANK_PIXEL = 128  # the blind control's constant frame: mid-grey in every channel
-
-
-def tokens_bin_range(config: PolicyConfig) -> float:
-    s = config.settings
-    if s.tokens.bin_range is not None:
-        return s.tokens.bin_range
-    return 3.0 if s.normalization == "mean_std" else 1.0
 
 
 class PolicyProcessor:
@@ -63,13 +53,7 @@ class PolicyProcessor:
         self.action_normalizer = Normalizer(s.normalization, stats["action"], config.gripper_dims, s.binarize_gripper)
         self.state_normalizer = Normalizer(s.normalization, stats["state"]) if config.state_dim else None
         self.binary = torch.as_tensor(self.action_normalizer.binary)
-        tok = processor.tokenizer
-        self.query_id = tok.convert_tokens_to_ids(ACTION_QUERY_TOKEN) if s.head == "mlp" else None
-        self.state_id = tok.convert_tokens_to_ids(STATE_TOKEN) if s.head == "tokens" and config.state_dim else None
-        if s.head == "tokens":
-            self.bins = ActionBins(s.tokens.bins, tokens_bin_range(config))
-            self.bin_ids = torch.as_tensor(tok.convert_tokens_to_ids([action_bin_token(k) for k in range(s.tokens.bins)]))
-        self.num_queries = (s.chunk_size if s.mlp.queries == "chunk" else 1) if s.head == "mlp" else 0
+        self.prompt = HEADS[s.head].prompt(config, processor.tokenizer, self.binary)
         self.blank_ref = None
         if s.blank_images:
             h, w = config.image_size
@@ -77,54 +61,30 @@ class PolicyProcessor:
 
     # -- prompts -------------------------------------------------------------------------
     def _row(self, row: dict, answer: str | None) -> dict:
-        user = IMAGE_PLACEHOLDER * len(row["image_refs"]) + (row.get("instruction") or "")
-        if self.state_id is not None:
-            user += STATE_TOKEN
+        user = IMAGE_PLACEHOLDER * len(row["image_refs"]) + (row.get("instruction") or "") + self.prompt.user_suffix
         messages = [{"role": "user", "content": user}]
         if answer:
             messages.append({"role": "assistant", "content": answer})
         refs = [self.blank_ref] * len(row["image_refs"]) if self.blank_ref is not None else row["image_refs"]
         return {"id": row.get("id"), "origin": row.get("origin"), "image_refs": refs, "messages": messages}
 
-    def _answer(self, target: np.ndarray | None) -> str | None:
-        head = self.config.head
-        if head == "mlp":
-            return ACTION_QUERY_TOKEN * self.num_queries
-        if head == "tokens":
-            h, a = self.config.chunk_size, self.config.action_dim
-            k = np.zeros((h, a), dtype=np.int64) if target is None else self._bins_of(target)
-            return "".join(action_bin_token(int(i)) for i in k.reshape(-1))
-        return None
-
-    def _bins_of(self, target: np.ndarray) -> np.ndarray:
-        y = torch.as_tensor(target)
-        y = torch.where(self.binary, 2 * y - 1, y)
-        return self.bins.encode(y).numpy()
-
     def encode(self, rows: list[dict], targets: list[np.ndarray] | None = None) -> dict[str, Any]:
         """Processor outputs for ``rows`` (right-padded); ``targets`` (normalised ``[H, A]`` each) fill
-        the tokens head's answer. Raises SampleError for the first row the processor leaves out."""
-        prompts = [self._row(r, self._answer(None if targets is None else targets[i])) for i, r in enumerate(rows)]
+        the answer of a head whose answer is the target. Raises SampleError for the first row the
+        processor leaves out."""
+        prompts = [self._row(r, self.prompt.answer(None if targets is None else targets[i])) for i, r in enumerate(rows)]
         inputs, info = build_batch(prompts, self.processor)
         if info.errors:
             raise info.errors[0]
         inputs = dict(inputs)
         ids = inputs["input_ids"]
-        expected = {self.query_id: self.num_queries, self.state_id: 1}
-        for token_id, n in expected.items():
-            if token_id is None:
-                continue
+        for token_id, n in self.prompt.placeholders().items():
             counts = (ids == token_id).sum(1)
             if bool((counts != n).any()):
                 i = int(torch.nonzero(counts != n)[0])
                 raise SampleError("prompt lost its placeholders", rows[i].get("origin") or str(rows[i].get("id")),
                                   f"{int(counts[i])} of {n} placeholder tokens survived the processor", rows[i].get("id"))  # fmt: skip
-        if self.config.head == "tokens":
-            is_action = torch.isin(ids, self.bin_ids)
-            if "token_type_ids" in inputs:  # PaliGemma: a causal suffix from the first action token on
-                started = is_action.cumsum(1) > 0
-                inputs["token_type_ids"] = torch.where(started & inputs["attention_mask"].bool(), 1, inputs["token_type_ids"])
-        return inputs
+        return self.prompt.finish(inputs)
 
     # -- training batches ----------------------------------------------------------------
     def collate(self, rows: list[dict]) -> dict[str, Any]:
@@ -136,7 +96,7 @@ class PolicyProcessor:
         mask = np.stack([np.asarray(r["action_mask"], dtype=bool)[:h] for r in rows])
         target = self.action_normalizer.normalize(actions).astype(np.float32)
         batch = {
-            "inputs": self.encode(rows, list(target) if self.config.head == "tokens" else None),
+            "inputs": self.encode(rows, list(target) if self.prompt.answer_is_target else None),
             "action": torch.from_numpy(target),
             "action_mask": torch.from_numpy(mask),
             "state": self.state_tensor([r["state"] for r in rows]),
@@ -180,39 +140,6 @@ class PolicyProcessor:
             refs = [{"path": None, "bytes": encode_image(_resized(frames[k][i], h, w), "BMP")} for k in cfg.camera_keys]
             rows.append({"id": f"observation/{i}", "origin": "observation", "image_refs": refs, "instruction": tasks[i]})
         return rows, state
-
-    def prompt_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """The tokens head's decoding prompt: :meth:`encode` outputs cut before each row's first
-        action token and left-padded (what ``generate`` needs)."""
-        return left_padded_prefix(inputs, torch.isin(inputs["input_ids"], self.bin_ids), self.processor.tokenizer.pad_token_id or 0)
-
-    def decode_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Generated action tokens ``[B, H * A]`` -> the normalised chunk ``[B, H, A]``."""
-        lookup = torch.full((int(self.bin_ids.max()) + 1,), -1, dtype=torch.long)
-        lookup[self.bin_ids] = torch.arange(len(self.bin_ids))
-        k = lookup[token_ids.cpu().clamp(0, len(lookup) - 1)]
-        if bool((k < 0).any()):
-            raise RuntimeError("decoding produced a token that is not an action token")
-        y = self.bins.decode(k).reshape(len(k), self.config.chunk_size, self.config.action_dim)
-        return torch.where(self.binary, (y > 0).float(), y)
-
-
-def left_padded_prefix(inputs: dict[str, Any], cut: torch.Tensor, pad_id: int) -> dict[str, Any]:
-    """Sequence tensors cut at each row's first ``cut`` position and re-padded on the left."""
-    attn = inputs["attention_mask"]
-    lengths = torch.where(cut.any(1), cut.float().argmax(1), attn.sum(1)).long()
-    width = int(lengths.max())
-    out = dict(inputs)
-    for key in SEQUENCE_KEYS:
-        value = inputs.get(key)
-        if value is None or not hasattr(value, "shape") or value.dim() != 2:
-            continue
-        fill = pad_id if key == "input_ids" else 0
-        new = torch.full((value.shape[0], width), fill, dtype=value.dtype)
-        for i, n in enumerate(lengths.tolist()):
-            new[i, width - n :] = value[i, :n]
-        out[key] = new
-    return out
 
 
 def _numpy(x) -> np.ndarray:

@@ -174,8 +174,8 @@ class VLAConfig(StageConfig):
             raise ConfigError(f"feature_batch_size: must be >= 1, got {self.feature_batch_size}")
         if self.cotrain.enabled and self.backbone.trainable == "frozen":
             raise ConfigError("cotrain: a frozen backbone has nothing for the VQA loss to train; use backbone.trainable: lora or full")
-        if self.policy.head == "tokens" and self.backbone.trainable == "frozen":
+        if self.policy.head_class.predicts_with_language_model and self.backbone.trainable == "frozen":
             raise ConfigError(
-                "backbone.trainable: frozen cannot train the tokens head (its predictions are the backbone's own "
-                "next-token outputs); use lora or full, or head: mlp / flow for a frozen probe"
+                f"backbone.trainable: frozen cannot train the {self.policy.head} head (its predictions are the backbone's own "
+                "next-token outputs); use lora or full, or a head that reads the backbone (e.g. mlp, flow) for a frozen probe"
             )

@@ -2,6 +2,11 @@
 
 A head is an ``nn.Module`` built from ``(config, backbone, io)`` that
 
+- says what it adds to the prompt (:meth:`prompt`, a :class:`HeadPrompt` the processor holds as
+  ``io.prompt``: placeholders after the instruction, the assistant turn, the decoding prompt), which
+  settings are its own (``settings_field``: the ``policy.<field>`` section, or None) and whether the
+  language model itself predicts (``predicts_with_language_model``: then it needs the language model
+  to run and to train, so ``features: vision_tower`` and a frozen backbone are refused);
 - says what it needs of the backbone: tokens to add to the processor (:meth:`added_tokens`),
   embeddings to place at its placeholder tokens (:meth:`injected`), whether it reads the backbone's
   output (``reads_backbone``; the tokens head runs the language model itself) and how
@@ -10,7 +15,7 @@ A head is an ``nn.Module`` built from ``(config, backbone, io)`` that
 - acts: :meth:`sample` ``(context, noise) -> [B, H, A]``, the normalised chunk with binarised dims as
   probabilities or ``{0, 1}`` (:meth:`midtrain.policy.normalize.Normalizer.unnormalize` reads it).
 
-A new head is one file here (a subclass) and one line in :data:`midtrain.policy.action_heads.HEADS`.
+What adding a head takes is in :mod:`midtrain.policy.action_heads`.
 The math of the existing heads is in :mod:`midtrain.policy.heads`.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,6 +40,27 @@ class HeadContext:
     mask: Optional[torch.Tensor] = None  # [B, T] True = a real token of ``hidden`` (None: no padding)
 
 
+class HeadPrompt:
+    """What a head adds to the policy's prompt (the processor's ``prompt``). The default adds nothing:
+    the head reads the prompt as the VLM renders it. Must pickle (the processor goes to DataLoader workers)."""
+
+    user_suffix: str = ""  # text after the instruction in the user turn (placeholder tokens)
+    answer_is_target: bool = False  # the assistant turn spells the target chunk (collate passes the targets)
+
+    def placeholders(self) -> dict[int, int]:
+        """Token id -> how many of it each prompt must keep (checked after the VLM's processor)."""
+        return {}
+
+    def answer(self, target: Optional[np.ndarray]) -> Optional[str]:
+        """The assistant turn (None: no turn); ``target`` is the normalised ``[H, A]`` chunk when
+        ``answer_is_target`` and training, else None."""
+        return None
+
+    def finish(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The processor's outputs, adjusted for the head."""
+        return inputs
+
+
 class ActionHead(nn.Module):
     """See the module docstring. ``backbone`` and ``io`` are the policy's (not registered here, so
     the head's weights are only its own)."""
@@ -42,12 +69,24 @@ class ActionHead(nn.Module):
     reads_backbone: ClassVar[bool] = True  # False: the head runs the backbone itself (no fixed features)
     trains_token_matrix: ClassVar[bool] = False  # its added tokens' embeddings and LM-head rows train
     draws_noise: ClassVar[bool] = False  # :meth:`sample` draws noise (seeded per episode by the policy)
+    predicts_with_language_model: ClassVar[bool] = False  # its actions are the language model's outputs
+    settings_field: ClassVar[Optional[str]] = None  # its settings: the field of PolicySettings (``policy.<field>``)
 
     def __init__(self, config, backbone, io):
         super().__init__()
         self.config = config
         object.__setattr__(self, "backbone", backbone)
         object.__setattr__(self, "io", io)
+
+    @classmethod
+    def settings(cls, policy_settings) -> Any:
+        """This head's settings section of :class:`midtrain.policy.configuration.PolicySettings` (None: it has none)."""
+        return getattr(policy_settings, cls.settings_field) if cls.settings_field else None
+
+    @classmethod
+    def prompt(cls, config, tokenizer, binary: torch.Tensor) -> HeadPrompt:
+        """What this head adds to the prompt (``binary``: the binarised action dims)."""
+        return HeadPrompt()
 
     @classmethod
     def added_tokens(cls, config) -> list[str]:

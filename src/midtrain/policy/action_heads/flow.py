@@ -13,11 +13,12 @@ from .base import ActionHead, HeadContext, action_targets
 
 class FlowHead(ActionHead):
     draws_noise = True
+    settings_field = "flow"
 
     def __init__(self, config, backbone, io):
         super().__init__(config, backbone, io)
         self.net = FlowActionExpert(backbone.hidden_size, config.action_dim, config.chunk_size, config.state_dim,
-                                    config.settings.flow)  # fmt: skip
+                                    self.settings(config.settings))  # fmt: skip
 
     def loss(self, ctx: HeadContext, batch: dict[str, Any]):
         target, mask = action_targets(batch, ctx.binary.device)

@@ -9,28 +9,48 @@ from torch import nn
 
 from ..backbone import ACTION_QUERY_TOKEN
 from ..heads import MLPActionHead
-from .base import ActionHead, HeadContext, action_targets
+from .base import ActionHead, HeadContext, HeadPrompt, action_targets
+
+
+class QueryPrompt(HeadPrompt):
+    """The assistant turn is Q action-query placeholders (their embeddings are the learned queries)."""
+
+    def __init__(self, query_id: int, num_queries: int):
+        self.query_id, self.num_queries = query_id, num_queries
+
+    def placeholders(self) -> dict[int, int]:
+        return {self.query_id: self.num_queries}
+
+    def answer(self, target) -> str:
+        return ACTION_QUERY_TOKEN * self.num_queries
 
 
 class MLPHead(ActionHead):
     """Q learnable queries (``[Q, D]``, backbone inputs at the action-query tokens) and the MLP-ResNet."""
 
+    settings_field = "mlp"
+
     def __init__(self, config, backbone, io):
         super().__init__(config, backbone, io)
         d = backbone.hidden_size
-        self.queries = nn.Parameter(torch.randn(io.num_queries, d) * backbone.embedding_scale())
-        self.net = MLPActionHead(d, config.action_dim, config.chunk_size, config.state_dim, config.settings.mlp)
+        self.queries = nn.Parameter(torch.randn(io.prompt.num_queries, d) * backbone.embedding_scale())
+        self.net = MLPActionHead(d, config.action_dim, config.chunk_size, config.state_dim, self.settings(config.settings))
+
+    @classmethod
+    def prompt(cls, config, tokenizer, binary: torch.Tensor) -> QueryPrompt:
+        num_queries = config.chunk_size if cls.settings(config.settings).queries == "chunk" else 1
+        return QueryPrompt(tokenizer.convert_tokens_to_ids(ACTION_QUERY_TOKEN), num_queries)
 
     @classmethod
     def added_tokens(cls, config) -> list[str]:
         return [ACTION_QUERY_TOKEN]
 
     def injected(self, batch_size: int, state: Optional[torch.Tensor]) -> dict[int, torch.Tensor]:
-        return {self.io.query_id: self.queries[None].expand(batch_size, -1, -1)}
+        return {self.io.prompt.query_id: self.queries[None].expand(batch_size, -1, -1)}
 
     def read(self, hidden: torch.Tensor, inputs: dict[str, Any]) -> tuple[torch.Tensor, None]:
         ids = inputs["input_ids"].to(hidden.device)
-        return hidden[ids == self.io.query_id].reshape(ids.shape[0], self.io.num_queries, hidden.shape[-1]), None
+        return hidden[ids == self.io.prompt.query_id].reshape(ids.shape[0], self.io.prompt.num_queries, hidden.shape[-1]), None
 
     def read_pooled(self, pooled: torch.Tensor) -> tuple[torch.Tensor, None]:
         """Pooled image features plus each query: the per-step inputs of the MLP-ResNet (``[B, Q, D]``)."""
