@@ -230,8 +230,8 @@ def evaluate_policy(
     closed loop under ``settings``; write ``episodes.parquet``, ``results.json`` and the first
     ``videos_per_task`` videos of each task into ``out_dir``; return the results dict.
 
-    With ``settings.workers > 1`` a policy object is pickled once into each worker process; a
-    checkpoint directory is loaded by each worker. ``progress(iterable, total=, desc=, unit=)``
+    With ``settings.workers > 1`` (or ``backend: ray``) a policy object is pickled once into each
+    worker process (Ray task); a checkpoint directory is loaded by each worker. ``progress(iterable, total=, desc=, unit=)``
     wraps the stream of finished episodes (e.g. ``StageRun.progress``).
     """
     log = log or logging.getLogger("midtrain.eval")
@@ -249,16 +249,17 @@ def evaluate_policy(
     for warning in plan.provenance["warnings"]:
         log.warning("%s", warning)
     workers = settings.workers if len(plan.jobs) > 1 else 1
+    on_ray = settings.backend == "ray"
     log.info(
-        "evaluating %s on %s: %d tasks x %d episodes, max %d steps, %dx%d frames (%s), %d worker(s), MUJOCO_GL=%s",
+        "evaluating %s on %s: %d tasks x %d episodes, max %d steps, %dx%d frames (%s), %d %s, MUJOCO_GL=%s",
         policy_label, plan.info.name + (f"/{plan.info.suite}" if plan.info.suite else ""), len(plan.info.tasks),
-        settings.episodes_per_task, plan.max_steps, plan.obs.height, plan.obs.width, plan.provenance["frames"], workers,
-        plan.gl_backend,
+        settings.episodes_per_task, plan.max_steps, plan.obs.height, plan.obs.width, plan.provenance["frames"],
+        max(1, workers) if on_ray else workers, "Ray task(s)" if on_ray else "worker(s)", plan.gl_backend,
     )  # fmt: skip
-    if workers > 1 and source is not None:
+    if (workers > 1 or on_ray) and source is not None:
         policy = None  # each worker loads the checkpoint itself; do not keep a copy here
     started = time.perf_counter()
-    stream = run_episodes(plan.jobs, policy, workers, source)
+    stream = run_episodes(plan.jobs, policy, workers, source, settings.backend, settings.ray)
     if progress is not None:
         stream = progress(stream, total=len(plan.jobs), desc="eval", unit="episode")
     results: list[EpisodeResult] = []

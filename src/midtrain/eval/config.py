@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ..config import ConfigError, Settings, StageConfig, option
+from ..ray_cluster import Backend, RaySettings
 
 BENCHMARKS = ("metaworld", "libero")
 METAWORLD_DEFAULT_MAX_STEPS = 200  # what sim collect records with (CALIBRATION's protocol)
@@ -77,7 +78,12 @@ class EvalSettings(Settings):
         "(training_frames.json), else codec")  # fmt: skip
     codec: CodecSettings = option(factory=CodecSettings, help="the frame codec round trip")
     videos_per_task: int = option(2, "MP4 videos of the first k episodes of each task")
-    workers: int = option(2, "episode worker processes (0 or 1: this process)", throughput=True)
+    workers: int = option(2, "episode worker processes (0 or 1: this process); backend: ray: the groups of episodes "
+                          "run as Ray tasks", throughput=True)  # fmt: skip
+    backend: Backend = option("local", "where episodes run: local (this process or workers spawned processes) or "
+                              "ray (workers groups as Ray tasks on a cluster; see ray)", throughput=True)  # fmt: skip
+    ray: RaySettings = option(factory=RaySettings, help="backend: ray - the cluster; cpus_per_stage / gpus_per_stage: "
+                              "what each group of episodes asks for (null: 1 CPU, 0 GPU)", throughput=True)  # fmt: skip
     fast_path: bool = option(
         True, "make a frame only when the policy reads it and drop the codec round trip once it decodes real frames "
         "unchanged (same frames, same outcomes); false: every camera through the codec at every step (the baseline "

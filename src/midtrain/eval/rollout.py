@@ -38,6 +38,12 @@ gain nothing, CALIBRATION.md). Each worker runs one job at a time, so when a wor
 segfault in the GL driver or the policy) the evaluator knows which episode it was running:
 that episode is recorded as failed with the exit status, a fresh worker takes over, the
 others go on. A Python exception inside an episode is recorded the same way.
+
+With ``backend: ray`` the jobs are cut into ``workers`` groups (:func:`episode_groups`: a task's
+episodes stay together) and each group is one Ray task (``ray.cpus_per_stage`` CPUs, default 1;
+``ray.gpus_per_stage`` GPUs, default 0) that loads the policy from its source and runs the
+group's episodes with :func:`run_episode`; a group's results come back when it finishes. A Ray
+worker or node that dies fails its group's episodes only, each with the reason.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
+from ..ray_cluster import RaySettings, check_fits, connect
 from ..runs import StageError
 from .codec import CodecSpec, FrameCodec
 from .policies import ENV_STATE_KEY, STATE_KEY, TASK_KEY
@@ -336,7 +343,11 @@ def _status(exitcode: Optional[int]) -> str:
 
 
 def _died(job: EpisodeJob, exitcode: Optional[int]) -> EpisodeResult:
-    reason = f"worker process died while running this episode ({_status(exitcode)})"
+    return _failed(job, f"worker process died while running this episode ({_status(exitcode)})")
+
+
+def _failed(job: EpisodeJob, reason: str) -> EpisodeResult:
+    """The record of an episode that did not run to an outcome, with ``reason``."""
     return EpisodeResult(job.task, job.index, job.seed, job.init_state, False, 0, "error", reason, None, {})
 
 
@@ -406,14 +417,20 @@ class _TaskQueue:
 
 
 def run_episodes(
-    jobs: Iterable[EpisodeJob], policy: Any, workers: int, source: Optional[tuple[str, Any]] = None
-) -> Iterator[EpisodeResult]:
+    jobs: Iterable[EpisodeJob], policy: Any, workers: int, source: Optional[tuple[str, Any]] = None,
+    backend: str = "local", ray: Optional[RaySettings] = None,
+) -> Iterator[EpisodeResult]:  # fmt: skip
     """Run ``jobs``, yielding results as episodes finish (not in job order).
 
     ``workers`` <= 1: in this process with ``policy``. Otherwise ``workers`` spawned processes,
     each loading the policy from ``source``: ``("path", checkpoint dir)`` or ``("pickle", bytes)``.
+    ``backend="ray"``: ``max(workers, 1)`` Ray tasks on the cluster ``ray`` names, each loading
+    the policy from ``source`` (see the module docstring).
     """
     jobs = list(jobs)
+    if backend == "ray" and jobs:
+        yield from _run_on_ray(jobs, max(1, workers), source or ("pickle", pickle.dumps(policy)), ray or RaySettings())
+        return
     if workers <= 1 or len(jobs) <= 1:
         _LOSSLESS.clear()  # the codec is checked once per evaluation (a worker process starts empty)
         try:
@@ -492,3 +509,72 @@ def _run_in_workers(jobs: list[EpisodeJob], workers: int, source: tuple[str, Any
                 worker.process.join(timeout=5)
             with contextlib.suppress(Exception):
                 worker.conn.close()
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def episode_groups(jobs: list[EpisodeJob], groups: int) -> list[list[EpisodeJob]]:
+    """``jobs`` cut into ``min(groups, len(jobs))`` groups of near-equal size, each a contiguous run
+    of the jobs ordered by task (first appearance) then as given: a task's episodes stay in one
+    group except where a cut falls inside it, so the environments built in all are at most the
+    tasks plus the groups minus one."""
+    first = {job.task: None for job in jobs}
+    ordered = sorted(jobs, key=lambda job: list(first).index(job.task))
+    n = min(groups, len(ordered))
+    return [ordered[i * len(ordered) // n:(i + 1) * len(ordered) // n] for i in range(n)] if n else []
+
+
+def _run_group(source: tuple[str, Any], jobs: list[EpisodeJob], torch_threads: int) -> list[EpisodeResult]:
+    """The Ray task: import the simulator, load the policy, run ``jobs`` one after the other."""
+    from .simulators import import_simulator
+
+    os.environ.setdefault("LP_NUM_THREADS", "1")  # llvmpipe threads of this process's GL contexts
+    import_simulator(jobs[0].benchmark)
+    policy = _load_policy(source)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(torch_threads)
+    _LOSSLESS.clear()  # a Ray worker process is reused: each group checks the codec afresh, as a spawned worker does
+    try:
+        return [run_episode(job, policy) for job in jobs]
+    finally:
+        close_sims()
+
+
+def _run_on_ray(
+    jobs: list[EpisodeJob], groups: int, source: tuple[str, Any], settings: RaySettings
+) -> Iterator[EpisodeResult]:
+    ray, started = connect(settings)  # an address that does not answer fails here, before any episode
+    pending: list = []
+    try:
+        cpus = settings.cpus_per_stage if settings.cpus_per_stage is not None else 1.0
+        gpus = settings.gpus_per_stage or 0.0
+        check_fits(ray, cpus, gpus, "a group of episodes", "lower ray.cpus_per_stage / ray.gpus_per_stage")
+        task = ray.remote(_run_group)
+        source_ref = ray.put(source)
+        parts = episode_groups(jobs, groups)
+        refs = [task.options(num_cpus=cpus, num_gpus=gpus, max_retries=0, name=f"eval_{part[0].task}_{i}")
+                .remote(source_ref, part, max(1, int(cpus))) for i, part in enumerate(parts)]  # fmt: skip
+        index = {ref: i for i, ref in enumerate(refs)}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            part = parts[index[done[0]]]
+            try:
+                results = ray.get(done[0])
+            except ray.exceptions.RayTaskError as exc:  # the group raised before its episodes (they catch their own)
+                cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                first = (str(cause).strip().splitlines() or [""])[0]
+                raise StageError(f"a Ray worker could not start its episodes (simulator import or policy load): "
+                                 f"{type(cause).__name__}: {first}") from None  # fmt: skip
+            except ray.exceptions.RayError as exc:  # the worker or its node died: its group's episodes only
+                first = (str(exc).strip().splitlines() or [""])[0]
+                reason = f"Ray worker died while running this episode's group ({type(exc).__name__}: {first})"
+                results = [_failed(job, reason) for job in part]
+            yield from results
+    finally:
+        for ref in pending:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        if started:
+            ray.shutdown()

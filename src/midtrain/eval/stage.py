@@ -5,7 +5,7 @@ outcome, failure reason, video, timings), ``results.json`` (per-task success wit
 intervals, the mean over tasks, lengths, the observation settings used, time shares),
 ``videos/<task>/episode_NNN.mp4`` and ``eval.html`` (the report section as a page). The
 checkpoint directory (and the corpus's ``info.json``) are inputs: a retrained policy reruns
-the evaluation, a finished one with the same settings is not redone (``workers`` aside).
+the evaluation, a finished one with the same settings is not redone (``workers``, ``backend`` and ``ray`` aside).
 """
 
 from __future__ import annotations

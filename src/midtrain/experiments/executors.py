@@ -25,34 +25,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from ..config import ConfigError, Settings, option
-from ..runs import StageError
+from ..config import ConfigError
+from ..ray_cluster import Backend, RaySettings, check_fits, connect, live_nodes
 
+__all__ = ["Backend", "Call", "LocalExecutor", "Outcome", "RayExecutor", "RaySettings", "Resources", "make_executor"]
 log = logging.getLogger("midtrain.executors")
-Backend = Literal["local", "ray"]
-
-
-@dataclass
-class RaySettings(Settings):
-    """``backend: ray``: the cluster and what each sub-stage asks of it (all throughput settings)."""
-
-    address: Optional[str] = option(
-        None, "Ray cluster to join: null starts a local one on this machine; 'auto' or ray://host:10001 joins a running one",
-        throughput=True)  # fmt: skip
-    num_cpus: Optional[int] = option(None, "CPUs of the local cluster started when address is null (null: all)", throughput=True)
-    cpus_per_stage: Optional[float] = option(
-        None, "CPUs each sub-stage asks for (null: the experiment's num_threads, else 1)", throughput=True)
-    gpus_per_stage: Optional[float] = option(
-        None, "GPUs each sub-stage asks for (null: 1 when its device is cuda, or auto on a cluster with GPUs; else 0)",
-        throughput=True)  # fmt: skip
-
-    def validate(self) -> None:
-        for key in ("num_cpus", "cpus_per_stage", "gpus_per_stage"):
-            value = getattr(self, key)
-            if value is not None and value < 0:
-                raise ConfigError(f"ray.{key}: must be >= 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -122,55 +101,19 @@ def _run_call(fn: Callable[..., Any], args: tuple, threads: Optional[int]) -> tu
     return value, round(time.perf_counter() - t0, 2)
 
 
-def _check_answers(address: Optional[str], timeout_s: float = 5.0) -> None:
-    """A ``host:port`` (or ``ray://host:port``) that does not accept a connection fails in one line
-    now (``ray.init`` would retry for minutes); ``auto`` and null are Ray's to resolve."""
-    import socket
-
-    if not address or address == "auto":
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except (OSError, ValueError) as exc:
-        raise StageError(f"ray.address: no Ray cluster answers at {address!r} ({exc.__class__.__name__}: {exc}); start "
-                         "one (`ray start --head`) or set ray.address: null for a local one") from None  # fmt: skip
-
-
-def _import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise StageError("backend: ray needs Ray: pip install 'midtrain[ray]'") from None
-    return ray
-
-
 class RayExecutor:
     """Runs each wave's calls as Ray tasks (``ray.remote(num_cpus=..., num_gpus=...)``) and waits for all."""
 
     name = "ray"
 
     def __init__(self, settings: RaySettings, threads: Optional[int] = None):
-        self.ray = _import_ray()
+        self.ray, self._started = connect(settings)
         self.settings, self.threads = settings, threads
-        self._started = False
-        if not self.ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
-            if settings.address is None and settings.num_cpus is not None:
-                kwargs["num_cpus"] = settings.num_cpus
-            _check_answers(settings.address)
-            try:
-                self.ray.init(address=settings.address, **kwargs)
-            except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise StageError(f"ray.address: no Ray cluster answers at {settings.address!r} ({first}); start one "
-                                 "(`ray start --head`) or set ray.address: null for a local one") from None  # fmt: skip
-            self._started = True
         self._task = self.ray.remote(_run_call)
 
     # -- resources -------------------------------------------------------------------------------
     def _nodes(self) -> list[dict[str, float]]:
-        return [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
+        return live_nodes(self.ray)
 
     def resources(self, call: Call) -> Resources:
         s = self.settings
@@ -187,13 +130,9 @@ class RayExecutor:
 
     def check(self, requests: Sequence[Resources]) -> None:
         """Refuse, before any work, a request no live node of the cluster can ever satisfy."""
-        nodes = self._nodes()
         for r in dict.fromkeys(requests):
-            if not any(n.get("CPU", 0) >= r.num_cpus and n.get("GPU", 0) >= r.num_gpus for n in nodes):
-                have = ", ".join(f"{n.get('CPU', 0):g} CPU {n.get('GPU', 0):g} GPU" for n in nodes) or "no live node"
-                raise ConfigError(f"ray: a sub-stage asks for {r.num_cpus:g} CPU and {r.num_gpus:g} GPU per task, and no "
-                                  f"node has that (nodes: {have}); lower ray.cpus_per_stage / ray.gpus_per_stage or "
-                                  "set the stage's device: cpu")  # fmt: skip
+            check_fits(self.ray, r.num_cpus, r.num_gpus, "a sub-stage",
+                       "lower ray.cpus_per_stage / ray.gpus_per_stage or set the stage's device: cpu")
 
     # -- running ---------------------------------------------------------------------------------
     def run(self, calls: Sequence[Call]) -> list[Outcome]:
