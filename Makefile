@@ -41,7 +41,7 @@ demo: install
 	MUJOCO_GL=egl HF_HUB_OFFLINE=1 $(VENV)/bin/midtrain demo --run-dir runs/demo
 
 test: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MUJOCO_GL=egl $(PY) -m pytest -q -p no:cacheprovider tests
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MUJOCO_GL=egl $(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 # the day-to-day subset (no end-to-end runs): pytest -m "not slow"
 test-fast: install
