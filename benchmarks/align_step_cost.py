@@ -11,11 +11,11 @@ or projector + LoRA r16 on every linear layer (stage 2). Batch 8; the best of 3 
 Numbers in docs/align.md (taken on the shared 2-core machine, so contention inflates them unevenly).
 """
 import copy
+import json
 import time
 
 import torch
 
-torch.set_num_threads(1)
 from midtrain.models.smollm2 import load_smollm2
 
 torch.set_num_threads(1)
@@ -51,6 +51,7 @@ def step_seconds(lm, image_tokens: int, answer_only: bool, trains: str) -> float
 
 def main() -> None:
     lm, _ = load_smollm2()
+    ms: dict[str, float] = {}  # "depth/image_tokens/logits/trains" -> ms per sample
     for depth in (30, 8, 2):
         model = copy.deepcopy(lm)
         model.model.layers = model.model.layers[:depth]
@@ -61,8 +62,15 @@ def main() -> None:
                     continue
                 for trains in ("projector", "lora"):
                     s = step_seconds(model, image_tokens, answer_only, trains)
+                    ms[f"{depth}/{image_tokens}/{'answer' if answer_only else 'all'}/{trains}"] = round(s / BATCH * 1000, 1)
                     print(f"depth {depth:2d} image tokens {image_tokens:2d} answer-only logits {answer_only!s:5} trains "
                           f"{trains:9s}: {s / BATCH * 1000:7.1f} ms/sample ({TEXT_TOKENS + image_tokens} tokens)", flush=True)
+
+    # the baseline in the same run: the full-depth VLM with logits at every position
+    base = {t: ms[f"30/49/all/{t}"] for t in ("projector", "lora")}
+    print(json.dumps({"bench": "align_step_cost", "batch": BATCH, "text_tokens": TEXT_TOKENS, "ms_per_sample": ms,
+                      "answer_logits_speedup": {t: round(base[t] / ms[f"30/49/answer/{t}"], 2) for t in base},
+                      "depth8_speedup": {t: round(base[t] / ms[f"8/49/answer/{t}"], 2) for t in base}}))
 
 
 if __name__ == "__main__":

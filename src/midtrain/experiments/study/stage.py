@@ -86,10 +86,6 @@ class StudyContext:
         inputs is skipped, as always); errors name ``key``."""
         return self.runner.run(stage, mapping, run_dir=run_dir, label=label or mapping.get("name") or key, key=key)
 
-    def timed(self, label: str, fn):
-        """Call ``fn`` as a step of the study, timed under ``label``."""
-        return self.runner.timed(label, fn)
-
     @property
     def common(self) -> dict[str, Any]:
         return {"seed": self.config.seed, "on_error": self.config.on_error}

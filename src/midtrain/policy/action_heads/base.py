@@ -120,10 +120,12 @@ class ActionHead(nn.Module):
         return []
 
     def loss(self, ctx: HeadContext, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
+        """``(loss, logs)`` of one training batch; every head defines it (the contract of this class)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no loss(ctx, batch): an action head needs one")
 
     def sample(self, ctx: HeadContext, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        raise NotImplementedError
+        """A normalised action chunk ``[B, H, A]`` from the context; every head defines it."""
+        raise NotImplementedError(f"{type(self).__name__} defines no sample(ctx): an action head needs one")
 
     @staticmethod
     def checkpoint_key(key: str) -> str:
